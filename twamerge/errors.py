@@ -1,0 +1,37 @@
+"""Typed errors. The CLI prints ``str(err)`` as one line and exits 1; anything else is a bug."""
+
+
+class TwamergeError(Exception):
+    """Base class for every error twamerge raises on bad input or an impossible request."""
+
+
+class CheckpointError(TwamergeError):
+    """A checkpoint file cannot be found, opened, or decoded safely."""
+
+
+class CheckpointMismatchError(TwamergeError):
+    """Candidate checkpoints disagree on keys, shapes or dtypes."""
+
+
+class NonFiniteError(TwamergeError):
+    """A tensor or loss holds NaN or Inf."""
+
+
+class OutputError(TwamergeError):
+    """The output cannot be written (exists without --force, folder not writable, ...)."""
+
+
+class DataError(TwamergeError):
+    """Validation data cannot be opened or does not fit the model."""
+
+
+class ModelError(TwamergeError):
+    """A --model spec cannot be resolved or the model does not fit the checkpoints."""
+
+
+class FitError(TwamergeError):
+    """The coefficient fit cannot proceed (non-finite loss, interrupted, ...)."""
+
+
+class BackendUnavailableError(TwamergeError):
+    """A forced compute backend (e.g. triton) cannot run here."""
