@@ -1,0 +1,106 @@
+"""The quantized-basis layout, defined once, and the argument checks every backend shares.
+
+A basis ``P`` has ``R`` rows (directions) and ``D`` columns (flat parameters). ``D`` is a multiple of
+``group_size`` and ``group_size`` a multiple of 8, so a group always starts on a byte boundary.
+
+Packed codes (``bits`` in 1, 2, 4, 8)
+    ``codes``  uint8   [R, D * bits // 8]
+    ``scales`` float32 [R, D // group_size]
+    ``zeros``  float32 [R, D // group_size]   (the group minimum: an offset in value units)
+
+    Column ``j`` of row ``i`` lives in byte ``j * bits // 8`` of that row, at bit offset
+    ``(j % (8 // bits)) * bits`` (least significant bits first). With ``q`` the code,
+    ``P[i, j] ~= zeros[i, g] + scales[i, g] * q`` where ``g = j // group_size``.
+
+    Quantization of a group with minimum ``lo`` and maximum ``hi`` (asymmetric min/max):
+        scale = (hi - lo) / (2**bits - 1)
+        inv   = 1 / scale            (0 when scale == 0, so a constant group codes to 0 exactly)
+        q     = clamp(floor((x - lo) * inv + 0.5), 0, 2**bits - 1)
+    Every backend computes these expressions in this order in float32, which is what lets the
+    tests compare codes exactly.
+
+Float storage (``bits`` in 16, 32)
+    ``codes``  float16 / float32 [R, D];  ``scales`` and ``zeros`` are empty float32 [R, 0].
+
+Blocks
+    ``group_block`` int32 [D // group_size] gives the block id of every group; blocks are
+    contiguous runs of groups in ascending order (non-decreasing ids; a block never shares a
+    group with another).
+"""
+
+from __future__ import annotations
+
+import torch
+
+PACKED_BITS = (1, 2, 4, 8)
+FLOAT_BITS = (16, 32)
+SUPPORTED_BITS = PACKED_BITS + FLOAT_BITS
+INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits!r} is not supported; expected one of {SUPPORTED_BITS}")
+
+
+def check_group_size(group_size: int) -> None:
+    if not isinstance(group_size, int) or group_size < 8 or group_size % 8:
+        raise ValueError(f"group_size={group_size!r} must be a positive multiple of 8")
+
+
+def check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise TypeError(f"{name} has dtype {str(t.dtype).removeprefix('torch.')}; expected one of {names}")
+
+
+def check_contiguous(name: str, t: torch.Tensor) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"{name} with shape {tuple(t.shape)} is not contiguous; call .contiguous() first")
+
+
+def storage_dtype(bits: int) -> torch.dtype:
+    """dtype of ``codes`` for a bit width."""
+    check_bits(bits)
+    return {16: torch.float16, 32: torch.float32}.get(bits, torch.uint8)
+
+
+def codes_shape(rows: int, cols: int, bits: int) -> tuple[int, int]:
+    return (rows, cols) if bits in FLOAT_BITS else (rows, cols * bits // 8)
+
+
+def n_cols_of(codes: torch.Tensor, bits: int) -> int:
+    """Number of basis columns ``D`` held by ``codes``."""
+    return codes.shape[1] if bits in FLOAT_BITS else codes.shape[1] * 8 // bits
+
+
+def check_basis(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
+) -> tuple[int, int]:
+    """Validate a stored basis; returns ``(R, D)``."""
+    check_bits(bits)
+    check_group_size(group_size)
+    check_dtype("codes", codes, (storage_dtype(bits),))
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be 2-D [R, cols]; got shape {tuple(codes.shape)}")
+    rows, cols = codes.shape[0], n_cols_of(codes, bits)
+    if cols % group_size:
+        raise ValueError(f"basis has {cols} columns, not a multiple of group_size={group_size}")
+    n_groups = 0 if bits in FLOAT_BITS else cols // group_size
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        check_dtype(name, t, (torch.float32,))
+        if tuple(t.shape) != (rows, n_groups):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {(rows, n_groups)} for bits={bits}")
+    for name, t in (("codes", codes), ("scales", scales), ("zeros", zeros)):
+        check_contiguous(name, t)
+    return rows, cols
+
+
+def check_group_block(group_block: torch.Tensor, cols: int, group_size: int) -> None:
+    check_dtype("group_block", group_block, (torch.int32,))
+    if tuple(group_block.shape) != (cols // group_size,):
+        raise ValueError(
+            f"group_block has shape {tuple(group_block.shape)}; expected ({cols // group_size},) "
+            f"= D / group_size for D={cols}"
+        )
+    check_contiguous("group_block", group_block)
