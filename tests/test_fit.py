@@ -1,0 +1,201 @@
+"""twamerge fit / eval / apply through the library, on a real training run (digits)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from digits_run import MODEL_SPEC, make_digits_run
+from twamerge.config import DataConfig, FitConfig, ModelConfig
+from twamerge.errors import DataError, FitError, ModelError, OutputError
+from twamerge.pipeline import apply_report, evaluate_checkpoints, fit
+
+FAST = dict(epochs=3, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_digits_run(tmp_path_factory.mktemp("digits"))
+
+
+def _fit(run, out: Path, model_args=None, checkpoints=None, **cfg):
+    return fit(checkpoints or run.checkpoints, val=DataConfig(str(run.val)),
+               model=ModelConfig(MODEL_SPEC, model_args or {}), output=out, cfg=FitConfig(**{**FAST, **cfg}),
+               report_path=out.with_suffix(".json"))
+
+
+def test_fit_writes_merge_and_report(run, tmp_path):
+    out = tmp_path / "merged.safetensors"
+    report = _fit(run, out)
+    assert out.exists() and (tmp_path / "merged.json").exists()
+    kinds = [m["kind"] for m in report["methods"]]
+    assert kinds.count("candidate") == 6 and {"uniform", "greedy", "twa"} <= set(kinds)
+    alphas = torch.tensor(report["merge"]["block_alphas"])
+    assert alphas.shape == (4, 6)  # layer blocks: fc1.weight, fc1.bias, fc2.weight, fc2.bias
+    assert torch.allclose(alphas.sum(1), torch.ones(4, dtype=alphas.dtype), atol=1e-9)
+    # The file holds exactly sum_k alpha_k c_k (per block), written from the original checkpoints.
+    merged = load_file(str(out))
+    cands = [load_file(str(p)) for p in run.checkpoints]
+    for block in report["blocks"]:
+        for key in block["keys"]:
+            expect = sum(a * c[key].double() for a, c in zip(block["alphas"], cands)).float()
+            assert torch.allclose(merged[key], expect, atol=1e-6)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["method"] == "twa" and json.loads(meta["alphas"]) == report["merge"]["block_alphas"]
+    assert len(json.loads(meta["sources"])) == 6
+    # The quantized subspace point that was trained and the exact merge are close at 8 bits.
+    assert report["subspace"]["quantization_gap"] < 0.05
+    # Held-out: the learned merge is no worse than the uniform average (small tolerance for noise).
+    held = {m["name"]: m["heldout"]["metric"] for m in report["methods"]}
+    assert held["twa"] >= held["uniform"] - 0.01
+
+
+def test_fit_is_deterministic(run, tmp_path):
+    a = _fit(run, tmp_path / "a.safetensors", greedy=False, eval_candidates=False)
+    b = _fit(run, tmp_path / "b.safetensors", greedy=False, eval_candidates=False)
+    assert a["merge"]["block_alphas"] == b["merge"]["block_alphas"]
+
+
+def test_scale_free_defaults(tmp_path):
+    """Checkpoints multiplied by 100 (and a model that divides by 100) learn the same alphas."""
+    base = make_digits_run(tmp_path / "x1", epochs=4)
+    scaled = make_digits_run(tmp_path / "x100", epochs=4, scale=0.01)
+    ra = fit(base.checkpoints, val=DataConfig(str(base.val)), model=ModelConfig(MODEL_SPEC),
+             output=tmp_path / "a.safetensors", cfg=FitConfig(**FAST, greedy=False, eval_candidates=False))
+    rb = fit(scaled.checkpoints, val=DataConfig(str(scaled.val)), model=ModelConfig(MODEL_SPEC, {"scale": 0.01}),
+             output=tmp_path / "b.safetensors", cfg=FitConfig(**FAST, greedy=False, eval_candidates=False))
+    a = torch.tensor(ra["merge"]["block_alphas"])
+    b = torch.tensor(rb["merge"]["block_alphas"])
+    assert (a - 0.25).abs().max() > 1e-3  # something was learned
+    assert torch.allclose(a, b, atol=2e-3), (a - b).abs().max()
+
+
+def test_apply_reproduces_the_output_bit_for_bit(run, tmp_path):
+    out = tmp_path / "fit.safetensors"
+    _fit(run, out, greedy=False)
+    again = tmp_path / "applied.safetensors"
+    apply_report(tmp_path / "fit.json", run.checkpoints, again)
+    assert out.read_bytes() == again.read_bytes()
+
+
+def test_apply_refuses_other_checkpoints(run, tmp_path):
+    _fit(run, tmp_path / "fit.safetensors", greedy=False, eval_candidates=False)
+    with pytest.raises(Exception, match="SHA-256"):
+        apply_report(tmp_path / "fit.json", list(reversed(run.checkpoints)), tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_batchnorm_is_recalibrated_and_apply_keeps_it(tmp_path):
+    run = make_digits_run(tmp_path / "bn", epochs=4, batchnorm=True)
+    out = tmp_path / "bn.safetensors"
+    report = fit(run.checkpoints, val=DataConfig(str(run.val)), model=ModelConfig(MODEL_SPEC, {"batchnorm": True}),
+                 output=out, cfg=FitConfig(**FAST), report_path=tmp_path / "bn.json")
+    merged = load_file(str(out))
+    cands = [load_file(str(p)) for p in run.checkpoints]
+    plain_average = sum(c["bn.running_var"] for c in cands) / len(cands)
+    assert not torch.allclose(merged["bn.running_var"], plain_average)  # re-estimated, not averaged
+    assert merged["bn.num_batches_tracked"].dtype == torch.int64
+    assert report["merge"]["recalibrated_buffers"]
+    apply_report(tmp_path / "bn.json", run.checkpoints, tmp_path / "again.safetensors")
+    assert out.read_bytes() == (tmp_path / "again.safetensors").read_bytes()
+
+
+def test_eval_scores_each_checkpoint_on_all_rows(run):
+    res = evaluate_checkpoints(run.checkpoints[-2:], val=DataConfig(str(run.test)), model=ModelConfig(MODEL_SPEC))
+    assert res["metric_name"] == "accuracy" and len(res["checkpoints"]) == 2
+    assert all(c["n"] == res["rows"] and 0.5 < c["metric"] <= 1 for c in res["checkpoints"])
+
+
+def test_holdout_zero_says_so(run, tmp_path):
+    report = _fit(run, tmp_path / "h0.safetensors", holdout=0.0, greedy=False, eval_candidates=False)
+    assert report["heldout_rows"] == 0
+    assert all(m["heldout"] is None for m in report["methods"])
+
+
+# Bad input: each is a clear error, and nothing is written.
+
+@pytest.mark.parametrize("spec, match", [
+    ("no_such_module_xyz:build", "cannot import module"),
+    (str(Path(__file__).parent / "assets" / "mlp.py") + ":broken", "factory raised RuntimeError"),
+    (str(Path(__file__).parent / "assets" / "mlp.py") + ":nothing", "no callable 'nothing'"),
+    ("missing_file.py:build", "no such file"),
+])
+def test_bad_model_spec(run, tmp_path, spec, match):
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(ModelError, match=match):
+        fit(run.checkpoints, val=DataConfig(str(run.val)), model=ModelConfig(spec), output=out, cfg=FitConfig(**FAST))
+    assert not out.exists()
+
+
+def test_checkpoints_that_do_not_fit_the_model(run, tmp_path):
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(ModelError, match=r"missing keys \['fc1.weight'.*unexpected keys \['fc1.kernel'"):
+        renamed = []
+        for i, p in enumerate(run.checkpoints[:2]):
+            sd = load_file(str(p))
+            sd["fc1.kernel"] = sd.pop("fc1.weight")
+            renamed.append(tmp_path / f"r{i}.safetensors")
+            save_file(sd, str(renamed[-1]))
+        _fit(run, out, checkpoints=renamed)
+    assert not out.exists()
+    with pytest.raises(ModelError, match="key fc1.weight: checkpoint shape"):
+        _fit(run, out, model_args={"hidden": 16})
+    assert not out.exists()
+
+
+def _write_val(path: Path, columns: dict):
+    import datasets
+
+    datasets.Dataset.from_dict(columns).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("columns, match, error", [
+    ({"x": [[0.0] * 64] * 20}, "no label column", DataError),
+    ({"x": [[0.1] * 64] * 20, "label": [12] * 20}, "label 12 is out of range", DataError),
+    ({"x": [[0.1] * 64] * 6, "label": [1, 2] * 3}, "leaves .* each needs at least", DataError),
+    ({"x": [[float("nan")] * 64] * 40, "label": [1, 2] * 20}, "loss became nan at step 1", FitError),
+])
+def test_bad_validation_data(run, tmp_path, columns, match, error):
+    val = _write_val(tmp_path / "val", columns)
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(error, match=match):
+        fit(run.checkpoints, val=DataConfig(str(val)), model=ModelConfig(MODEL_SPEC), output=out, cfg=FitConfig(**FAST))
+    assert not out.exists()
+
+
+def test_empty_validation_data(run, tmp_path):
+    import numpy as np
+
+    val = tmp_path / "empty.npz"
+    np.savez(val, x=np.zeros((0, 64), np.float32), label=np.zeros((0,), np.int64))
+    with pytest.raises(DataError, match="empty"):
+        fit(run.checkpoints, val=DataConfig(str(val)), model=ModelConfig(MODEL_SPEC), output=tmp_path / "m.safetensors",
+            cfg=FitConfig(**FAST))
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_interrupt_writes_nothing(run, tmp_path):
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(FitError, match="interrupted at step"):
+        _fit(run, out, model_args={"interrupt_at": 3})
+    assert not out.exists() and not (tmp_path / "m.json").exists()
+
+
+def test_existing_output_needs_force(run, tmp_path):
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"precious")
+    with pytest.raises(OutputError, match="--force"):
+        _fit(run, out)
+    assert out.read_bytes() == b"precious"
+
+
+def test_bits_3_is_rejected():
+    with pytest.raises(ValueError, match="bits=3"):
+        FitConfig(bits=3)

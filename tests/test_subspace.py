@@ -1,0 +1,116 @@
+"""The subspace: layout and blocks, rank-revealing Gram-Schmidt, quantized basis, alphas."""
+
+import math
+
+import pytest
+import torch
+
+from twamerge.subspace import build_subspace, make_layout
+from twamerge.kernels.reference import dequantize_torch
+
+from helpers import assert_close
+
+
+def _candidates(k=5, shapes=((7, 3), (11,), (4, 4, 2)), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {f"t{i}": torch.randn(k, *s, generator=gen) for i, s in enumerate(shapes)}
+
+
+@pytest.mark.parametrize("blocks, n_blocks", [("global", 1), ("layer", 3), ("size:20", 2)])
+def test_layout_blocks_are_group_aligned(blocks, n_blocks):
+    stacks = _candidates()
+    layout = make_layout(list(stacks), [s.shape[1:] for s in stacks.values()], blocks, 16)
+    assert layout.n_blocks == n_blocks
+    assert all(s % 16 == 0 and e % 16 == 0 for s, e in zip(layout.block_starts, layout.block_ends))
+    assert layout.n_params == 21 + 11 + 32
+    gb = layout.group_block()
+    assert gb.numel() == layout.n_cols // 16 and bool((gb[1:] >= gb[:-1]).all())
+    # tensors never overlap
+    spans = sorted((o, o + layout.numel(i)) for i, o in enumerate(layout.offsets))
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+def _flat_directions(stacks, layout, sub):
+    k = sub.n_candidates
+    d = torch.zeros(k, layout.n_cols, dtype=torch.float64)
+    for i, name in enumerate(layout.names):
+        x = stacks[name].reshape(k, -1).double()
+        d[:, layout.offsets[i]: layout.offsets[i] + x.shape[1]] = x - x.mean(0)
+    return d
+
+
+@pytest.mark.parametrize("blocks", ["global", "layer"])
+def test_float_basis_is_orthonormal_and_spans_the_candidates(blocks):
+    stacks = _candidates()
+    layout = make_layout(list(stacks), [s.shape[1:] for s in stacks.values()], blocks, 8)
+    sub = build_subspace(stacks.__getitem__, layout, 5, bits=32)
+    p = dequantize_torch(sub.codes, sub.scales, sub.zeros, 32, 8).double()
+    d = _flat_directions(stacks, layout, sub)
+    for b in range(layout.n_blocks):
+        s, e = layout.block_starts[b], layout.block_ends[b]
+        pb = p[: sub.ranks[b], s:e]
+        assert sub.ranks[b] == 4  # K - 1: centring removes one direction
+        assert_close("P P^T", torch.eye(sub.ranks[b], dtype=torch.float64), pb @ pb.T, atol=1e-5, rtol=0)
+        # every centred candidate lies in the span
+        db = d[:, s:e]
+        residual = db - (db @ pb.T) @ pb
+        assert float(residual.norm()) < 1e-4 * float(db.norm())
+
+
+def test_alphas_of_a_candidate_are_one_hot():
+    stacks = _candidates()
+    layout = make_layout(list(stacks), [s.shape[1:] for s in stacks.values()], "layer", 8)
+    sub = build_subspace(stacks.__getitem__, layout, 5, bits=32)
+    p = dequantize_torch(sub.codes, sub.scales, sub.zeros, 32, 8).double()
+    d = _flat_directions(stacks, layout, sub)
+    j = 2
+    beta = torch.stack([
+        p[:, s:e] @ d[j, s:e] for s, e in zip(layout.block_starts, layout.block_ends)
+    ]).float()
+    alphas = sub.alphas(beta)
+    assert_close("alphas", torch.eye(5, dtype=torch.float64)[j].expand(3, 5), alphas, atol=1e-5, rtol=0)
+    assert_close("sum", torch.ones(3, dtype=torch.float64), alphas.sum(1), atol=1e-12, rtol=0)
+
+
+def test_duplicate_and_collinear_candidates_lower_the_rank():
+    gen = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randn(50, generator=gen) for _ in range(3))
+    # c4 duplicates c1; c5 = 2*c2 - c1 is collinear with the others after centring
+    stack = torch.stack([a, b, c, a.clone(), 2 * b - a])
+    layout = make_layout(["w"], [(50,)], "global", 8)
+    sub = build_subspace(lambda _: stack, layout, 5, bits=8)
+    assert sub.ranks == [2] and sub.dropped == [2]
+
+
+def test_identical_candidates_have_rank_zero():
+    x = torch.randn(30)
+    layout = make_layout(["w"], [(30,)], "global", 8)
+    sub = build_subspace(lambda _: torch.stack([x, x, x]), layout, 3, bits=4)
+    assert sub.ranks == [0]
+    beta = torch.zeros(1, sub.rows)
+    out = sub.combine(beta, torch.empty(layout.n_cols))
+    assert_close("mean", x, out[:30])
+
+
+@pytest.mark.parametrize("bits, tol", [(8, 0.02), (4, 0.3), (2, 1.0)])
+def test_quantized_basis_error_shrinks_with_bits(bits, tol):
+    stacks = _candidates(shapes=((64, 32),))
+    layout = make_layout(list(stacks), [s.shape[1:] for s in stacks.values()], "global", 64)
+    exact = build_subspace(stacks.__getitem__, layout, 5, bits=32)
+    quant = build_subspace(stacks.__getitem__, layout, 5, bits=bits)
+    p = dequantize_torch(exact.codes, exact.scales, exact.zeros, 32, 64)
+    q = dequantize_torch(quant.codes, quant.scales, quant.zeros, bits, 64)
+    rel = float((p - q).norm() / p.norm())
+    assert rel < tol
+    assert quant.basis_bytes() < exact.basis_bytes() * (bits / 32 + 0.1)
+
+
+def test_spread_scales_with_the_checkpoints():
+    stacks = _candidates()
+    layout = make_layout(list(stacks), [s.shape[1:] for s in stacks.values()], "layer", 8)
+    a = build_subspace(stacks.__getitem__, layout, 5, bits=8)
+    b = build_subspace(lambda n: stacks[n] * 100, layout, 5, bits=8)
+    # rtol 1e-6, not 1e-9: the candidates are float32, and x * 100 rounds in the last bit.
+    assert_close("spread", a.spread * 100, b.spread, atol=0, rtol=1e-6)
+    assert torch.equal(a.codes, b.codes) or (a.codes.int() - b.codes.int()).abs().max() <= 1
+    assert math.isclose(float(a.transform.abs().sum()), float(b.transform.abs().sum()) * 100, rel_tol=1e-6)

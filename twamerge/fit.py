@@ -1,0 +1,194 @@
+"""The coefficient fit: model parameters as views of one flat buffer, one combine and one project per step.
+
+With ``theta`` the trained coordinates, a step is
+
+    beta = theta * spread              (per block: coordinates in units of the candidates' spread)
+    w    = mean + P~^T beta            (combine, written straight into the model's parameters)
+    g    = dL/dw                       (ordinary forward + backward, grads land in one flat buffer)
+    dL/dtheta = (P~ g) * spread        (project)
+
+Forward and backward use the same quantized basis, so the coefficient gradient is exact for the
+subspace that is actually used.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .config import FitConfig
+from .data import TensorData, iter_batches, steps_per_epoch
+from .errors import FitError
+from .models import Objective, call_model
+from .subspace import FlatLayout, Subspace
+
+log = logging.getLogger(__name__)
+
+
+class FlatBinding:
+    """Replace the model's merged parameters by views of ``flat`` (float32 [D]); their grads by views of ``grad``.
+
+    Tied parameters (one ``Parameter`` reachable under several names) stay tied: every slot that
+    held the old parameter receives the new one.
+    """
+
+    def __init__(self, model: nn.Module, layout: FlatLayout, param_of_key: dict[str, nn.Parameter],
+                 device: torch.device):
+        self.model = model
+        self.layout = layout
+        self.flat = torch.zeros(layout.n_cols, dtype=torch.float32, device=device)
+        self.grad = torch.zeros_like(self.flat)
+        slots: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+        for module in model.modules():
+            for attr, p in module._parameters.items():
+                if p is not None:
+                    slots[id(p)].append((module, attr))
+        for i, key in enumerate(layout.names):
+            old = param_of_key[key]
+            start, n = layout.offsets[i], layout.numel(i)
+            with torch.no_grad():
+                self.flat[start:start + n].copy_(old.detach().reshape(-1))
+            new = nn.Parameter(self.flat[start:start + n].view(layout.shapes[i]))
+            new.grad = self.grad[start:start + n].view(layout.shapes[i])
+            for module, attr in slots[id(old)]:
+                module._parameters[attr] = new
+
+    def check_grads_in_place(self) -> None:
+        """Autograd must accumulate into the flat views; if it replaced a .grad, project would miss it."""
+        grad_range = range(self.grad.data_ptr(), self.grad.data_ptr() + self.grad.numel() * 4)
+        for name, p in self.model.named_parameters():
+            if p.requires_grad and (p.grad is None or p.grad.data_ptr() not in grad_range):
+                raise FitError(f"parameter {name}: its gradient left the flat buffer; this torch version breaks "
+                               "in-place gradient accumulation (please report it)")
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, _BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, data: TensorData, index: torch.Tensor, batch_size: int,
+                          device: torch.device) -> bool:
+    """Re-estimate BatchNorm running statistics on ``index`` (as SWA's update_bn). Returns whether any BN exists."""
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not bns:
+        return False
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the whole pass
+    was_training = model.training
+    model.train()
+    for inputs, _ in iter_batches(data, index, batch_size):
+        call_model(model, {k: v.to(device) for k, v in inputs.items()})
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+    return True
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TensorData, index: torch.Tensor, objective: Objective, batch_size: int,
+             device: torch.device) -> dict:
+    """Mean loss and metric of ``model`` over the rows ``index`` (eval mode)."""
+    model.eval()
+    total_loss, correct, n = 0.0, 0, 0
+    for inputs, label in iter_batches(data, index, batch_size):
+        label = label.to(device)
+        out = call_model(model, {k: v.to(device) for k, v in inputs.items()})
+        rows = label.shape[0]
+        total_loss += float(objective.loss_fn(out, label)) * rows
+        if objective.classification:
+            correct += objective.correct(out, label)
+        n += rows
+    loss = total_loss / max(n, 1)
+    return {"loss": loss, "metric": correct / max(n, 1) if objective.classification else loss, "n": n}
+
+
+@dataclass
+class FitOutcome:
+    beta: torch.Tensor  # [B, R] float32
+    curve: list[float] = field(default_factory=list)  # training loss per step
+    steps: int = 0
+
+
+def _lr_lambda(total: int, warmup: float) -> Callable[[int], float]:
+    warm = int(round(total * warmup))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def train_coefficients(
+    binding: FlatBinding,
+    subspace: Subspace,
+    data: TensorData,
+    fit_index: torch.Tensor,
+    objective: Objective,
+    cfg: FitConfig,
+    device: torch.device,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> FitOutcome:
+    """Learn the coefficients by gradient descent on the fit rows (DESIGN section 2, steps 4-7).
+
+    Raises:
+        FitError: a non-finite loss (naming the step) or an interrupt; nothing is written by the caller.
+    """
+    n_blocks, rows = subspace.layout.n_blocks, subspace.rows
+    ranks = torch.tensor(subspace.ranks)
+    mask = (torch.arange(rows).unsqueeze(0) < ranks.unsqueeze(1)).float().to(device)  # [B, R]
+    spread = subspace.spread.float().to(device).unsqueeze(1)  # [B, 1]
+    theta = nn.Parameter(torch.zeros(n_blocks, rows, dtype=torch.float32, device=device))
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW([theta], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD([theta], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    per_epoch = steps_per_epoch(fit_index.numel(), cfg.batch_size)
+    total = cfg.epochs * per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    outcome = FitOutcome(beta=torch.zeros(n_blocks, rows, dtype=torch.float32, device=device))
+    model = binding.model
+    epochs = range(cfg.epochs)
+    step = 0
+    # Dropout draws from the global RNG: seed it for reproducibility, and restore it afterwards.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        model.train()
+        try:
+            for _ in (progress(epochs) if progress else epochs):
+                for inputs, label in iter_batches(data, fit_index, cfg.batch_size, gen):
+                    beta = theta.detach() * spread * mask
+                    subspace.combine(beta, out=binding.flat)
+                    binding.grad.zero_()
+                    out = call_model(model, {k: v.to(device) for k, v in inputs.items()})
+                    loss = objective.loss_fn(out, label.to(device))
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise FitError(f"the loss became {value} at step {step + 1} of {total}; nothing was "
+                                       "written (lower --lr, or check the data and model)")
+                    loss.backward()
+                    if step == 0:
+                        binding.check_grads_in_place()
+                    theta.grad = subspace.project(binding.grad) * spread * mask
+                    opt.step()
+                    sched.step()
+                    outcome.curve.append(value)
+                    step += 1
+        except KeyboardInterrupt:
+            raise FitError(f"interrupted at step {step} of {total}; nothing was written") from None
+    outcome.beta = (theta.detach() * spread * mask).float()
+    outcome.steps = step
+    return outcome

@@ -1,0 +1,195 @@
+"""Turn a ``--model`` spec into an ``nn.Module``; call it on a batch; the loss and the metric.
+
+Specs:
+    ``path/to/file.py:factory``   a factory function in a Python file (run as code: the user's own)
+    ``package.module:factory``    a factory in an importable module
+    ``timm:NAME``                 ``timm.create_model(NAME, **args)`` (optional ``timm`` extra)
+    a directory with config.json  ``transformers`` model class named in the config (optional extra)
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DataError, ModelError
+
+log = logging.getLogger(__name__)
+
+
+def parse_model_args(items: list[str] | None) -> dict[str, Any]:
+    """``["hidden=64", "act=\\"relu\\"", "name=relu"]`` -> dict; values are JSON literals, else strings."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ModelError(f"--model-arg {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def _load_factory(spec: str) -> Callable[..., nn.Module]:
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise ModelError(f"--model {spec!r}: expected file.py:factory, package.module:factory, timm:NAME or a directory")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise ModelError(f"--model {spec!r}: no such file {path}")
+        name = f"twamerge_user_model_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module  # dataclasses and pickling look the module up by name
+        sys.path.insert(0, str(path.parent.resolve()))
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise ModelError(f"--model {spec!r}: importing {path} failed ({type(exc).__name__}: {exc})") from exc
+        finally:
+            sys.path.remove(str(path.parent.resolve()))
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as exc:
+            raise ModelError(f"--model {spec!r}: cannot import module {target!r} ({type(exc).__name__}: {exc})") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelError(f"--model {spec!r}: {target} has no callable {attr!r}")
+    return factory
+
+
+def _build_hf(directory: Path, args: dict[str, Any]) -> nn.Module:
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ModelError(
+            f"--model {directory}: Hugging Face directories need transformers; pip install 'twamerge[transformers]'"
+        ) from exc
+    config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True, **args)
+    architectures = getattr(config, "architectures", None) or []
+    for arch in architectures:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls(config)
+    raise ModelError(
+        f"--model {directory}: config.json names architectures {architectures}, none of which transformers provides"
+    )
+
+
+def build_model(spec: str | None, args: dict[str, Any] | None = None, *, hf_dir: Path | None = None) -> nn.Module:
+    """Build the model on CPU; its weights are overwritten from the checkpoints afterwards.
+
+    Raises:
+        ModelError: unknown spec, factory that raises or does not return an ``nn.Module``.
+    """
+    args = dict(args or {})
+    if spec is None:
+        if hf_dir is None:
+            raise ModelError("--model is required unless the checkpoints are Hugging Face directories with config.json")
+        return _build_hf(hf_dir, args)
+    if Path(spec).is_dir():
+        if not (Path(spec) / "config.json").exists():
+            raise ModelError(f"--model {spec}: a directory without config.json")
+        return _build_hf(Path(spec), args)
+    if spec.startswith("timm:"):
+        try:
+            import timm
+        except ImportError as exc:
+            raise ModelError(f"--model {spec}: needs timm; pip install 'twamerge[timm]'") from exc
+        try:
+            return timm.create_model(spec[5:], pretrained=False, **args)
+        except Exception as exc:
+            raise ModelError(f"--model {spec}: timm.create_model failed ({exc})") from exc
+    factory = _load_factory(spec)
+    try:
+        model = factory(**args)
+    except Exception as exc:
+        raise ModelError(f"--model {spec}: the factory raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"--model {spec}: the factory returned {type(model).__name__}, expected a torch.nn.Module")
+    return model
+
+
+def call_model(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+    """Call ``model`` by keyword when its forward names every input column, else positionally."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if inputs and (all(name in params for name in inputs) or (takes_kwargs and len(inputs) > 1)):
+        return model(**inputs)
+    return model(*inputs.values())
+
+
+def output_tensor(output: Any) -> torch.Tensor:
+    """The prediction tensor of a model output: a tensor, ``.logits``, ``["logits"]`` or the first element."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, dict) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ModelError(f"cannot find the prediction tensor in a model output of type {type(output).__name__}")
+
+
+@dataclass
+class Objective:
+    """Loss to minimise and metric to report. ``metric_name`` is ``accuracy`` (higher is better) or ``loss``."""
+
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor]
+    classification: bool
+
+    @property
+    def metric_name(self) -> str:
+        return "accuracy" if self.classification else "loss"
+
+    def correct(self, output: Any, label: torch.Tensor) -> int:
+        pred = output_tensor(output)
+        return int((pred.argmax(dim=-1) == label.reshape(pred.shape[:-1])).sum())
+
+
+def _auto_loss(classification: bool) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    def loss(output: Any, label: torch.Tensor) -> torch.Tensor:
+        own = getattr(output, "loss", None)
+        if isinstance(own, torch.Tensor):
+            return own
+        pred = output_tensor(output)
+        if classification:
+            n_classes = pred.shape[-1]
+            if label.numel() and (int(label.max()) >= n_classes or int(label.min()) < 0):
+                bad = int(label.max()) if int(label.max()) >= n_classes else int(label.min())
+                raise DataError(f"label {bad} is out of range for a model with {n_classes} outputs")
+            return F.cross_entropy(pred.reshape(-1, n_classes).float(), label.reshape(-1).long())
+        return F.mse_loss(pred.float().reshape(label.shape), label.float())
+
+    return loss
+
+
+def resolve_objective(name: str, classification: bool) -> Objective:
+    """``auto``, ``ce``, ``mse`` or ``module:function`` taking ``(output, label)`` and returning a scalar."""
+    if name == "auto":
+        return Objective(_auto_loss(classification), classification)
+    if name == "ce":
+        return Objective(_auto_loss(True), True)
+    if name == "mse":
+        return Objective(_auto_loss(False), False)
+    fn = _load_factory(name)
+    return Objective(lambda out, y: fn(out, y), classification)

@@ -1,0 +1,54 @@
+"""``--plot``: the learned alphas per block and the fit curve (needs the optional matplotlib extra)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import OutputError, TwamergeError
+
+
+def plot_report(report: dict, path: Path, force: bool = False) -> None:
+    """Draw alphas (one line per candidate across blocks) and the training-loss curve into ``path``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise TwamergeError("--plot needs matplotlib; pip install 'twamerge[plot]'") from exc
+    if path.exists() and not force:
+        raise OutputError(f"{path}: plot exists; pass --force to overwrite it")
+    alphas = report["merge"]["block_alphas"]
+    names = [Path(c["path"]).name for c in report["candidates"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    blocks = range(len(alphas))
+    for k, name in enumerate(names):
+        ax1.plot(blocks, [row[k] for row in alphas], marker="o" if len(alphas) < 40 else None, label=name)
+    ax1.axhline(1 / len(names), color="grey", linestyle=":", label="uniform")
+    ax1.set_xlabel(f"block ({report['settings']['blocks']})")
+    ax1.set_ylabel("alpha")
+    ax1.set_title("learned coefficients per block")
+    if len(names) <= 12:
+        ax1.legend(fontsize=7)
+    curve = report["fit"]["curve"]
+    ax2.plot(curve, alpha=0.35, label="per step")
+    window = max(1, len(curve) // 20)
+    if window > 1:
+        smooth = [sum(curve[max(0, i - window + 1): i + 1]) / len(curve[max(0, i - window + 1): i + 1])
+                  for i in range(len(curve))]
+        ax2.plot(smooth, label=f"mean of {window} steps")
+        ax2.legend(fontsize=7)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("training loss (fit split)")
+    ax2.set_title("fit curve")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
