@@ -1,7 +1,8 @@
 """Subspace kernels: gram, orth_quantize, combine, project (installed as ``twamerge.kernels``).
 
 Each op has a torch reference (``reference.py``, the CPU path and test oracle) and a Triton kernel
-with the same signature (``gram.py``, ``orth_quantize.py``, ``combine.py``, ``project.py``);
+with the same signature (``triton_gram.py``, ``triton_orth_quantize.py``, ``triton_combine.py``,
+``triton_project.py``; named apart from the op functions so importing them never shadows those);
 ``dispatch.py`` picks one. This package imports nothing from the rest of twamerge, and triton only
 lazily, so CPU-only installs work.
 

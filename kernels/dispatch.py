@@ -99,7 +99,7 @@ def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
 def _impl(op: str, device: torch.device, backend: str | None) -> Callable:
     if resolve(op, device, backend) == "torch":
         return getattr(reference, f"{op}_torch")
-    module = importlib.import_module(f"{__package__}.{op}")
+    module = importlib.import_module(f"{__package__}.triton_{op}")
     return getattr(module, f"{op}_triton")
 
 

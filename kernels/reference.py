@@ -54,7 +54,9 @@ def quantize_torch(p: torch.Tensor, bits: int, group_size: int) -> tuple[torch.T
     lo = grouped.amin(dim=2)
     hi = grouped.amax(dim=2)
     levels = float((1 << bits) - 1)
-    scale = (hi - lo) / levels
+    # A tensor divisor, not a Python float: with a scalar divisor CUDA torch multiplies by the
+    # rounded reciprocal, which is off by one ulp for most groups and breaks exact code parity.
+    scale = (hi - lo) / torch.full_like(hi, levels)
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
     q = torch.floor((grouped - lo.unsqueeze(2)) * inv.unsqueeze(2) + 0.5).clamp_(0, levels)
     codes = pack_codes_torch(q.to(torch.uint8).view(rows, n), bits)
