@@ -1,3 +1,36 @@
-"""twamerge: merge saved checkpoints with Trainable Weight Averaging (TWA)."""
+"""twamerge: merge saved checkpoints with Trainable Weight Averaging (TWA).
+
+Library first: everything the ``twamerge`` command does is a function here, and importing the
+package pulls in neither typer, rich nor triton.
+"""
 
 __version__ = "0.1.0"
+
+from .checkpoints import CheckpointSet, expand_paths, open_checkpoints, write_checkpoint  # noqa: E402
+from .errors import (  # noqa: E402
+    CheckpointError,
+    CheckpointMismatchError,
+    InvalidArgumentError,
+    NonFiniteError,
+    OutputError,
+    TwamergeError,
+)
+from .inspect_ckpt import inspect_checkpoints  # noqa: E402
+from .merge import average_checkpoints, linear_merge  # noqa: E402
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "CheckpointSet",
+    "InvalidArgumentError",
+    "NonFiniteError",
+    "OutputError",
+    "TwamergeError",
+    "__version__",
+    "average_checkpoints",
+    "expand_paths",
+    "inspect_checkpoints",
+    "linear_merge",
+    "open_checkpoints",
+    "write_checkpoint",
+]

@@ -13,6 +13,11 @@ class CheckpointMismatchError(TwamergeError):
     """Candidate checkpoints disagree on keys, shapes or dtypes."""
 
 
+class InvalidArgumentError(TwamergeError, ValueError):
+    """A user-supplied value is out of range or inconsistent with the inputs (e.g. 3 weights for 4
+    checkpoints). Also a ``ValueError``, so library callers may catch either; the CLI exits 2 on it."""
+
+
 class NonFiniteError(TwamergeError):
     """A tensor or loss holds NaN or Inf."""
 

@@ -1,0 +1,159 @@
+"""Data-free averaging checked against numpy, on real formats and on the real MiniLM weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ckpt_fixtures import minilm_dir, perturbed_minilm_dirs, small_state_dict, write_variants
+from helpers import assert_close
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from twamerge import average_checkpoints, linear_merge, open_checkpoints
+from twamerge.errors import InvalidArgumentError
+from twamerge.merge import ema_weights
+
+
+def _np_average(sds: list[dict[str, torch.Tensor]], w: list[float], key: str) -> np.ndarray:
+    return sum(wi * sd[key].double().numpy() for wi, sd in zip(w, sds))
+
+
+def test_uniform_weighted_ema_match_numpy_on_mixed_formats(tmp_path):
+    paths, sds = write_variants(tmp_path / "in")
+    k = len(paths)
+    cases = {
+        "uniform": ({}, [1 / k] * k),
+        "weighted": ({"weights": [1.0, 2.0, 3.0, 4.0]}, [0.1, 0.2, 0.3, 0.4]),
+        "ema": ({"ema": 0.5}, [0.125, 0.125, 0.25, 0.5]),
+    }
+    for name, (kwargs, w) in cases.items():
+        out = tmp_path / f"{name}.safetensors"
+        summary = average_checkpoints(paths, out, **kwargs)
+        assert summary["method"] == name and summary["count"] == k
+        np.testing.assert_allclose(summary["weights"], w, rtol=1e-12)
+        merged = load_file(str(out))
+        assert set(merged) == set(sds[0])
+        for key, t in merged.items():
+            assert t.dtype == sds[0][key].dtype
+            if key == "bn.num_batches_tracked":
+                assert int(t) == 100
+                continue
+            ref = _np_average(sds, w, key).astype(np.float32)
+            assert_close(f"{name}:{key}", torch.from_numpy(ref), t)
+        with safe_open(str(out), framework="pt") as f:
+            meta = f.metadata()
+        assert meta["twamerge.method"] == name
+        assert json.loads(meta["twamerge.weights"]) == pytest.approx(w)
+        assert [s["sha256"] for s in json.loads(meta["twamerge.sources"])] == [s["sha256"] for s in summary["inputs"]]
+
+
+def test_ema_weights_recurrence():
+    w = ema_weights(5, 0.9)
+    assert sum(w) == pytest.approx(1.0)
+    x = torch.randn(5)
+    e = x[0]
+    for j in range(1, 5):
+        e = 0.9 * e + 0.1 * x[j]
+    assert float(sum(wi * xi for wi, xi in zip(w, x))) == pytest.approx(float(e), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_accumulates_in_float64_and_casts_once(tmp_path, dtype):
+    sds = [small_state_dict(s, dtype=dtype) for s in range(3)]
+    paths = []
+    for i, sd in enumerate(sds):
+        paths.append(tmp_path / f"c{i}.safetensors")
+        save_file(sd, str(paths[-1]))
+    with open_checkpoints(paths) as cs:
+        merged = linear_merge(cs, [0.2, 0.3, 0.5])
+        wide = linear_merge(cs, [0.2, 0.3, 0.5], out_dtype=torch.float32)
+    for key in ("conv.weight", "fc.weight"):
+        exact = torch.from_numpy(_np_average(sds, [0.2, 0.3, 0.5], key))
+        assert merged[key].dtype == dtype and wide[key].dtype == torch.float32
+        # One rounding at the end: equal to rounding the float64 result.
+        assert torch.equal(merged[key], exact.to(dtype))
+        assert_close(key, exact.float(), wide[key])
+
+
+def test_per_key_weights_and_integer_mismatch_warning(tmp_path, caplog):
+    a, b = small_state_dict(0), small_state_dict(1)
+    b["bn.num_batches_tracked"] = torch.tensor(7)
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+    with open_checkpoints([tmp_path / "a.safetensors", tmp_path / "b.safetensors"]) as cs:
+        with caplog.at_level(logging.WARNING, logger="twamerge"):
+            merged = linear_merge(cs, lambda key: [1.0, 0.0] if key.startswith("fc") else [0.0, 1.0])
+        with pytest.raises(InvalidArgumentError, match="got 3 weights"):
+            linear_merge(cs, [0.3, 0.3, 0.4])
+    assert torch.equal(merged["fc.weight"], a["fc.weight"]) and torch.equal(merged["conv.weight"], b["conv.weight"])
+    assert int(merged["bn.num_batches_tracked"]) == 100
+    assert any("bn.num_batches_tracked" in r.getMessage() for r in caplog.records)
+
+
+def test_minilm_hf_dirs_to_directory_output(tmp_path):
+    dirs, sds = perturbed_minilm_dirs(tmp_path / "in", 3)
+    out = tmp_path / "merged"
+    summary = average_checkpoints(dirs, out, weights=[0.5, 0.25, 0.25])
+    assert summary["inputs"][0]["format"] == "hf-dir:safetensors"
+    assert (out / "config.json").read_text() == (minilm_dir() / "config.json").read_text()
+    assert (out / "tokenizer.json").is_file() and (out / "vocab.txt").is_file()
+    merged = load_file(str(out / "model.safetensors"))
+    assert set(merged) == set(sds[0])
+    for key in merged:
+        if not merged[key].is_floating_point():
+            assert torch.equal(merged[key], sds[0][key])
+            continue
+        ref = _np_average(sds, [0.5, 0.25, 0.25], key).astype(np.float32)
+        assert_close(key, torch.from_numpy(ref), merged[key])
+    # The output loads in the library people use for such directories.
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModel.from_pretrained(str(out))
+    assert_close("embeddings", merged["embeddings.word_embeddings.weight"],
+                 model.embeddings.word_embeddings.weight.detach())
+
+
+_PEAK = textwrap.dedent(
+    """
+    import json, resource, sys
+    from twamerge import average_checkpoints
+    paths = sys.argv[2:]
+    average_checkpoints(paths, sys.argv[1])
+    print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    """
+)
+
+
+def peak_rss_kb(paths: list[Path], out: Path) -> int:
+    """Peak RSS of averaging ``paths`` in a fresh interpreter (KiB)."""
+    # glibc's dynamic mmap threshold makes peak RSS depend on allocation history (+-30 MB here); a fixed
+    # threshold returns freed tensors to the OS at once, so what remains is what the merge really holds.
+    # Holding every file's pages (no page release after reading a pickle) still shows as +190 MB.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    res = subprocess.run([sys.executable, "-c", _PEAK, str(out), *map(str, paths)], capture_output=True, text=True,
+                         check=True, env=env)
+    return json.loads(res.stdout.strip().splitlines()[-1])["maxrss_kb"]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_peak_memory_independent_of_candidate_count(tmp_path, fmt):
+    # 8 tensors of 1M floats: 32 MB per checkpoint, so holding all 8 files would add ~190 MB.
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(8):
+        sd = {f"layer{j}.weight": torch.randn(1024, 1024, generator=g) for j in range(8)}
+        p = tmp_path / f"c{i}.{fmt}"
+        save_file(sd, str(p)) if fmt == "safetensors" else torch.save(sd, p)
+        paths.append(p)
+    ckpt_kb = 32 * 1024
+    two = peak_rss_kb(paths[:2], tmp_path / "two.safetensors")
+    eight = peak_rss_kb(paths, tmp_path / "eight.safetensors")
+    assert eight - two < ckpt_kb // 2, f"8 checkpoints: {eight} KiB, 2 checkpoints: {two} KiB"
