@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .config import FitConfig
+from .distributed import Comm
 from .data import TensorData, iter_batches, steps_per_epoch
 from .errors import FitError
 from .models import Objective, call_model
@@ -36,14 +37,15 @@ class FlatBinding:
     """Replace the model's merged parameters by views of ``flat`` (float32 [D]); their grads by views of ``grad``.
 
     Tied parameters (one ``Parameter`` reachable under several names) stay tied: every slot that
-    held the old parameter receives the new one.
+    held the old parameter receives the new one. ``n_cols`` (at least ``layout.n_cols``) pads both
+    buffers at the end: a distributed fit needs ``world_size * chunk`` columns for its collectives.
     """
 
     def __init__(self, model: nn.Module, layout: FlatLayout, param_of_key: dict[str, nn.Parameter],
-                 device: torch.device):
+                 device: torch.device, n_cols: int | None = None):
         self.model = model
         self.layout = layout
-        self.flat = torch.zeros(layout.n_cols, dtype=torch.float32, device=device)
+        self.flat = torch.zeros(max(layout.n_cols, n_cols or 0), dtype=torch.float32, device=device)
         self.grad = torch.zeros_like(self.flat)
         slots: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
         for module in model.modules():
@@ -96,8 +98,25 @@ def recalibrate_batchnorm(model: nn.Module, data: TensorData, index: torch.Tenso
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TensorData, index: torch.Tensor, objective: Objective, batch_size: int,
-             device: torch.device) -> dict:
-    """Mean loss and metric of ``model`` over the rows ``index`` (eval mode)."""
+             device: torch.device, comm: Comm | None = None) -> dict:
+    """Mean loss and metric of ``model`` over the rows ``index`` (eval mode).
+
+    With ``comm``, each rank scores its contiguous share of ``index`` and the sums of loss, correct
+    rows and rows are all-reduced, so every rank returns the figures of the whole of ``index``.
+    """
+    if comm is not None:
+        lo, hi = comm.shard(index.numel())
+        error, part = None, {"loss": 0.0, "metric": 0.0, "n": 0}
+        try:
+            part = evaluate(model, data, index[lo:hi], objective, batch_size, device)
+        except (Exception, KeyboardInterrupt) as exc:
+            error = exc
+        correct = part["metric"] * part["n"] if objective.classification else 0.0
+        total = comm.sum(torch.tensor([part["loss"] * part["n"], correct, part["n"]], dtype=torch.float64), error)
+        n = int(round(float(total[2])))
+        loss = float(total[0]) / max(n, 1)
+        return {"loss": loss, "metric": round(float(total[1])) / max(n, 1) if objective.classification else loss,
+                "n": n}
     model.eval()
     total_loss, correct, n = 0.0, 0, 0
     for inputs, label in iter_batches(data, index, batch_size):
@@ -140,8 +159,13 @@ def train_coefficients(
     cfg: FitConfig,
     device: torch.device,
     progress: Callable[[Iterable], Iterable] | None = None,
+    comm: Comm | None = None,
 ) -> FitOutcome:
     """Learn the coefficients by gradient descent on the fit rows (DESIGN section 2, steps 4-7).
+
+    With ``comm`` (a distributed fit), ``subspace`` holds this rank's column slice and ``binding``
+    buffers of ``world_size * chunk`` columns; every global batch (the same shuffle on every rank)
+    is split into contiguous shards, one per rank. See :func:`_distributed_step`.
 
     Raises:
         FitError: a non-finite loss (naming the step) or an interrupt; nothing is written by the caller.
@@ -163,6 +187,11 @@ def train_coefficients(
     model = binding.model
     epochs = range(cfg.epochs)
     step = 0
+    if comm is not None:
+        chunk = binding.flat.numel() // comm.world_size
+        c0, c1 = subspace.col_range or (0, subspace.layout.n_cols)
+        local_w = torch.zeros(chunk, dtype=torch.float32, device=device)
+        local_g = torch.zeros(chunk, dtype=torch.float32, device=device)
     # Dropout draws from the global RNG: seed it for reproducibility, and restore it afterwards.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
@@ -171,6 +200,19 @@ def train_coefficients(
             for _ in (progress(epochs) if progress else epochs):
                 for inputs, label in iter_batches(data, fit_index, cfg.batch_size, gen):
                     beta = theta.detach() * spread * mask
+                    if comm is not None:
+                        value, grad = _distributed_step(binding, subspace, objective, inputs, label, beta, device,
+                                                        comm, local_w[:c1 - c0], local_w, local_g, (step, total))
+                        if not math.isfinite(value):
+                            raise FitError(f"the loss became {value} at step {step + 1} of {total} (summed over "
+                                           f"{comm.world_size} ranks); nothing was written (lower --lr, or check "
+                                           "the data and model)")
+                        theta.grad = grad * spread * mask
+                        opt.step()
+                        sched.step()
+                        outcome.curve.append(value)
+                        step += 1
+                        continue
                     subspace.combine(beta, out=binding.flat)
                     binding.grad.zero_()
                     out = call_model(model, {k: v.to(device) for k, v in inputs.items()})
@@ -192,3 +234,44 @@ def train_coefficients(
     outcome.beta = (theta.detach() * spread * mask).float()
     outcome.steps = step
     return outcome
+
+
+def _distributed_step(binding: FlatBinding, subspace: Subspace, objective: Objective, inputs: dict, label: torch.Tensor,
+                      beta: torch.Tensor, device: torch.device, comm: Comm, out_w: torch.Tensor,
+                      local_w: torch.Tensor, local_g: torch.Tensor, where: tuple[int, int]
+                      ) -> tuple[float, torch.Tensor]:
+    """One data-parallel step over this rank's shard of the global batch; returns (global loss, dL/dbeta [B, R]).
+
+    combine on the own slice -> all-gather the weights -> forward/backward on the shard, with the
+    loss scaled by ``shard_rows / batch_rows`` so the ranks' gradients sum to the full-batch gradient
+    of a mean-reduced loss -> reduce-scatter the flat gradient -> project the own slice -> all-reduce
+    ``[dL/dbeta, loss]`` with the error flag. A rank that fails keeps taking part in the collectives
+    and raises with the others at the final all-reduce.
+    """
+    subspace.combine(beta, out=out_w)
+    comm.all_gather(binding.flat, local_w)
+    binding.grad.zero_()
+    error: BaseException | None = None
+    value = 0.0
+    try:
+        n = label.shape[0]
+        lo, hi = comm.shard(n)
+        if hi > lo:
+            out = call_model(binding.model, {k: v[lo:hi].to(device) for k, v in inputs.items()})
+            loss = objective.loss_fn(out, label[lo:hi].to(device)) * ((hi - lo) / n)
+            value = float(loss.detach())
+            if math.isfinite(value):
+                loss.backward()
+                if where[0] == 0:
+                    binding.check_grads_in_place()
+    except KeyboardInterrupt:
+        # Raised here, not converted by the caller: a new exception would lose the mark that all ranks
+        # already agreed on it, and the ranks would disagree on the next collective.
+        error = FitError(f"interrupted at step {where[0]} of {where[1]}; nothing was written")
+    except Exception as exc:
+        error = exc
+    comm.reduce_scatter(local_g, binding.grad)
+    part = subspace.project(local_g[:out_w.numel()])
+    payload = torch.cat([part.reshape(-1), torch.tensor([value], dtype=torch.float32, device=part.device)])
+    total = comm.sum(payload, error)
+    return float(total[-1]), total[:-1].view_as(part)

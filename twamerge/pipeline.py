@@ -8,8 +8,10 @@ and then atomically.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
+import math
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +26,8 @@ from . import __version__
 from .checkpoints import CheckpointSet, open_checkpoints, write_checkpoint
 from .config import DataConfig, FitConfig, ModelConfig
 from .data import load_data, split_holdout
+from .distributed import Comm, split_columns
+from . import distributed
 from .errors import ModelError, OutputError, TwamergeError
 from .fit import FlatBinding, evaluate, has_batchnorm, recalibrate_batchnorm, train_coefficients
 from .merge import linear_merge
@@ -110,24 +114,39 @@ def _check_output_free(path: Path, force: bool, what: str = "output") -> None:
         raise OutputError(f"{path}: the folder {parent} does not exist")
 
 
-class _Evaluator:
-    """Loads a state into the bound model, recalibrates BatchNorm when asked, and scores both splits."""
+def _phase(comm: Comm | None, name: str):
+    """A stretch of work with no collectives inside; under ``comm`` every rank agrees on success at its end."""
+    return comm.phase(name) if comm is not None else contextlib.nullcontext()
 
-    def __init__(self, model, data, fit_idx, held_idx, objective, batch_size, device, recalibrate: bool):
+
+class _Evaluator:
+    """Loads a state into the bound model, recalibrates BatchNorm when asked, and scores both splits.
+
+    Under ``comm`` every rank loads the whole state (the forward needs every weight) and recalibrates
+    BatchNorm on the whole fit split, identically; scoring is split across ranks and reduced.
+    """
+
+    def __init__(self, model, data, fit_idx, held_idx, objective, batch_size, device, recalibrate: bool,
+                 comm: Comm | None = None):
         self.model, self.data, self.objective = model, data, objective
         self.fit_idx, self.held_idx = fit_idx, held_idx
         self.batch_size, self.device, self.recalibrate = batch_size, device, recalibrate
+        self.comm = comm
 
     def load(self, state: dict[str, torch.Tensor], recalibrate: bool) -> None:
-        _load_state(self.model, state)
-        if recalibrate and self.recalibrate:
-            recalibrate_batchnorm(self.model, self.data, self.fit_idx, self.batch_size, self.device)
+        self.load_from(lambda: state, recalibrate)
+
+    def load_from(self, make_state: Callable[[], dict[str, torch.Tensor]], recalibrate: bool) -> None:
+        with _phase(self.comm, "load"):
+            _load_state(self.model, make_state())
+            if recalibrate and self.recalibrate:
+                recalibrate_batchnorm(self.model, self.data, self.fit_idx, self.batch_size, self.device)
 
     def score(self, split: str) -> dict | None:
         idx = self.fit_idx if split == "fit" else self.held_idx
         if idx.numel() == 0:
             return None
-        return evaluate(self.model, self.data, idx, self.objective, self.batch_size, self.device)
+        return evaluate(self.model, self.data, idx, self.objective, self.batch_size, self.device, self.comm)
 
 
 def _merged_weights(alphas: torch.Tensor, key_block: dict[str, int], default: list[float]) -> Callable[[str], list]:
@@ -183,45 +202,70 @@ def fit(
         >>> report["methods"][-1]["heldout"]["metric"]
     """
     output = Path(output)
-    _check_output_free(output, force)
-    if report_path is not None:
-        _check_output_free(Path(report_path), force, "report")
     device = select_device(cfg.device)
-    out_dtype = DTYPES[dtype] if dtype else None
-    timer = Timer()
-    with timer.phase("open"):
-        cs = open_checkpoints(checkpoints, ema_key=ema_key, keys=keys, allow_nonfinite=allow_nonfinite)
+    # Under torchrun (or inside an initialised process group of several ranks) the fit is distributed.
+    comm = distributed.init(distributed.rank_device(device))
     try:
-        return _fit(cs, val, model, output, cfg, report_path, plot_path, out_dtype, force, max_shard_size,
-                    device, timer, progress)
+        if comm is not None:
+            device = distributed.rank_device(device)
+        with _phase(comm, "check outputs"):
+            if comm is None or comm.is_main:
+                _check_output_free(output, force)
+                if report_path is not None:
+                    _check_output_free(Path(report_path), force, "report")
+        out_dtype = DTYPES[dtype] if dtype else None
+        timer = Timer()
+        cs = None
+        with _phase(comm, "open"), timer.phase("open"):
+            cs = open_checkpoints(checkpoints, ema_key=ema_key, keys=keys, allow_nonfinite=allow_nonfinite)
+        try:
+            return _fit(cs, val, model, output, cfg, report_path, plot_path, out_dtype, force, max_shard_size,
+                        device, timer, progress, comm)
+        finally:
+            cs.close()
     finally:
-        cs.close()
+        if comm is not None:
+            comm.close()
 
 
 def _fit(cs, val, model_cfg, output, cfg, report_path, plot_path, out_dtype, force, max_shard_size, device, timer,
-         progress) -> dict:
+         progress, comm: Comm | None = None) -> dict:
     k = len(cs)
-    with timer.phase("data"):
+    main = comm is None or comm.is_main
+    if not main:
+        progress = None
+    with _phase(comm, "data"), timer.phase("data"):
         data = load_data(val)
         fit_idx, held_idx = split_holdout(data, cfg.holdout, cfg.seed)
         objective = resolve_objective(model_cfg.loss, data.is_classification)
-    with timer.phase("model"):
+    with _phase(comm, "model"), timer.phase("model"):
         model = build_model(model_cfg.spec, model_cfg.args, hf_dir=cs.hf_dir).to(device)
         mk = ModelKeys(model, cs, model_cfg.spec)
-    with timer.phase("subspace"):
+    with _phase(comm, "subspace"), timer.phase("subspace"):
         layout = make_layout(mk.merged, [tuple(cs.shape(n)) for n in mk.merged], cfg.blocks, cfg.group_size)
-        subspace = build_subspace(cs.stack, layout, k, bits=cfg.bits, rank_rtol=cfg.rank_rtol, device=device,
-                                  backend=cfg.backend, progress=progress)
-    binding = FlatBinding(model, layout, mk.param_of_key, device)
-    uniform_buffers = {b: _uniform(cs, b) for b in mk.buffers}
-    _load_state(model, uniform_buffers)
+        if comm is None:
+            chunk, col_range = layout.n_cols, None
+            subspace = build_subspace(cs.stack, layout, k, bits=cfg.bits, rank_rtol=cfg.rank_rtol, device=device,
+                                      backend=cfg.backend, progress=progress)
+        else:
+            chunk, ranges = split_columns(layout.n_cols, layout.group_size, comm.world_size)
+            col_range = ranges[comm.rank]
+            subspace = build_subspace(
+                cs.stack, layout, k, bits=cfg.bits, rank_rtol=cfg.rank_rtol, device=device, backend=cfg.backend,
+                progress=progress, col_range=col_range, reduce_gram=comm.sum,
+                load_slice=lambda name, lo, hi: torch.stack([cs.get_slice(i, name, lo, hi) for i in range(k)]))
+    n_ranks = 1 if comm is None else comm.world_size
+    with _phase(comm, "bind"):
+        binding = FlatBinding(model, layout, mk.param_of_key, device, n_cols=chunk * n_ranks)
+        uniform_buffers = {b: _uniform(cs, b) for b in mk.buffers}
+        _load_state(model, uniform_buffers)
     recalibrate = cfg.bn_recalibrate == "on" or (cfg.bn_recalibrate == "auto" and has_batchnorm(model))
-    if recalibrate and not has_batchnorm(model):
+    if recalibrate and not has_batchnorm(model) and main:
         log.warning("--bn-recalibrate on: the model has no BatchNorm layer; nothing to recalibrate")
 
-    with timer.phase("fit"):
-        outcome = train_coefficients(binding, subspace, data, fit_idx, objective, cfg, device, progress)
-    trained = subspace.combine(outcome.beta, out=torch.empty_like(binding.flat))
+    with _phase(comm, "fit"), timer.phase("fit"):
+        outcome = train_coefficients(binding, subspace, data, fit_idx, objective, cfg, device, progress, comm)
+    trained = subspace.combine(outcome.beta, out=torch.empty(subspace.mean.numel(), dtype=torch.float32, device=device))
     alphas = subspace.alphas(outcome.beta)  # [B, K] float64
 
     # Tensors that are not merged parameters (floating buffers) take the size-weighted mean alphas.
@@ -231,10 +275,10 @@ def _fit(cs, val, model_cfg, output, cfg, report_path, plot_path, out_dtype, for
     key_block = {name: layout.block_of[i] for i, name in enumerate(layout.names)}
     key_block.update({alias: key_block[target] for alias, target in mk.alias_of.items()})
 
-    with timer.phase("merge"):
+    with _phase(comm, "merge"), timer.phase("merge"):
         merged = linear_merge(cs, _merged_weights(alphas, key_block, default_alphas), out_dtype=out_dtype,
                               progress=progress)
-    ev = _Evaluator(model, data, fit_idx, held_idx, objective, cfg.batch_size, device, recalibrate)
+    ev = _Evaluator(model, data, fit_idx, held_idx, objective, cfg.batch_size, device, recalibrate, comm)
     with timer.phase("evaluate"):
         ev.load(merged, recalibrate=True)
         recalibrated = {}
@@ -244,73 +288,114 @@ def _fit(cs, val, model_cfg, output, cfg, report_path, plot_path, out_dtype, for
                 if merged[key].is_floating_point():
                     merged[key] = state[key].detach().to("cpu", merged[key].dtype).clone()
                     recalibrated[key] = merged[key]
-        real = torch.cat([binding.flat[o:o + layout.numel(i)] for i, o in enumerate(layout.offsets)])
-        ref = torch.cat([trained[o:o + layout.numel(i)] for i, o in enumerate(layout.offsets)])
-        centre = torch.cat([subspace.mean[o:o + layout.numel(i)] for i, o in enumerate(layout.offsets)])
-        moved = float((ref - centre).norm())
-        gap = float((real - ref).norm()) / moved if moved > 0 else 0.0
+        if comm is None:
+            real = torch.cat([binding.flat[o:o + layout.numel(i)] for i, o in enumerate(layout.offsets)])
+            ref = torch.cat([trained[o:o + layout.numel(i)] for i, o in enumerate(layout.offsets)])
+            centre = torch.cat([subspace.mean[o:o + layout.numel(i)] for i, o in enumerate(layout.offsets)])
+            moved = float((ref - centre).norm())
+            gap = float((real - ref).norm()) / moved if moved > 0 else 0.0
+        else:
+            gap = _sharded_gap(layout, col_range, binding.flat, trained, subspace.mean, comm)
         twa_row = MethodResult("twa", "twa", ev.score("fit"), ev.score("heldout"))
         rows = _baselines(cs, mk, ev, objective, cfg, k)
         rows.append(twa_row)
+    if comm is not None:
+        per_rank = comm.gather_objects({"col_range": list(col_range), "basis_bytes": subspace.basis_bytes(),
+                                        **peak_memory()})
 
-    best = best_candidate(rows, "heldout" if held_idx.numel() else "fit", objective.classification)
-    split = "heldout" if held_idx.numel() else "fit"
-    beats = None if best is None else not is_better(getattr(best, split), getattr(twa_row, split),
-                                                    objective.classification)
-    metadata = {
-        "format": "pt",
-        "twamerge_version": __version__,
-        "method": "twa",
-        "blocks": cfg.blocks,
-        "bits": str(cfg.bits),
-        "alphas": json.dumps(alphas.tolist()),
-        "sources": json.dumps([{"path": s["path"], "sha256": s["sha256"]} for s in cs.sources()]),
-        "heldout": json.dumps(twa_row.heldout),
-    }
-    report = {
-        "report_version": REPORT_VERSION,
-        "tool": "twamerge",
-        "version": __version__,
-        "settings": asdict(cfg),
-        "data": {"path": str(val.path), "rows": data.n, "fit_rows": int(fit_idx.numel()),
-                 "heldout_rows": int(held_idx.numel()), "inputs": list(data.inputs), "label": data.label},
-        "heldout_rows": int(held_idx.numel()),
-        "model": {"spec": model_cfg.spec or str(cs.hf_dir), "args": model_cfg.args, "loss": model_cfg.loss},
-        "candidates": cs.sources(),
-        "metric_name": objective.metric_name,
-        "methods": [r.to_dict() for r in rows],
-        "best_candidate": best.name if best else None,
-        "twa_at_least_best": beats,
-        "blocks": [
-            {"index": b, "keys": names, "rank": subspace.ranks[b], "dropped": subspace.dropped[b],
-             "spread": float(subspace.spread[b]), "alphas": alphas[b].tolist()}
-            for b, names in enumerate(layout.block_names())
-        ],
-        "subspace": {"n_params": layout.n_params, "n_cols": layout.n_cols, "rows": subspace.rows,
-                     "bits": cfg.bits, "group_size": cfg.group_size, "basis_bytes": subspace.basis_bytes(),
-                     "dropped_directions": sum(subspace.dropped), "quantization_gap": gap},
-        "fit": {"steps": outcome.steps, "curve": outcome.curve,
-                "final_loss": outcome.curve[-1] if outcome.curve else None},
-        "merge": {"key_block": key_block, "block_alphas": alphas.tolist(), "default_alphas": default_alphas,
-                  "out_dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None,
-                  "recalibrated_buffers": _encode_tensors(recalibrated), "metadata": metadata},
-    }
-    with timer.phase("write"):
-        written = write_checkpoint(merged, output, metadata=metadata, force=force, max_shard_size=max_shard_size,
-                                   hf_source_dir=cs.hf_dir if not output.suffix else None)
-    report["outputs"] = [str(p) for p in written]
-    report["timings"] = timer.seconds
-    report["memory"] = {**peak_memory(), "basis_bytes": subspace.basis_bytes(),
-                        "flat_buffer_bytes": 3 * binding.flat.numel() * 4}
-    if report_path is not None:
-        from .report import write_report
+    def finish() -> dict:
+        """The report, the output and the report file (rank 0 alone in a distributed fit)."""
+        best = best_candidate(rows, "heldout" if held_idx.numel() else "fit", objective.classification)
+        split = "heldout" if held_idx.numel() else "fit"
+        beats = None if best is None else not is_better(getattr(best, split), getattr(twa_row, split),
+                                                        objective.classification)
+        metadata = {
+            "format": "pt",
+            "twamerge_version": __version__,
+            "method": "twa",
+            "blocks": cfg.blocks,
+            "bits": str(cfg.bits),
+            "alphas": json.dumps(alphas.tolist()),
+            "sources": json.dumps([{"path": s["path"], "sha256": s["sha256"]} for s in cs.sources()]),
+            "heldout": json.dumps(twa_row.heldout),
+        }
+        report = {
+            "report_version": REPORT_VERSION,
+            "tool": "twamerge",
+            "version": __version__,
+            "settings": asdict(cfg),
+            "data": {"path": str(val.path), "rows": data.n, "fit_rows": int(fit_idx.numel()),
+                     "heldout_rows": int(held_idx.numel()), "inputs": list(data.inputs), "label": data.label},
+            "heldout_rows": int(held_idx.numel()),
+            "model": {"spec": model_cfg.spec or str(cs.hf_dir), "args": model_cfg.args, "loss": model_cfg.loss},
+            "candidates": cs.sources(),
+            "metric_name": objective.metric_name,
+            "methods": [r.to_dict() for r in rows],
+            "best_candidate": best.name if best else None,
+            "twa_at_least_best": beats,
+            "blocks": [
+                {"index": b, "keys": names, "rank": subspace.ranks[b], "dropped": subspace.dropped[b],
+                 "spread": float(subspace.spread[b]), "alphas": alphas[b].tolist()}
+                for b, names in enumerate(layout.block_names())
+            ],
+            "subspace": {"n_params": layout.n_params, "n_cols": layout.n_cols, "rows": subspace.rows,
+                         "bits": cfg.bits, "group_size": cfg.group_size, "basis_bytes": subspace.basis_bytes(),
+                         "dropped_directions": sum(subspace.dropped), "quantization_gap": gap},
+            "fit": {"steps": outcome.steps, "curve": outcome.curve,
+                    "final_loss": outcome.curve[-1] if outcome.curve else None},
+            "merge": {"key_block": key_block, "block_alphas": alphas.tolist(), "default_alphas": default_alphas,
+                      "out_dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None,
+                      "recalibrated_buffers": _encode_tensors(recalibrated), "metadata": metadata},
+        }
+        with timer.phase("write"):
+            written = write_checkpoint(merged, output, metadata=metadata, force=force, max_shard_size=max_shard_size,
+                                       hf_source_dir=cs.hf_dir if not output.suffix else None)
+        report["outputs"] = [str(p) for p in written]
+        report["timings"] = timer.seconds
+        report["memory"] = {**peak_memory(), "basis_bytes": subspace.basis_bytes(),
+                            "flat_buffer_bytes": 3 * binding.flat.numel() * 4}
+        if comm is not None:
+            report["distributed"] = {"world_size": comm.world_size, "backend": torch.distributed.get_backend(),
+                                     "ranks": per_rank}
+        if report_path is not None:
+            from .report import write_report
 
-        write_report(report, Path(report_path), force)
-    if plot_path is not None:
-        from .plot import plot_report
+            write_report(report, Path(report_path), force)
+        if plot_path is not None:
+            from .plot import plot_report
 
-        plot_report(report, Path(plot_path), force)
-    return report
+            plot_report(report, Path(plot_path), force)
+        return report
+
+    if comm is None:
+        return finish()
+    report = None
+    with _phase(comm, "write"):
+        if comm.is_main:
+            report = finish()
+    return comm.broadcast_object(report)
+
+
+def _sharded_gap(layout, col_range: tuple[int, int], flat: torch.Tensor, trained: torch.Tensor, mean: torch.Tensor,
+                 comm: Comm) -> float:
+    """The quantization gap ``|real - ref| / |ref - centre|`` from each rank's columns (padding excluded).
+
+    ``flat`` is the full flat buffer; ``trained`` and ``mean`` hold the rank's slice ``col_range``.
+    """
+    c0, c1 = col_range
+    sq = torch.zeros(2, dtype=torch.float64)
+    error = None
+    try:
+        for i, o in enumerate(layout.offsets):
+            lo, hi = max(o, c0), min(o + layout.numel(i), c1)
+            if lo >= hi:
+                continue
+            real, ref, centre = flat[lo:hi].double(), trained[lo - c0:hi - c0].double(), mean[lo - c0:hi - c0].double()
+            sq += torch.stack([(real - ref).square().sum(), (ref - centre).square().sum()]).cpu()
+    except Exception as exc:
+        error = exc
+    gap2, moved2 = comm.sum(sq, error).tolist()
+    return math.sqrt(gap2) / math.sqrt(moved2) if moved2 > 0 else 0.0
 
 
 def _uniform(cs: CheckpointSet, key: str) -> torch.Tensor:
@@ -324,11 +409,10 @@ def _baselines(cs, mk: ModelKeys, ev: _Evaluator, objective: Objective, cfg: Fit
     rows: list[MethodResult] = []
     if cfg.eval_candidates or cfg.greedy:
         for i in range(k):
-            ev.load(_candidate_state(cs, i, keys), recalibrate=False)
+            ev.load_from(lambda: _candidate_state(cs, i, keys), recalibrate=False)
             rows.append(MethodResult(Path(cs.paths[i]).name, "candidate", ev.score("fit"), ev.score("heldout"),
                                      {"path": str(cs.paths[i])}))
-    uniform = linear_merge(cs, [1.0 / k] * k)
-    ev.load(uniform, recalibrate=True)
+    ev.load_from(lambda: linear_merge(cs, [1.0 / k] * k), recalibrate=True)
     rows.append(MethodResult("uniform", "uniform", ev.score("fit"), ev.score("heldout")))
     if cfg.greedy and rows:
         rows.append(_greedy_soup(cs, ev, objective, rows[:k]))
@@ -346,12 +430,12 @@ def _greedy_soup(cs, ev: _Evaluator, objective: Objective, candidates: list[Meth
     for i in order[1:]:
         trial = soup + [i]
         weights = [1.0 / len(trial) if j in trial else 0.0 for j in range(k)]
-        ev.load(linear_merge(cs, weights), recalibrate=True)
+        ev.load_from(lambda: linear_merge(cs, weights), recalibrate=True)
         score = ev.score("fit")
         if is_better(score, best, objective.classification):
             soup, best = trial, score
     weights = [1.0 / len(soup) if j in soup else 0.0 for j in range(k)]
-    ev.load(linear_merge(cs, weights), recalibrate=True)
+    ev.load_from(lambda: linear_merge(cs, weights), recalibrate=True)
     return MethodResult("greedy", "greedy", ev.score("fit"), ev.score("heldout"),
                         {"ingredients": [candidates[j].name for j in sorted(soup)]})
 

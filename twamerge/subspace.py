@@ -130,10 +130,16 @@ class Subspace:
     bits: int
     n_candidates: int
     backend: str = "auto"
+    # The flat columns ``[start, end)`` this object holds (a rank's slice in a distributed fit); None: all.
+    col_range: tuple[int, int] | None = None
     group_block: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        self.group_block = self.layout.group_block().to(self.mean.device)
+        group_block = self.layout.group_block()
+        if self.col_range is not None:
+            g = self.layout.group_size
+            group_block = group_block[self.col_range[0] // g: self.col_range[1] // g].contiguous()
+        self.group_block = group_block.to(self.mean.device)
 
     @property
     def rows(self) -> int:
@@ -147,12 +153,16 @@ class Subspace:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
 
     def combine(self, beta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``out = mean + P~^T beta`` over the whole flat space; beta [B, R] float32."""
+        """``out = mean + P~^T beta`` over the held columns (all of them unless ``col_range``); beta [B, R] float32."""
+        if out.numel() == 0:
+            return out
         return kernels.combine(self.mean, self.codes, self.scales, self.zeros, beta, self.group_block,
                                self.bits, self.layout.group_size, out, backend=self.backend)
 
     def project(self, grad: torch.Tensor) -> torch.Tensor:
-        """``P~ grad`` per block -> [B, R] float32."""
+        """``P~ grad`` per block -> [B, R] float32 (over the held columns: a partial sum under ``col_range``)."""
+        if grad.numel() == 0:
+            return torch.zeros(self.layout.n_blocks, self.rows, dtype=torch.float32, device=grad.device)
         return kernels.project(grad, self.codes, self.scales, self.zeros, self.group_block,
                                self.layout.n_blocks, self.bits, self.layout.group_size, backend=self.backend)
 
@@ -181,6 +191,9 @@ def build_subspace(
     device: torch.device | str = "cpu",
     backend: str = "auto",
     progress: Callable[[Iterable], Iterable] | None = None,
+    col_range: tuple[int, int] | None = None,
+    load_slice: Callable[[str, int, int], torch.Tensor] | None = None,
+    reduce_gram: Callable[[torch.Tensor, BaseException | None], torch.Tensor] | None = None,
 ) -> Subspace:
     """Two streaming passes over the candidates, one tensor at a time.
 
@@ -191,17 +204,49 @@ def build_subspace(
         bits: basis storage (1, 2, 4, 8 packed; 16, 32 float).
         rank_rtol: eigenvalues of a block's Gram matrix at or below ``rank_rtol * max`` are dropped.
         device: where the basis and mean live (the fit device).
+        col_range: build only the flat columns ``[start, end)`` (group-aligned): one rank's slice of a
+            distributed fit. Gram matrices are additive over columns, so the ranks' partial Grams,
+            summed by ``reduce_gram``, are the global ones; ``mean`` and the basis cover the slice only.
+        load_slice: ``(name, lo, hi) -> [K, hi - lo]``, elements ``[lo, hi)`` of the flattened tensor in
+            every candidate; used instead of ``load_stack`` so a rank reads only its columns.
+        reduce_gram: ``(grams [B, K, K] float64, error) -> summed grams``, called on every rank after
+            pass 1 with this rank's failure (or None); it raises when any rank failed.
     """
     device = torch.device(device)
     k, g = n_candidates, layout.group_size
     progress = progress or (lambda it: it)
-    mean = torch.zeros(layout.n_cols, dtype=torch.float32, device=device)
+    c0, c1 = col_range if col_range is not None else (0, layout.n_cols)
+    if c0 % g or (c1 % g and c1 != layout.n_cols) or not 0 <= c0 <= c1 <= layout.n_cols:
+        raise ValueError(f"col_range={col_range} must be group-aligned (group_size={g}) within [0, {layout.n_cols}]")
+    if load_slice is None:
+        def load_slice(name: str, lo: int, hi: int) -> torch.Tensor:
+            x = load_stack(name).reshape(k, -1)
+            return x if (lo, hi) == (0, x.shape[1]) else x[:, lo:hi]
+
+    def owned(i: int) -> tuple[int, int]:
+        """The part ``[lo, hi)`` of tensor ``i`` (flattened) that falls in ``[c0, c1)``; empty when lo >= hi."""
+        o0 = layout.offsets[i]
+        return max(o0, c0) - o0, min(o0 + layout.numel(i), c1) - o0
+
+    mean = torch.zeros(c1 - c0, dtype=torch.float32, device=device)
     grams = torch.zeros(layout.n_blocks, k, k, dtype=torch.float64)
-    for i in progress(range(len(layout.names))):
-        x = _as_compute(load_stack(layout.names[i])).reshape(k, -1).to(device).contiguous()
-        gram, m = kernels.gram(x, backend=backend)
-        grams[layout.block_of[i]] += gram.cpu()
-        mean[layout.offsets[i]:layout.offsets[i] + x.shape[1]] = m
+    error: BaseException | None = None
+    try:
+        for i in progress(range(len(layout.names))):
+            lo, hi = owned(i)
+            if lo >= hi:
+                continue
+            x = _as_compute(load_slice(layout.names[i], lo, hi)).reshape(k, -1).to(device).contiguous()
+            gram, m = kernels.gram(x, backend=backend)
+            grams[layout.block_of[i]] += gram.cpu()
+            o = layout.offsets[i] + lo - c0
+            mean[o:o + x.shape[1]] = m
+    except (Exception, KeyboardInterrupt) as exc:
+        if reduce_gram is None:
+            raise
+        error = exc
+    if reduce_gram is not None:
+        grams = reduce_gram(grams, error)
 
     transforms, ranks, spreads = [], [], []
     for b in range(layout.n_blocks):
@@ -222,18 +267,19 @@ def build_subspace(
         log.warning("%d of %d directions dropped as duplicate or collinear (rank_rtol=%g)",
                     dropped, (k - 1) * layout.n_blocks, rank_rtol)
 
-    n_groups = 0 if bits in FLOAT_BITS else layout.n_cols // g
-    codes = torch.empty(codes_shape(rows, layout.n_cols, bits), dtype=storage_dtype(bits), device=device)
+    n_cols = c1 - c0
+    n_groups = 0 if bits in FLOAT_BITS else n_cols // g
+    codes = torch.empty(codes_shape(rows, n_cols, bits), dtype=storage_dtype(bits), device=device)
     scales = torch.empty(rows, n_groups, dtype=torch.float32, device=device)
     zeros = torch.empty(rows, n_groups, dtype=torch.float32, device=device)
-    width = min(WINDOW, max(layout.n_cols, g))
+    width = min(WINDOW, max(n_cols, g))
     # One flat staging buffer, viewed as a contiguous [K, w] window of whatever width is needed.
     stage = torch.zeros(k * width, dtype=torch.float32, device=device)
     by_block = layout.block_names()
     index_of = {name: i for i, name in enumerate(layout.names)}
     for b in progress(range(layout.n_blocks)):
         t32 = transform[b].float().to(device)
-        start, end = layout.block_starts[b], layout.block_ends[b]
+        start, end = max(layout.block_starts[b], c0), min(layout.block_ends[b], c1)
         members = [index_of[n] for n in by_block[b]]
         cache: dict[int, torch.Tensor] = {}
         for w0 in range(start, end, width):
@@ -245,14 +291,18 @@ def build_subspace(
                 lo, hi = max(o0, w0), min(o1, w1)
                 if lo >= hi:
                     continue
+                # The cache holds this rank's part of tensor i: flattened elements [own_lo, own_hi).
+                own_lo, own_hi = owned(i)
                 if i not in cache:
                     cache.clear()
-                    cache[i] = load_stack(layout.names[i]).reshape(k, -1).to(device)
-                window[:, lo - w0: hi - w0] = cache[i][:, lo - o0: hi - o0]
-            c, s, z = kernels.orth_quantize(window, mean[w0:w1].contiguous(), t32, bits, g, backend=backend)
-            _store_columns(codes, scales, zeros, c, s, z, bits, g, w0, w1)
+                    cache[i] = load_slice(layout.names[i], own_lo, own_hi).reshape(k, -1).to(device)
+                base = o0 + own_lo
+                window[:, lo - w0: hi - w0] = cache[i][:, lo - base: hi - base]
+            c, s, z = kernels.orth_quantize(window, mean[w0 - c0:w1 - c0].contiguous(), t32, bits, g,
+                                            backend=backend)
+            _store_columns(codes, scales, zeros, c, s, z, bits, g, w0 - c0, w1 - c0)
     return Subspace(layout, mean, codes, scales, zeros, transform, ranks, torch.tensor(spreads, dtype=torch.float64),
-                    bits, k, backend)
+                    bits, k, backend, col_range)
 
 
 def _store_columns(codes, scales, zeros, c, s, z, bits, g, w0, w1) -> None:

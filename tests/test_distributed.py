@@ -1,0 +1,133 @@
+"""Distributed fit: two gloo ranks on CPU (torch.multiprocessing.spawn, file:// rendezvous) against one process.
+
+All scenarios run in one spawn (process start-up dominates): a clean fit, a NaN that only rank 1's
+column range contains, a model that fails on rank 1 mid-step, and a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from digits_run import MODEL_SPEC, make_digits_run
+from twamerge.config import DataConfig, FitConfig, ModelConfig
+from twamerge.distributed import split_columns
+from twamerge.pipeline import fit
+
+WORLD = 2
+CFG = dict(epochs=3, batch_size=64, greedy=False, eval_candidates=False)
+# Alphas of the two-rank fit vs one process. The ranks sum partial Gram matrices and partial
+# projections in another order and split each batch's mean loss in two, so the coefficient
+# gradients differ in float32 rounding (~1e-7 relative); 18 AdamW steps keep that far below 1e-4.
+ALPHA_ATOL = 1e-4
+
+
+def _scenarios(root: Path) -> dict[str, dict]:
+    return json.loads((root / "scenarios.json").read_text())
+
+
+def _worker(rank: int, root: str) -> None:
+    root_p = Path(root)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root_p / 'rendezvous'}", rank=rank, world_size=WORLD)
+    results = {}
+    try:
+        for name, sc in _scenarios(root_p).items():
+            args = sc.get(f"model_args_rank{rank}", sc.get("model_args", {}))
+            try:
+                report = fit(sc["checkpoints"], val=DataConfig(sc["val"]), model=ModelConfig(MODEL_SPEC, args),
+                             output=sc["output"], report_path=sc["output"] + ".json",
+                             cfg=FitConfig(**CFG, device="cpu"))
+                results[name] = {"alphas": report["merge"]["block_alphas"], "distributed": report["distributed"],
+                                 "outputs": report["outputs"]}
+            except Exception as exc:  # noqa: BLE001 - the test inspects type and message
+                results[name] = {"error": type(exc).__name__, "message": str(exc)}
+    finally:
+        dist.destroy_process_group()
+    (root_p / f"rank{rank}.json").write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def outcome(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    run = make_digits_run(root / "digits")
+    # A NaN in the last tensor: only rank 1's column range holds it, so only rank 1 can see it.
+    bad = load_file(str(run.checkpoints[2]))
+    bad["fc2.bias"][3] = float("nan")
+    nan_ckpt = root / "nan.safetensors"
+    save_file(bad, str(nan_ckpt))
+    nan_cands = [str(p) for p in run.checkpoints[:2]] + [str(nan_ckpt)] + [str(p) for p in run.checkpoints[3:]]
+    import datasets
+
+    val = datasets.load_from_disk(str(run.val))
+    x = torch.tensor(val["x"])
+    x[7] = float("nan")  # one row: the loss of whichever rank's shard holds it, and so the sum, is NaN
+    datasets.Dataset.from_dict({"x": x.tolist(), "label": val["label"]}).save_to_disk(str(root / "nanval"))
+    cands = [str(p) for p in run.checkpoints]
+    scenarios = {
+        "ok": {"checkpoints": cands, "val": str(run.val), "output": str(root / "ok.safetensors")},
+        "nan_ckpt": {"checkpoints": nan_cands, "val": str(run.val), "output": str(root / "nan.out.safetensors")},
+        "rank1_model_fails": {"checkpoints": cands, "val": str(run.val), "output": str(root / "r1.safetensors"),
+                              "model_args_rank1": {"interrupt_at": 4}},
+        "nan_loss": {"checkpoints": cands, "val": str(root / "nanval"), "output": str(root / "nl.safetensors")},
+    }
+    (root / "scenarios.json").write_text(json.dumps(scenarios))
+    mp.spawn(_worker, args=(str(root),), nprocs=WORLD, join=True)
+    ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    single = fit(cands, val=DataConfig(str(run.val)), model=ModelConfig(MODEL_SPEC),
+                 output=root / "single.safetensors", cfg=FitConfig(**CFG, device="cpu"))
+    return root, scenarios, ranks, single
+
+
+def test_split_columns_is_group_aligned():
+    chunk, ranges = split_columns(21 * 128, 128, 2)
+    assert chunk == 11 * 128 and ranges == [(0, 1408), (1408, 2688)]
+    chunk, ranges = split_columns(128, 128, 3)  # fewer groups than ranks: empty tail ranges
+    assert ranges == [(0, 128), (128, 128), (128, 128)]
+
+
+def test_same_alphas_as_one_process(outcome):
+    root, scenarios, ranks, single = outcome
+    expect = torch.tensor(single["merge"]["block_alphas"])
+    for r in range(WORLD):
+        got = torch.tensor(ranks[r]["ok"]["alphas"])
+        assert (got - expect).abs().max() <= ALPHA_ATOL, (r, (got - expect).abs().max())
+    assert ranks[0]["ok"]["alphas"] == ranks[1]["ok"]["alphas"]  # every rank returns rank 0's report
+    # Only rank 0 wrote, and what it wrote is the merge of its alphas.
+    assert ranks[0]["ok"]["outputs"] == [scenarios["ok"]["output"]]
+    assert Path(scenarios["ok"]["output"]).exists() and Path(scenarios["ok"]["output"] + ".json").exists()
+
+
+def test_basis_bytes_per_rank_about_half(outcome):
+    _, _, ranks, single = outcome
+    full = single["memory"]["basis_bytes"]
+    per_rank = [r["basis_bytes"] for r in ranks[0]["ok"]["distributed"]["ranks"]]
+    assert sum(per_rank) == full
+    assert all(0.4 * full <= b <= 0.6 * full for b in per_rank), (per_rank, full)
+
+
+@pytest.mark.parametrize("scenario, failing_error, match", [
+    ("nan_ckpt", "NonFiniteError", "'fc2.bias' holds 1 NaN"),
+    ("rank1_model_fails", "FitError", "interrupted at step 3 of 18"),
+])
+def test_a_failure_on_one_rank_stops_both(outcome, scenario, failing_error, match):
+    _, scenarios, ranks, _ = outcome
+    r0, r1 = ranks[0][scenario], ranks[1][scenario]
+    assert r1["error"] == failing_error and match in r1["message"]
+    assert r0["error"] == "RankFailedError" and "rank 1 of 2 failed" in r0["message"] and match in r0["message"]
+    out = Path(scenarios[scenario]["output"])
+    assert not out.exists() and not Path(str(out) + ".json").exists()
+
+
+def test_non_finite_loss_stops_both(outcome):
+    _, scenarios, ranks, _ = outcome
+    for r in range(WORLD):
+        res = ranks[r]["nan_loss"]
+        assert res["error"] in ("FitError", "RankFailedError") and "loss became nan" in res["message"], res
+    assert not Path(scenarios["nan_loss"]["output"]).exists()

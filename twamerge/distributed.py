@@ -1,0 +1,204 @@
+"""Everything that knows about ranks: process-group setup, the column split, collectives, failure agreement.
+
+A distributed fit (``torchrun --nproc_per_node N -m twamerge fit ...``) splits the padded flat
+parameter space into N contiguous, group-aligned column ranges of equal padded width ``chunk``.
+Rank ``r`` owns ``[r * chunk, min((r + 1) * chunk, D))``: it reads only those columns of every
+candidate, stores only that slice of the quantized basis and runs combine/project only on it.
+Per step the traffic is that of data-parallel training: one all-gather of the parameters, one
+reduce-scatter of the gradients, and one all-reduce of the tiny ``[B, R]`` coefficient gradient.
+
+Failure agreement: a rank that fails must not leave the others blocked in a collective. Every
+collective that can follow a failure carries an error flag (one extra element of the payload);
+when any rank raised, all ranks exchange the messages and raise together: the failing rank its own
+error, the others :class:`RankFailedError` naming it. Code between two flagged collectives runs
+inside :meth:`Comm.phase`, which ends with such a flagged (empty) all-reduce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from .errors import TwamergeError
+
+log = logging.getLogger(__name__)
+
+# How long a rank waits in a collective for the others (a hung peer, a slow filesystem).
+TIMEOUT = datetime.timedelta(minutes=30)
+_SYNCED = "_twamerge_synced"
+
+
+class RankFailedError(TwamergeError):
+    """Another rank of a distributed fit failed; this rank stopped with it."""
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun (or another launcher using its env contract) started several ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def split_columns(n_cols: int, group_size: int, world_size: int) -> tuple[int, list[tuple[int, int]]]:
+    """Split ``n_cols`` flat columns into ``world_size`` contiguous group-aligned ranges.
+
+    Returns:
+        ``(chunk, ranges)``: every range starts at ``r * chunk`` (a multiple of ``group_size``) and
+        holds at most ``chunk`` columns; the last ranges may be shorter or empty. Equal padded widths
+        are what the all-gather and reduce-scatter need.
+    """
+    if n_cols % group_size:
+        raise ValueError(f"n_cols={n_cols} is not a multiple of group_size={group_size}")
+    groups = n_cols // group_size
+    chunk = -(-groups // world_size) * group_size
+    ranges = [(min(r * chunk, n_cols), min((r + 1) * chunk, n_cols)) for r in range(world_size)]
+    return chunk, ranges
+
+
+@dataclass
+class Comm:
+    """This rank's view of the process group, with the collectives the fit needs.
+
+    ``device`` is where collective buffers must live (CUDA for NCCL, CPU for gloo).
+    """
+
+    rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous part ``[lo, hi)`` of ``n`` rows (near-equal parts, earlier ranks larger)."""
+        base, extra = divmod(n, self.world_size)
+        lo = self.rank * base + min(self.rank, extra)
+        return lo, lo + base + (1 if self.rank < extra else 0)
+
+    def all_gather(self, out: torch.Tensor, local: torch.Tensor) -> None:
+        """``out`` [N * chunk] <- every rank's ``local`` [chunk], in rank order."""
+        dist.all_gather_into_tensor(out, local)
+
+    def reduce_scatter(self, out: torch.Tensor, full: torch.Tensor) -> None:
+        """``out`` [chunk] <- this rank's chunk of the sum over ranks of ``full`` [N * chunk]."""
+        fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        fn(out, full)
+
+    def sum(self, t: torch.Tensor, error: BaseException | None = None) -> torch.Tensor:
+        """All-reduce (sum) ``t`` with an error flag riding along; raises on every rank if any rank failed.
+
+        Args:
+            t: any shape, float32/float64 (a new tensor of the same shape and dtype is returned).
+            error: this rank's failure since the last agreement, if any.
+        """
+        flat = t.detach().reshape(-1)
+        buf = torch.empty(flat.numel() + 1, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32,
+                          device=self.device)
+        buf[:-1] = flat.to(buf.device, buf.dtype)
+        buf[-1] = 1.0 if error is not None else 0.0
+        dist.all_reduce(buf)
+        if float(buf[-1]) > 0:
+            self._fail(error)
+        return buf[:-1].to(t.device, t.dtype).view(t.shape)
+
+    def check(self, error: BaseException | None = None) -> None:
+        """Agree on success: raise on every rank if any rank passes an error."""
+        self.sum(torch.zeros(0), error)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Run a block that has no collectives inside; its end is a point where all ranks agree on success."""
+        error: BaseException | None = None
+        try:
+            yield
+        except (Exception, KeyboardInterrupt) as exc:
+            if getattr(exc, _SYNCED, False):
+                raise
+            error = exc
+            log.debug("rank %d failed in phase %s: %s", self.rank, name, exc)
+        self.check(error)
+
+    def broadcast_object(self, obj: object) -> object:
+        """Rank 0's ``obj`` on every rank."""
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
+    def gather_objects(self, obj: object) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _fail(self, error: BaseException | None) -> None:
+        message = None if error is None else (" ".join(str(error).split()) or type(error).__name__)
+        messages = self.gather_objects(message)
+        if error is not None:
+            setattr(error, _SYNCED, True)
+            raise error
+        first = next(r for r, m in enumerate(messages) if m is not None)
+        exc = RankFailedError(f"rank {first} of {self.world_size} failed, so every rank stopped and nothing was "
+                              f"written: {messages[first]}")
+        setattr(exc, _SYNCED, True)
+        raise exc
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init(device: torch.device, *, init_method: str | None = None, rank: int | None = None,
+         world_size: int | None = None) -> Comm | None:
+    """Join (or start) the process group; None when there is only one rank.
+
+    Uses an existing default group when the caller already initialised one (tests, user scripts);
+    otherwise torchrun's env vars (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...) or the explicit
+    arguments. The backend is NCCL for CUDA devices and gloo for CPU.
+    """
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+        if world < 2:
+            return None
+        return Comm(dist.get_rank(), world, device if device.type == "cuda" else torch.device("cpu"))
+    if world_size is None and not launched_by_torchrun():
+        return None
+    if not dist.is_available():
+        raise TwamergeError("this torch build has no torch.distributed; run a single process")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"backend": backend, "timeout": TIMEOUT}
+    if init_method is not None:
+        kwargs.update(init_method=init_method, rank=rank, world_size=world_size)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        kwargs["device_id"] = device
+    dist.init_process_group(**kwargs)
+    return Comm(dist.get_rank(), dist.get_world_size(), device if device.type == "cuda" else torch.device("cpu"),
+                owns_group=True)
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """Under torchrun, a bare ``cuda`` means this rank's GPU (``LOCAL_RANK``)."""
+    if device.type == "cuda" and device.index is None and launched_by_torchrun():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def quiet_other_ranks(argv: list[str]) -> bool:
+    """Under torchrun, make every rank but 0 print nothing but errors: ``-q`` for the CLI, stdout to devnull.
+
+    Called by ``python -m twamerge`` before the CLI parses ``argv`` (modified in place). Returns
+    whether this process was silenced.
+    """
+    if not launched_by_torchrun() or os.environ.get("RANK") == "0":
+        return False
+    argv.insert(1, "-q")
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    return True
