@@ -199,3 +199,18 @@ def test_existing_output_needs_force(run, tmp_path):
 def test_bits_3_is_rejected():
     with pytest.raises(ValueError, match="bits=3"):
         FitConfig(bits=3)
+
+
+def test_triton_interpreter_backend_gives_the_torch_alphas(run, tmp_path):
+    """The whole fit with every op on the Triton kernels (interpreted on CPU) matches the torch references."""
+    pytest.importorskip("triton")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    ckpts = run.checkpoints[-3:]
+    kw = dict(checkpoints=ckpts, epochs=1, greedy=False, eval_candidates=False, bits=4)
+    a = _fit(run, tmp_path / "torch.safetensors", backend="torch", **kw)
+    b = _fit(run, tmp_path / "triton.safetensors", backend="triton", **kw)
+    assert torch.allclose(torch.tensor(a["merge"]["block_alphas"]), torch.tensor(b["merge"]["block_alphas"]),
+                          atol=1e-4)

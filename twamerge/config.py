@@ -50,7 +50,7 @@ class FitConfig:
     blocks: str = "layer"
     bits: int = 8
     group_size: int = 128
-    epochs: int = 5
+    epochs: int = 10
     lr: float = 0.05
     optimizer: str = "adamw"
     weight_decay: float = 0.0
