@@ -75,6 +75,14 @@ def dequantize_torch(
     return (zeros.unsqueeze(2) + scales.unsqueeze(2) * q).view(rows, n)
 
 
+def _codes_by_group(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Codes (or float storage) of a column chunk as float32 [n_groups, R, G] (a strided view, no copy
+    beyond the conversion to float)."""
+    q = codes.float() if bits in FLOAT_BITS else unpack_codes_torch(codes, bits).float()
+    rows, n = q.shape
+    return q.view(rows, n // group_size, group_size).transpose(0, 1)
+
+
 def _chunks(cols: int, group_size: int):
     step = max(group_size, CHUNK_COLS // group_size * group_size)
     for c0 in range(0, cols, step):
@@ -200,11 +208,16 @@ def combine_torch(
     check_contiguous("out", out)
     for c0, c1 in _chunks(cols, group_size):
         c, s, z = _slice_basis(codes, scales, zeros, bits, group_size, c0, c1)
-        p = dequantize_torch(c, s, z, bits, group_size)  # [R, n]
         g0, g1 = c0 // group_size, c1 // group_size
         coef = beta[group_block[g0:g1].long()].T  # [R, n_groups]
-        delta = (p.view(rows, g1 - g0, group_size) * coef.unsqueeze(2)).sum(dim=0).view(-1)
-        out[c0:c1] = mean[c0:c1] + delta
+        q = _codes_by_group(c, bits, group_size)  # [n_groups, R, G]
+        if bits in FLOAT_BITS:
+            delta = torch.bmm(coef.T.unsqueeze(1), q).squeeze(1)
+        else:
+            # sum_i beta_i (zero_i + scale_i q_i) = sum_i (beta_i scale_i) q_i + sum_i beta_i zero_i: the
+            # dequantized basis is never formed, one batched matmul per chunk does the work.
+            delta = torch.bmm((coef * s).T.unsqueeze(1), q).squeeze(1) + (coef * z).sum(dim=0).unsqueeze(1)
+        out[c0:c1] = mean[c0:c1] + delta.reshape(-1)
     return out
 
 
@@ -241,10 +254,12 @@ def project_torch(
     partial = torch.empty(rows, cols // group_size, dtype=torch.float32, device=grad.device)
     for c0, c1 in _chunks(cols, group_size):
         c, s, z = _slice_basis(codes, scales, zeros, bits, group_size, c0, c1)
-        p = dequantize_torch(c, s, z, bits, group_size)
         g0, g1 = c0 // group_size, c1 // group_size
-        prod = p.view(rows, g1 - g0, group_size) * grad[c0:c1].float().view(1, g1 - g0, group_size)
-        partial[:, g0:g1] = prod.sum(dim=2)
+        g = grad[c0:c1].float().view(g1 - g0, group_size)
+        q = _codes_by_group(c, bits, group_size)  # [n_groups, R, G]
+        dots = torch.bmm(q, g.unsqueeze(2)).squeeze(2).T  # [R, n_groups]
+        # sum_j (zero + scale q_j) g_j = scale * (q . g) + zero * sum_j g_j
+        partial[:, g0:g1] = dots if bits in FLOAT_BITS else dots * s + z * g.sum(dim=1)
     return reduce_groups(partial, group_block, n_blocks)
 
 
