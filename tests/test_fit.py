@@ -181,10 +181,14 @@ def test_empty_validation_data(run, tmp_path):
     assert not (tmp_path / "m.safetensors").exists()
 
 
-def test_interrupt_writes_nothing(run, tmp_path):
+@pytest.mark.parametrize("calls, match", [(3, "interrupted before the output was written"),
+                                          (12, "interrupted at step")])
+def test_interrupt_writes_nothing(run, tmp_path, calls, match):
+    """Ctrl-C while scoring the baselines (call 3) or while training (call 12: scoring the uniform
+    average takes 8 calls, training starts after it) leaves no output."""
     out = tmp_path / "m.safetensors"
-    with pytest.raises(FitError, match="interrupted at step"):
-        _fit(run, out, model_args={"interrupt_at": 3})
+    with pytest.raises(FitError, match=match):
+        _fit(run, out, model_args={"interrupt_at": calls}, greedy=False, eval_candidates=False)
     assert not out.exists() and not (tmp_path / "m.json").exists()
 
 
@@ -214,3 +218,21 @@ def test_triton_interpreter_backend_gives_the_torch_alphas(run, tmp_path):
     b = _fit(run, tmp_path / "triton.safetensors", backend="triton", **kw)
     assert torch.allclose(torch.tensor(a["merge"]["block_alphas"]), torch.tensor(b["merge"]["block_alphas"]),
                           atol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["best", "greedy"])
+def test_init_starts_the_fit_at_a_baseline(run, tmp_path, init):
+    """With no training steps the merge is the start point itself: the best candidate or the greedy soup."""
+    report = _fit(run, tmp_path / f"{init}.safetensors", init=init, epochs=0, bits=32)
+    methods = {m["name"]: m for m in report["methods"]}
+    if init == "best":
+        best = max((m for m in report["methods"] if m["kind"] == "candidate"), key=lambda m: m["fit"]["metric"])
+        weights = [1.0 if m["name"] == best["name"] else 0.0 for m in report["methods"] if m["kind"] == "candidate"]
+    else:
+        chosen = methods["greedy"]["ingredients"]
+        names = [m["name"] for m in report["methods"] if m["kind"] == "candidate"]
+        weights = [1 / len(chosen) if n in chosen else 0.0 for n in names]
+    alphas = torch.tensor(report["merge"]["block_alphas"])
+    assert torch.allclose(alphas, torch.tensor(weights, dtype=alphas.dtype).expand_as(alphas), atol=1e-4)
+    assert methods["twa"]["heldout"]["metric"] == pytest.approx(
+        methods[best["name"]]["heldout"]["metric"] if init == "best" else methods["greedy"]["heldout"]["metric"])

@@ -307,6 +307,12 @@ class Optimizer(str, enum.Enum):
     sgd = "sgd"
 
 
+class Init(str, enum.Enum):
+    uniform = "uniform"
+    greedy = "greedy"
+    best = "best"
+
+
 class Device(str, enum.Enum):
     auto = "auto"
     cpu = "cpu"
@@ -426,6 +432,9 @@ def fit_cmd(
     bn_recalibrate: Annotated[Toggle, typer.Option("--bn-recalibrate", help="Re-estimate BatchNorm statistics on "
                                                    "the fit split (auto: when the model has BatchNorm).")
                               ] = Toggle.auto,
+    init: Annotated[Init, typer.Option("--init", help="Start point of the fit: the uniform average (as in the "
+                                       "paper), the greedy soup, or the best candidate on the fit split.")
+                    ] = Init(_D.init),
     greedy: Annotated[bool, typer.Option("--greedy/--no-greedy", help="Include the greedy soup baseline.")] = True,
     candidates: Annotated[bool, typer.Option("--candidates/--no-candidates", help="Score every candidate "
                                              "(needed for the greedy soup).")] = True,
@@ -452,7 +461,7 @@ def fit_cmd(
             cfg = FitConfig(blocks=blocks, bits=int(bits.value), group_size=group_size, epochs=epochs, lr=lr,
                             optimizer=optimizer.value, batch_size=batch_size, holdout=holdout, seed=seed,
                             device=device.value, backend=backend.value, bn_recalibrate=bn_recalibrate.value,
-                            greedy=greedy and candidates, eval_candidates=candidates)
+                            init=init.value, greedy=greedy and candidates, eval_candidates=candidates)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
         data_cfg, model_cfg = _data_model(val, model, model_arg, loss, inputs, label, split)

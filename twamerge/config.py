@@ -63,6 +63,7 @@ class FitConfig:
     backend: str = field(default_factory=lambda: os.environ.get("TWAMERGE_BACKEND", "auto"))
     bn_recalibrate: str = "auto"
     rank_rtol: float = 1e-5
+    init: str = "uniform"
     greedy: bool = True
     eval_candidates: bool = True
 
@@ -83,4 +84,8 @@ class FitConfig:
                "auto, cpu, cuda or cuda:N")
         _check(self.backend in ("auto", "triton", "torch"), "backend", self.backend, "auto, triton or torch")
         _check(self.bn_recalibrate in ("auto", "on", "off"), "bn_recalibrate", self.bn_recalibrate, "auto, on or off")
+        _check(self.init in ("uniform", "greedy", "best"), "init", self.init, "uniform, greedy or best")
+        _check(self.init != "greedy" or self.greedy, "init", self.init, "the greedy soup, which --no-greedy turns off")
+        _check(self.init == "uniform" or self.eval_candidates or self.greedy, "init", self.init,
+               "candidate scores, which --no-candidates turns off")
         _check(0 < self.rank_rtol < 1, "rank_rtol", self.rank_rtol, "in (0, 1)")

@@ -160,6 +160,7 @@ def train_coefficients(
     device: torch.device,
     progress: Callable[[Iterable], Iterable] | None = None,
     comm: Comm | None = None,
+    theta0: torch.Tensor | None = None,
 ) -> FitOutcome:
     """Learn the coefficients by gradient descent on the fit rows (DESIGN section 2, steps 4-7).
 
@@ -174,7 +175,9 @@ def train_coefficients(
     ranks = torch.tensor(subspace.ranks)
     mask = (torch.arange(rows).unsqueeze(0) < ranks.unsqueeze(1)).float().to(device)  # [B, R]
     spread = subspace.spread.float().to(device).unsqueeze(1)  # [B, 1]
-    theta = nn.Parameter(torch.zeros(n_blocks, rows, dtype=torch.float32, device=device))
+    # theta = 0 is the uniform average (the paper's start); theta0 may start elsewhere (--init).
+    start = torch.zeros(n_blocks, rows) if theta0 is None else theta0.float().cpu()
+    theta = nn.Parameter((start * mask.cpu()).to(device))
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW([theta], lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
@@ -183,7 +186,7 @@ def train_coefficients(
     total = cfg.epochs * per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup))
     gen = torch.Generator().manual_seed(cfg.seed)
-    outcome = FitOutcome(beta=torch.zeros(n_blocks, rows, dtype=torch.float32, device=device))
+    outcome = FitOutcome(beta=(theta.detach() * spread * mask).float())
     model = binding.model
     epochs = range(cfg.epochs)
     step = 0

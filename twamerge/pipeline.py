@@ -28,7 +28,7 @@ from .config import DataConfig, FitConfig, ModelConfig
 from .data import load_data, split_holdout
 from .distributed import Comm, split_columns
 from . import distributed
-from .errors import ModelError, OutputError, TwamergeError
+from .errors import FitError, ModelError, OutputError, TwamergeError
 from .fit import FlatBinding, evaluate, has_batchnorm, recalibrate_batchnorm, train_coefficients
 from .merge import linear_merge
 from .models import Objective, build_model, resolve_objective
@@ -221,6 +221,9 @@ def fit(
         try:
             return _fit(cs, val, model, output, cfg, report_path, plot_path, out_dtype, force, max_shard_size,
                         device, timer, progress, comm)
+        except KeyboardInterrupt:
+            # The training loop names its step; anywhere else (baselines, merge) says what is known.
+            raise FitError("interrupted before the output was written; nothing was written") from None
         finally:
             cs.close()
     finally:
@@ -263,8 +266,14 @@ def _fit(cs, val, model_cfg, output, cfg, report_path, plot_path, out_dtype, for
     if recalibrate and not has_batchnorm(model) and main:
         log.warning("--bn-recalibrate on: the model has no BatchNorm layer; nothing to recalibrate")
 
+    ev = _Evaluator(model, data, fit_idx, held_idx, objective, cfg.batch_size, device, recalibrate, comm)
+    # The baselines come first: the greedy soup and the best candidate can be the fit's start point.
+    with timer.phase("evaluate"):
+        rows = _baselines(cs, mk, ev, objective, cfg, k)
+    theta0 = _start_point(cfg.init, rows, subspace, objective, k)
     with _phase(comm, "fit"), timer.phase("fit"):
-        outcome = train_coefficients(binding, subspace, data, fit_idx, objective, cfg, device, progress, comm)
+        outcome = train_coefficients(binding, subspace, data, fit_idx, objective, cfg, device, progress, comm,
+                                     theta0=theta0)
     trained = subspace.combine(outcome.beta, out=torch.empty(subspace.mean.numel(), dtype=torch.float32, device=device))
     alphas = subspace.alphas(outcome.beta)  # [B, K] float64
 
@@ -278,7 +287,6 @@ def _fit(cs, val, model_cfg, output, cfg, report_path, plot_path, out_dtype, for
     with _phase(comm, "merge"), timer.phase("merge"):
         merged = linear_merge(cs, _merged_weights(alphas, key_block, default_alphas), out_dtype=out_dtype,
                               progress=progress)
-    ev = _Evaluator(model, data, fit_idx, held_idx, objective, cfg.batch_size, device, recalibrate, comm)
     with timer.phase("evaluate"):
         ev.load(merged, recalibrate=True)
         recalibrated = {}
@@ -296,8 +304,7 @@ def _fit(cs, val, model_cfg, output, cfg, report_path, plot_path, out_dtype, for
             gap = float((real - ref).norm()) / moved if moved > 0 else 0.0
         else:
             gap = _sharded_gap(layout, col_range, binding.flat, trained, subspace.mean, comm)
-        twa_row = MethodResult("twa", "twa", ev.score("fit"), ev.score("heldout"))
-        rows = _baselines(cs, mk, ev, objective, cfg, k)
+        twa_row = MethodResult("twa", "twa", ev.score("fit"), ev.score("heldout"), {"init": cfg.init})
         rows.append(twa_row)
     if comm is not None:
         per_rank = comm.gather_objects({"col_range": list(col_range), "basis_bytes": subspace.basis_bytes(),
@@ -396,6 +403,32 @@ def _sharded_gap(layout, col_range: tuple[int, int], flat: torch.Tensor, trained
         error = exc
     gap2, moved2 = comm.sum(sq, error).tolist()
     return math.sqrt(gap2) / math.sqrt(moved2) if moved2 > 0 else 0.0
+
+
+def _start_point(init: str, rows: list[MethodResult], subspace, objective: Objective, k: int) -> torch.Tensor | None:
+    """Coordinates ``theta`` [B, R] at which the fit starts: None for the uniform average (the paper's start).
+
+    ``best`` starts at the best candidate on the fit split, ``greedy`` at the greedy soup. With
+    ``t = a - 1/K`` the offsets of the wanted weights ``a`` from uniform, ``beta_b`` solves
+    ``T_b^T beta_b = t`` in the least-squares sense (exact unless the start leaves the subspace, e.g.
+    a duplicate candidate whose direction was dropped).
+    """
+    if init == "uniform":
+        return None
+    candidates = [r for r in rows if r.kind == "candidate"]
+    if init == "best":
+        best = max(range(k), key=lambda i: candidates[i].fit["metric"] * (1 if objective.classification else -1))
+        weights = [1.0 if i == best else 0.0 for i in range(k)]
+    else:
+        greedy = next(r for r in rows if r.kind == "greedy")
+        names = [c.name for c in candidates]
+        chosen = [names.index(n) for n in greedy.detail["ingredients"]]
+        weights = [1.0 / len(chosen) if i in chosen else 0.0 for i in range(k)]
+    target = torch.tensor(weights, dtype=torch.float64) - 1.0 / k
+    beta = torch.stack([torch.linalg.pinv(t.T) @ target for t in subspace.transform])  # [B, R]
+    spread = subspace.spread.unsqueeze(1)
+    theta = torch.where(spread > 0, beta / spread.clamp_min(1e-300), torch.zeros_like(beta))
+    return theta.float()
 
 
 def _uniform(cs: CheckpointSet, key: str) -> torch.Tensor:
