@@ -38,10 +38,11 @@ def main() -> None:
     ap.add_argument("--epochs", default="5,10")
     ap.add_argument("--bits", default="8")
     ap.add_argument("--init", default="uniform")
+    ap.add_argument("--coordinates", default="weights")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     grid = list(itertools.product(args.blocks.split(","), [float(x) for x in args.lr.split(",")],
-                                  [int(x) for x in args.epochs.split(",")], [int(x) for x in args.bits.split(",")], args.init.split(",")))
+                                  [int(x) for x in args.epochs.split(",")], [int(x) for x in args.bits.split(",")], args.init.split(","), args.coordinates.split(",")))
     results: dict[str, list[float]] = {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,13 +57,13 @@ def main() -> None:
             average_checkpoints(run.checkpoints, uni)
             results.setdefault("uniform", []).append(evaluate_checkpoints([uni], val=test, model=model)
                                                      ["checkpoints"][0]["metric"])
-            for blocks, lr, epochs, bits, init in grid:
-                out = Path(tmp) / f"s{seed}-{blocks}-{lr}-{epochs}-{bits}-{init}.safetensors"
+            for blocks, lr, epochs, bits, init, coords in grid:
+                out = Path(tmp) / f"s{seed}-{blocks}-{lr}-{epochs}-{bits}-{init}-{coords}.safetensors"
                 fit(run.checkpoints, val=DataConfig(str(run.val)), model=model, output=out,
-                    cfg=FitConfig(blocks=blocks, lr=lr, epochs=epochs, bits=bits, init=init,
+                    cfg=FitConfig(blocks=blocks, lr=lr, epochs=epochs, bits=bits, init=init, coordinates=coords,
                                   greedy=init == "greedy", eval_candidates=init != "uniform", seed=seed))
                 acc = evaluate_checkpoints([out], val=test, model=model)["checkpoints"][0]["metric"]
-                results.setdefault(f"twa blocks={blocks} lr={lr} epochs={epochs} bits={bits} init={init}", []).append(acc)
+                results.setdefault(f"twa blocks={blocks} lr={lr} epochs={epochs} bits={bits} init={init} coordinates={coords}", []).append(acc)
     print(f"digits MLP, {args.seeds} seeds x {args.epochs_trained} checkpoints; test accuracy (mean ± sd over seeds)")
     print("| setting | test accuracy |\n|---|---|")
     for name, accs in results.items():

@@ -100,6 +100,27 @@ def _global_options(
     _configure_logging(verbose, quiet)
 
 
+def _verbose_callback(value: int) -> int:
+    if value:
+        STATE.verbose = max(STATE.verbose, value)
+        _configure_logging(STATE.verbose, STATE.quiet)
+    return value
+
+
+def _quiet_callback(value: bool) -> bool:
+    if value:
+        STATE.quiet = True
+        _configure_logging(STATE.verbose, STATE.quiet)
+    return value
+
+
+# The same -v/-q are accepted after the command name too (`twamerge fit ... -q`), as scripts write them.
+VerboseOpt = Annotated[int, typer.Option("-v", "--verbose", count=True, callback=_verbose_callback,
+                                         help="More logging; tracebacks on errors.")]
+QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", callback=_quiet_callback,
+                                        help="Only errors on stderr; no progress bars.")]
+
+
 @contextlib.contextmanager
 def _fail_on_twamerge_error() -> Iterator[None]:
     """Turn a ``TwamergeError`` into one ``error: ...`` line on stderr and exit 1 (2 for an
@@ -227,6 +248,8 @@ def average_cmd(
                               ] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
     json_out: JsonOpt = False,
+    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = False,
 ) -> None:
     """Average checkpoints without data: uniform (SWA), fixed --weights, or --ema."""
     from .merge import average_checkpoints
@@ -286,6 +309,8 @@ def inspect_cmd(
     group_size: Annotated[int, typer.Option("--group-size", min=8, help="Quantization group for the basis "
                                                                         "memory estimate.")] = 128,
     json_out: JsonOpt = False,
+    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = False,
 ) -> None:
     """Describe checkpoints: formats, sizes, whether they can be merged, diversity, basis memory."""
     from .inspect_ckpt import inspect_checkpoints
@@ -305,6 +330,11 @@ _D = FitConfig()
 class Optimizer(str, enum.Enum):
     adamw = "adamw"
     sgd = "sgd"
+
+
+class Coordinates(str, enum.Enum):
+    candidates = "candidates"
+    weights = "weights"
 
 
 class Init(str, enum.Enum):
@@ -432,6 +462,10 @@ def fit_cmd(
     bn_recalibrate: Annotated[Toggle, typer.Option("--bn-recalibrate", help="Re-estimate BatchNorm statistics on "
                                                    "the fit split (auto: when the model has BatchNorm).")
                               ] = Toggle.auto,
+    coordinates: Annotated[Coordinates, typer.Option("--coordinates", help="Units of the trained coordinates: "
+                                                     "candidates (each direction in units of the candidates' "
+                                                     "spread along it) or weights (isotropic in weight space, "
+                                                     "as in the paper).")] = Coordinates(_D.coordinates),
     init: Annotated[Init, typer.Option("--init", help="Start point of the fit: the uniform average (as in the "
                                        "paper), the greedy soup, or the best candidate on the fit split.")
                     ] = Init(_D.init),
@@ -451,6 +485,8 @@ def fit_cmd(
                               ] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")] = False,
     json_out: JsonOpt = False,
+    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = False,
 ) -> None:
     """Learn the averaging coefficients on validation data (TWA) and write the merged checkpoint."""
     from .checkpoints import parse_size
@@ -461,7 +497,7 @@ def fit_cmd(
             cfg = FitConfig(blocks=blocks, bits=int(bits.value), group_size=group_size, epochs=epochs, lr=lr,
                             optimizer=optimizer.value, batch_size=batch_size, holdout=holdout, seed=seed,
                             device=device.value, backend=backend.value, bn_recalibrate=bn_recalibrate.value,
-                            init=init.value, greedy=greedy and candidates, eval_candidates=candidates)
+                            init=init.value, coordinates=coordinates.value, greedy=greedy and candidates, eval_candidates=candidates)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
         data_cfg, model_cfg = _data_model(val, model, model_arg, loss, inputs, label, split)
@@ -501,6 +537,8 @@ def eval_cmd(
     device: Annotated[Device, typer.Option("--device")] = Device.auto,
     key: KeyOpt = None,
     json_out: JsonOpt = False,
+    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = False,
 ) -> None:
     """Loss and metric of each checkpoint on all rows of --val."""
     from .pipeline import evaluate_checkpoints
@@ -520,6 +558,8 @@ def apply_cmd(
     max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size")] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
     json_out: JsonOpt = False,
+    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = False,
 ) -> None:
     """Re-emit a fit's merge from its saved coefficients (no data or model needed)."""
     from .checkpoints import parse_size

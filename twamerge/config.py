@@ -64,6 +64,7 @@ class FitConfig:
     bn_recalibrate: str = "auto"
     rank_rtol: float = 1e-5
     init: str = "uniform"
+    coordinates: str = "candidates"
     greedy: bool = True
     eval_candidates: bool = True
 
@@ -84,6 +85,8 @@ class FitConfig:
                "auto, cpu, cuda or cuda:N")
         _check(self.backend in ("auto", "triton", "torch"), "backend", self.backend, "auto, triton or torch")
         _check(self.bn_recalibrate in ("auto", "on", "off"), "bn_recalibrate", self.bn_recalibrate, "auto, on or off")
+        _check(self.coordinates in ("weights", "candidates"), "coordinates", self.coordinates,
+               "weights or candidates")
         _check(self.init in ("uniform", "greedy", "best"), "init", self.init, "uniform, greedy or best")
         _check(self.init != "greedy" or self.greedy, "init", self.init, "the greedy soup, which --no-greedy turns off")
         _check(self.init == "uniform" or self.eval_candidates or self.greedy, "init", self.init,

@@ -2,10 +2,10 @@
 
 With ``theta`` the trained coordinates, a step is
 
-    beta = theta * spread              (per block: coordinates in units of the candidates' spread)
+    beta = theta * scale               (per direction: see Subspace.step_scale, --coordinates)
     w    = mean + P~^T beta            (combine, written straight into the model's parameters)
     g    = dL/dw                       (ordinary forward + backward, grads land in one flat buffer)
-    dL/dtheta = (P~ g) * spread        (project)
+    dL/dtheta = (P~ g) * scale         (project)
 
 Forward and backward use the same quantized basis, so the coefficient gradient is exact for the
 subspace that is actually used.
@@ -174,7 +174,7 @@ def train_coefficients(
     n_blocks, rows = subspace.layout.n_blocks, subspace.rows
     ranks = torch.tensor(subspace.ranks)
     mask = (torch.arange(rows).unsqueeze(0) < ranks.unsqueeze(1)).float().to(device)  # [B, R]
-    spread = subspace.spread.float().to(device).unsqueeze(1)  # [B, 1]
+    spread = subspace.step_scale(cfg.coordinates).float().to(device)  # [B, R]
     # theta = 0 is the uniform average (the paper's start); theta0 may start elsewhere (--init).
     start = torch.zeros(n_blocks, rows) if theta0 is None else theta0.float().cpu()
     theta = nn.Parameter((start * mask.cpu()).to(device))

@@ -270,7 +270,7 @@ def _fit(cs, val, model_cfg, output, cfg, report_path, plot_path, out_dtype, for
     # The baselines come first: the greedy soup and the best candidate can be the fit's start point.
     with timer.phase("evaluate"):
         rows = _baselines(cs, mk, ev, objective, cfg, k)
-    theta0 = _start_point(cfg.init, rows, subspace, objective, k)
+    theta0 = _start_point(cfg.init, rows, subspace, objective, k, cfg.coordinates)
     with _phase(comm, "fit"), timer.phase("fit"):
         outcome = train_coefficients(binding, subspace, data, fit_idx, objective, cfg, device, progress, comm,
                                      theta0=theta0)
@@ -405,7 +405,8 @@ def _sharded_gap(layout, col_range: tuple[int, int], flat: torch.Tensor, trained
     return math.sqrt(gap2) / math.sqrt(moved2) if moved2 > 0 else 0.0
 
 
-def _start_point(init: str, rows: list[MethodResult], subspace, objective: Objective, k: int) -> torch.Tensor | None:
+def _start_point(init: str, rows: list[MethodResult], subspace, objective: Objective, k: int,
+                 coordinates: str) -> torch.Tensor | None:
     """Coordinates ``theta`` [B, R] at which the fit starts: None for the uniform average (the paper's start).
 
     ``best`` starts at the best candidate on the fit split, ``greedy`` at the greedy soup. With
@@ -426,8 +427,8 @@ def _start_point(init: str, rows: list[MethodResult], subspace, objective: Objec
         weights = [1.0 / len(chosen) if i in chosen else 0.0 for i in range(k)]
     target = torch.tensor(weights, dtype=torch.float64) - 1.0 / k
     beta = torch.stack([torch.linalg.pinv(t.T) @ target for t in subspace.transform])  # [B, R]
-    spread = subspace.spread.unsqueeze(1)
-    theta = torch.where(spread > 0, beta / spread.clamp_min(1e-300), torch.zeros_like(beta))
+    scale = subspace.step_scale(coordinates)
+    theta = torch.where(scale > 0, beta / scale.clamp_min(1e-300), torch.zeros_like(beta))
     return theta.float()
 
 

@@ -166,6 +166,22 @@ class Subspace:
         return kernels.project(grad, self.codes, self.scales, self.zeros, self.group_block,
                                self.layout.n_blocks, self.bits, self.layout.group_size, backend=self.backend)
 
+    def step_scale(self, coordinates: str) -> torch.Tensor:
+        """Units of the trained coordinates, [B, R] float64, ``beta = theta * step_scale`` (0 past a block's rank).
+
+        ``weights``: every direction of a block in units of the block's spread, isotropic in weight
+        space (the paper's parametrization). ``candidates``: direction ``i`` in units of the
+        candidates' own spread along it, ``sqrt(lam_i / K)``; a unit step then changes the alphas by
+        about one, whatever the eigenvalue, so near-degenerate directions (small tensors such as
+        biases) cannot swing the alphas to extremes. Both are scale-free.
+        """
+        norms = self.transform.norm(dim=2)  # ||T_b[i]|| = lam_i ** -0.5, 0 on padded rows
+        live = norms > 0
+        if coordinates == "weights":
+            return torch.where(live, self.spread.unsqueeze(1).expand_as(norms), torch.zeros_like(norms))
+        return torch.where(live, 1.0 / (norms.clamp_min(1e-300) * math.sqrt(self.n_candidates)),
+                           torch.zeros_like(norms))
+
     def alphas(self, beta: torch.Tensor) -> torch.Tensor:
         """Coefficients on the candidates per block, [B, K] float64, each row summing to 1.
 
