@@ -104,3 +104,82 @@ def check_group_block(group_block: torch.Tensor, cols: int, group_size: int) -> 
             f"= D / group_size for D={cols}"
         )
     check_contiguous("group_block", group_block)
+
+
+def check_same_device(anchor_name: str, anchor: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != anchor.device:
+            raise ValueError(f"{name} is on {t.device} but {anchor_name} is on {anchor.device}; move them to one device")
+
+
+# One argument check per op, shared by the torch reference and the Triton launcher: both raise the
+# same errors for the same bad input, before any work or launch.
+
+
+def check_gram_args(x: torch.Tensor) -> tuple[int, int]:
+    """Returns ``(K, n)``."""
+    check_dtype("x", x, INPUT_DTYPES)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [K, n]; got shape {tuple(x.shape)}")
+    check_contiguous("x", x)
+    return x.shape[0], x.shape[1]
+
+
+def check_orth_quantize_args(x: torch.Tensor, mean: torch.Tensor, transform: torch.Tensor, bits: int,
+                             group_size: int) -> tuple[int, int, int]:
+    """Returns ``(K, n, R)``."""
+    check_bits(bits)
+    check_group_size(group_size)
+    check_dtype("x", x, INPUT_DTYPES)
+    check_dtype("mean", mean, (torch.float32,))
+    check_dtype("transform", transform, (torch.float32,))
+    if x.dim() != 2 or transform.dim() != 2 or transform.shape[1] != x.shape[0]:
+        raise ValueError(
+            f"shapes do not chain: x {tuple(x.shape)} must be [K, n] and transform {tuple(transform.shape)} [R, K]"
+        )
+    k, n = x.shape
+    if tuple(mean.shape) != (n,):
+        raise ValueError(f"mean has shape {tuple(mean.shape)}; expected ({n},)")
+    if n % group_size:
+        raise ValueError(f"x has {n} columns, not a multiple of group_size={group_size}; pad the chunk")
+    for name, t in (("x", x), ("mean", mean), ("transform", transform)):
+        check_contiguous(name, t)
+    check_same_device("x", x, mean=mean, transform=transform)
+    return k, n, transform.shape[0]
+
+
+def check_combine_args(mean: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                       beta: torch.Tensor, group_block: torch.Tensor, bits: int, group_size: int,
+                       out: torch.Tensor | None) -> tuple[int, int]:
+    """Returns ``(R, D)``; ``out`` is checked when given."""
+    rows, cols = check_basis(codes, scales, zeros, bits, group_size)
+    check_group_block(group_block, cols, group_size)
+    check_dtype("mean", mean, (torch.float32,))
+    check_dtype("beta", beta, (torch.float32,))
+    if tuple(mean.shape) != (cols,):
+        raise ValueError(f"mean has shape {tuple(mean.shape)}; expected ({cols},)")
+    if beta.dim() != 2 or beta.shape[1] != rows:
+        raise ValueError(f"beta has shape {tuple(beta.shape)}; expected [n_blocks, {rows}]")
+    check_contiguous("mean", mean)
+    check_contiguous("beta", beta)
+    if out is not None:
+        check_dtype("out", out, INPUT_DTYPES)
+        if tuple(out.shape) != (cols,):
+            raise ValueError(f"out has shape {tuple(out.shape)}; expected ({cols},)")
+        check_contiguous("out", out)
+    check_same_device("mean", mean, codes=codes, scales=scales, zeros=zeros, beta=beta, group_block=group_block,
+                      out=out)
+    return rows, cols
+
+
+def check_project_args(grad: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                       group_block: torch.Tensor, bits: int, group_size: int) -> tuple[int, int]:
+    """Returns ``(R, D)``."""
+    rows, cols = check_basis(codes, scales, zeros, bits, group_size)
+    check_group_block(group_block, cols, group_size)
+    check_dtype("grad", grad, INPUT_DTYPES)
+    if tuple(grad.shape) != (cols,):
+        raise ValueError(f"grad has shape {tuple(grad.shape)}; expected ({cols},)")
+    check_contiguous("grad", grad)
+    check_same_device("grad", grad, codes=codes, scales=scales, zeros=zeros, group_block=group_block)
+    return rows, cols

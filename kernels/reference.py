@@ -11,13 +11,11 @@ import torch
 
 from .layout import (
     FLOAT_BITS,
-    INPUT_DTYPES,
-    check_basis,
     check_bits,
-    check_contiguous,
-    check_dtype,
-    check_group_block,
-    check_group_size,
+    check_combine_args,
+    check_gram_args,
+    check_orth_quantize_args,
+    check_project_args,
     codes_shape,
     storage_dtype,
 )
@@ -106,11 +104,7 @@ def gram_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         (G [K, K] float64, m [n] float32).
     """
-    check_dtype("x", x, INPUT_DTYPES)
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [K, n]; got shape {tuple(x.shape)}")
-    check_contiguous("x", x)
-    k, n = x.shape
+    k, n = check_gram_args(x)
     gram = torch.zeros(k, k, dtype=torch.float64, device=x.device)
     mean = torch.empty(n, dtype=torch.float32, device=x.device)
     for c0 in range(0, n, CHUNK_COLS):
@@ -138,23 +132,7 @@ def orth_quantize_torch(
     Returns:
         (codes, scales, zeros) in the layout of ``layout.py``.
     """
-    check_bits(bits)
-    check_group_size(group_size)
-    check_dtype("x", x, INPUT_DTYPES)
-    check_dtype("mean", mean, (torch.float32,))
-    check_dtype("transform", transform, (torch.float32,))
-    if x.dim() != 2 or transform.dim() != 2 or transform.shape[1] != x.shape[0]:
-        raise ValueError(
-            f"shapes do not chain: x {tuple(x.shape)} must be [K, n] and transform {tuple(transform.shape)} [R, K]"
-        )
-    k, n = x.shape
-    if tuple(mean.shape) != (n,):
-        raise ValueError(f"mean has shape {tuple(mean.shape)}; expected ({n},)")
-    if n % group_size:
-        raise ValueError(f"x has {n} columns, not a multiple of group_size={group_size}; pad the chunk")
-    for name, t in (("x", x), ("mean", mean), ("transform", transform)):
-        check_contiguous(name, t)
-    rows = transform.shape[0]
+    _, n, rows = check_orth_quantize_args(x, mean, transform, bits, group_size)
     n_groups = 0 if bits in FLOAT_BITS else n // group_size
     codes = torch.empty(codes_shape(rows, n, bits), dtype=storage_dtype(bits), device=x.device)
     scales = torch.empty(rows, n_groups, dtype=torch.float32, device=x.device)
@@ -192,20 +170,9 @@ def combine_torch(
     Returns:
         ``out`` (or a new float32 [D] tensor).
     """
-    rows, cols = check_basis(codes, scales, zeros, bits, group_size)
-    check_group_block(group_block, cols, group_size)
-    check_dtype("mean", mean, (torch.float32,))
-    check_dtype("beta", beta, (torch.float32,))
-    if tuple(mean.shape) != (cols,):
-        raise ValueError(f"mean has shape {tuple(mean.shape)}; expected ({cols},)")
-    if beta.dim() != 2 or beta.shape[1] != rows:
-        raise ValueError(f"beta has shape {tuple(beta.shape)}; expected [n_blocks, {rows}]")
+    rows, cols = check_combine_args(mean, codes, scales, zeros, beta, group_block, bits, group_size, out)
     if out is None:
         out = torch.empty(cols, dtype=torch.float32, device=mean.device)
-    check_dtype("out", out, INPUT_DTYPES)
-    if tuple(out.shape) != (cols,):
-        raise ValueError(f"out has shape {tuple(out.shape)}; expected ({cols},)")
-    check_contiguous("out", out)
     for c0, c1 in _chunks(cols, group_size):
         c, s, z = _slice_basis(codes, scales, zeros, bits, group_size, c0, c1)
         g0, g1 = c0 // group_size, c1 // group_size
@@ -245,12 +212,7 @@ def project_torch(
     Returns:
         [B, R] float32.
     """
-    rows, cols = check_basis(codes, scales, zeros, bits, group_size)
-    check_group_block(group_block, cols, group_size)
-    check_dtype("grad", grad, INPUT_DTYPES)
-    if tuple(grad.shape) != (cols,):
-        raise ValueError(f"grad has shape {tuple(grad.shape)}; expected ({cols},)")
-    check_contiguous("grad", grad)
+    rows, cols = check_project_args(grad, codes, scales, zeros, group_block, bits, group_size)
     partial = torch.empty(rows, cols // group_size, dtype=torch.float32, device=grad.device)
     for c0, c1 in _chunks(cols, group_size):
         c, s, z = _slice_basis(codes, scales, zeros, bits, group_size, c0, c1)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import FLOAT_BITS, INPUT_DTYPES, check_basis, check_contiguous, check_dtype, check_group_block
+from .layout import FLOAT_BITS, check_combine_args
 
 # A program holds one [BLOCK_G, GROUP_PAD] tile; a single group larger than this would spill.
 MAX_GROUP = 1 << 14
@@ -91,26 +91,9 @@ def combine_triton(
     Raises:
         TypeError: unsupported dtype. ValueError: bad shapes, bits, group size or devices.
     """
-    rows, cols = check_basis(codes, scales, zeros, bits, group_size)
-    check_group_block(group_block, cols, group_size)
-    check_dtype("mean", mean, (torch.float32,))
-    check_dtype("beta", beta, (torch.float32,))
-    if tuple(mean.shape) != (cols,):
-        raise ValueError(f"mean has shape {tuple(mean.shape)}; expected ({cols},)")
-    if beta.dim() != 2 or beta.shape[1] != rows:
-        raise ValueError(f"beta has shape {tuple(beta.shape)}; expected [n_blocks, {rows}]")
-    check_contiguous("mean", mean)
-    check_contiguous("beta", beta)
+    rows, cols = check_combine_args(mean, codes, scales, zeros, beta, group_block, bits, group_size, out)
     if out is None:
         out = torch.empty(cols, dtype=torch.float32, device=mean.device)
-    check_dtype("out", out, INPUT_DTYPES)
-    if tuple(out.shape) != (cols,):
-        raise ValueError(f"out has shape {tuple(out.shape)}; expected ({cols},)")
-    check_contiguous("out", out)
-    for name, t in (("codes", codes), ("scales", scales), ("zeros", zeros), ("beta", beta),
-                    ("group_block", group_block), ("out", out)):
-        if t.device != mean.device:
-            raise ValueError(f"{name} is on {t.device} but mean is on {mean.device}; move them to one device")
     group_pad = triton.next_power_of_2(group_size)
     if group_pad > MAX_GROUP:
         raise ValueError(f"group_size={group_size} is over the kernel's limit of {MAX_GROUP}")

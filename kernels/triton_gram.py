@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import interpreting
-from .layout import INPUT_DTYPES, check_contiguous, check_dtype
+from .layout import check_gram_args
 
 # Candidates are padded to a power of two >= 16 (the smallest tl.dot operand); the [K_PAD, BLOCK_N]
 # tile lives in registers, so the count is bounded.
@@ -68,11 +68,7 @@ def gram_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Raises:
         TypeError: unsupported dtype. ValueError: not 2-D, not contiguous, or K > ``MAX_K``.
     """
-    check_dtype("x", x, INPUT_DTYPES)
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [K, n]; got shape {tuple(x.shape)}")
-    check_contiguous("x", x)
-    k, n = x.shape
+    k, n = check_gram_args(x)
     if k > MAX_K:
         raise ValueError(f"x has K={k} candidate rows; the gram kernel handles at most {MAX_K} per call")
     mean = torch.empty(n, dtype=torch.float32, device=x.device)

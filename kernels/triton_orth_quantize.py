@@ -11,16 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import (
-    FLOAT_BITS,
-    INPUT_DTYPES,
-    check_bits,
-    check_contiguous,
-    check_dtype,
-    check_group_size,
-    codes_shape,
-    storage_dtype,
-)
+from .layout import FLOAT_BITS, check_orth_quantize_args, codes_shape, storage_dtype
 
 # The [K_PAD, BLOCK_G, GROUP_PAD] candidate tile is held in registers; past this it would spill
 # far enough to be slower than the reference, so larger problems must be split by the caller.
@@ -115,26 +106,7 @@ def orth_quantize_triton(
         TypeError: unsupported dtype. ValueError: bad shapes, bits, group size, devices, or a
         candidate tile larger than ``MAX_TILE``.
     """
-    check_bits(bits)
-    check_group_size(group_size)
-    check_dtype("x", x, INPUT_DTYPES)
-    check_dtype("mean", mean, (torch.float32,))
-    check_dtype("transform", transform, (torch.float32,))
-    if x.dim() != 2 or transform.dim() != 2 or transform.shape[1] != x.shape[0]:
-        raise ValueError(
-            f"shapes do not chain: x {tuple(x.shape)} must be [K, n] and "
-            f"transform {tuple(transform.shape)} [R, K]"
-        )
-    k, n = x.shape
-    if tuple(mean.shape) != (n,):
-        raise ValueError(f"mean has shape {tuple(mean.shape)}; expected ({n},)")
-    if n % group_size:
-        raise ValueError(f"x has {n} columns, not a multiple of group_size={group_size}; pad the chunk")
-    for name, t in (("x", x), ("mean", mean), ("transform", transform)):
-        check_contiguous(name, t)
-    for name, t in (("mean", mean), ("transform", transform)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
+    k, n, rows = check_orth_quantize_args(x, mean, transform, bits, group_size)
     k_pad = triton.next_power_of_2(max(k, 1))
     group_pad = triton.next_power_of_2(group_size)
     if k_pad * group_pad > MAX_TILE:
@@ -142,7 +114,6 @@ def orth_quantize_triton(
             f"K={k} candidates x group_size={group_size} needs a {k_pad}x{group_pad} tile, over the limit of "
             f"{MAX_TILE} elements; use a smaller group_size or fewer candidates per call"
         )
-    rows = transform.shape[0]
     float_storage = bits in FLOAT_BITS
     n_groups = n // group_size
     codes = torch.empty(codes_shape(rows, n, bits), dtype=storage_dtype(bits), device=x.device)

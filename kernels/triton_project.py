@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import FLOAT_BITS, INPUT_DTYPES, check_basis, check_contiguous, check_dtype, check_group_block
+from .layout import FLOAT_BITS, check_project_args
 from .reference import reduce_groups
 
 # A program holds one [BLOCK_G, GROUP_PAD] tile; a single group larger than this would spill.
@@ -89,15 +89,7 @@ def project_triton(
     Raises:
         TypeError: unsupported dtype. ValueError: bad shapes, bits, group size or devices.
     """
-    rows, cols = check_basis(codes, scales, zeros, bits, group_size)
-    check_group_block(group_block, cols, group_size)
-    check_dtype("grad", grad, INPUT_DTYPES)
-    if tuple(grad.shape) != (cols,):
-        raise ValueError(f"grad has shape {tuple(grad.shape)}; expected ({cols},)")
-    check_contiguous("grad", grad)
-    for name, t in (("codes", codes), ("scales", scales), ("zeros", zeros), ("group_block", group_block)):
-        if t.device != grad.device:
-            raise ValueError(f"{name} is on {t.device} but grad is on {grad.device}; move them to one device")
+    rows, cols = check_project_args(grad, codes, scales, zeros, group_block, bits, group_size)
     group_pad = triton.next_power_of_2(group_size)
     if group_pad > MAX_GROUP:
         raise ValueError(f"group_size={group_size} is over the kernel's limit of {MAX_GROUP}")
