@@ -23,7 +23,6 @@ import time
 os.environ.setdefault("TRITON_INTERPRET", "0")
 
 import torch  # noqa: E402
-
 from twamerge.kernels import reference  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -27,10 +27,10 @@ class DigitsRun:
 
 def make_digits_run(root: Path, *, epochs: int = 6, batchnorm: bool = False, seed: int = 0,
                     scale: float = 1.0) -> DigitsRun:
+    import sys
+
     import datasets
     from sklearn.datasets import load_digits
-
-    import sys
 
     sys.path.insert(0, str(ASSETS))
     from mlp import build

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from digits_run import MODEL_SPEC, make_digits_run
 from safetensors.torch import load_file, save_file
 
-from digits_run import MODEL_SPEC, make_digits_run
 from twamerge.config import DataConfig, FitConfig, ModelConfig
 from twamerge.distributed import split_columns
 from twamerge.pipeline import fit

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from digits_run import MODEL_SPEC, make_digits_run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from digits_run import MODEL_SPEC, make_digits_run
 from twamerge.config import DataConfig, FitConfig, ModelConfig
 from twamerge.errors import DataError, FitError, ModelError, OutputError
 from twamerge.pipeline import apply_report, evaluate_checkpoints, fit

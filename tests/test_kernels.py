@@ -19,7 +19,6 @@ import math
 
 import pytest
 import torch
-
 from helpers import TOLERANCES, assert_close
 from twamerge.kernels import dispatch, reference
 from twamerge.kernels.dispatch import BackendUnavailableError

@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
-
-from twamerge.subspace import build_subspace, make_layout
+from helpers import assert_close
 from twamerge.kernels.reference import dequantize_torch
 
-from helpers import assert_close
+from twamerge.subspace import build_subspace, make_layout
 
 
 def _candidates(k=5, shapes=((7, 3), (11,), (4, 4, 2)), seed=0):

@@ -24,8 +24,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .config import FitConfig
-from .distributed import Comm
 from .data import TensorData, iter_batches, steps_per_epoch
+from .distributed import Comm
 from .errors import FitError
 from .models import Objective, call_model
 from .subspace import FlatLayout, Subspace

@@ -22,12 +22,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoints import CheckpointSet, open_checkpoints, write_checkpoint
 from .config import DataConfig, FitConfig, ModelConfig
 from .data import load_data, split_holdout
 from .distributed import Comm, split_columns
-from . import distributed
 from .errors import FitError, ModelError, OutputError, TwamergeError
 from .fit import FlatBinding, evaluate, has_batchnorm, recalibrate_batchnorm, train_coefficients
 from .merge import linear_merge
