@@ -1,0 +1,230 @@
+"""Generate docs/results.md (and its plots) from the example runs: every number on that page comes from a run's
+results.json / table.md, never typed in.
+
+    python examples/digits/run.py --out runs/demo
+    nice -n 10 python examples/early_training/run.py --out runs/early_training
+    nice -n 10 python examples/finetune_soup/run.py --out runs/finetune_soup
+    python examples/make_results.py --runs runs --out docs/results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import _common as C  # noqa: E402
+
+SECTIONS = [
+    ("demo", "digits", "Main job: digits (`make demo`)"),
+    ("early_training", "early_training", "Early training: TWA over the first epochs vs. the full run"),
+    ("finetune_soup", "finetune_soup", "Fine-tune soup: all-MiniLM-L6-v2 on fortune topics"),
+]
+
+
+def load_run(path: Path) -> dict | None:
+    f = path / "results.json"
+    if not f.exists():
+        return None
+    res = json.loads(f.read_text())
+    res["_table"] = (path / "table.md").read_text() if (path / "table.md").exists() else ""
+    return res
+
+
+def minutes(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def command_table(res: dict) -> str:
+    rows = [[f"`{c['command']}`", f"{c['wall_s']:.1f}"] for c in res.get("commands", [])]
+    if len(rows) > 14:  # long runs: the per-kind totals say as much as the full list
+        agg: dict[str, list[float]] = {}
+        for c in res["commands"]:
+            kind = c["command"].split()[1]
+            agg.setdefault(kind, []).append(c["wall_s"])
+        rows = [
+            [f"`twamerge {k}` x {len(v)}", f"{sum(v):.1f} (mean {np.mean(v):.1f})"] for k, v in agg.items()
+        ]
+    return C.markdown_table(["twamerge command", "wall s"], rows)
+
+
+def plot_early(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    E = res["epochs"]
+    curves = np.array([s["per_epoch"] for s in res["per_seed"]])
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(
+        range(1, E + 1), 100 * curves.mean(0), "-", color="0.5", label="checkpoint at epoch (mean over seeds)"
+    )
+    n = [m["epochs"] for m in res["mean"]["merges"]]
+    ax.plot(
+        n,
+        [100 * m["uniform"] for m in res["mean"]["merges"]],
+        "s--",
+        color="tab:blue",
+        label="uniform average of epochs 1..n (SWA)",
+    )
+    ax.plot(
+        n,
+        [100 * m["twa"] for m in res["mean"]["merges"]],
+        "o-",
+        color="tab:red",
+        label="TWA of epochs 1..n (twamerge fit)",
+    )
+    ax.axhline(100 * res["mean"]["final"], color="k", ls=":", label=f"full run, final epoch ({E})")
+    ax.set_xlim(0.5, E + 0.5)
+    ax.set_xlabel("epochs of training used (n)")
+    ax.set_ylabel("test accuracy (%)")
+    lo = min(100 * curves.mean(0)[min(n) - 1], min(100 * m["uniform"] for m in res["mean"]["merges"])) - 0.5
+    ax.set_ylim(lo, 100 * max(curves.max(), max(m["twa"] for m in res["mean"]["merges"])) + 0.5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"Fashion-MNIST MLP, seeds {', '.join(str(s['seed']) for s in res['per_seed'])}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_alphas(blocks: list[dict], labels: list[str], title: str, path: Path) -> None:
+    """Heat map of the learned alphas: one row per block (parameter tensor), one column per candidate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = np.array([b["alphas"] for b in blocks], dtype=float)
+    names = [(",".join(b["keys"]) if b.get("keys") else f"block {i}") for i, b in enumerate(blocks)]
+    names = [n if len(n) < 48 else n[:22] + "..." + n[-22:] for n in names]
+    # A few small tensors (biases) can get alphas far from the rest; clip the colour scale at twice the 75th
+    # percentile so the weights stay readable, and say so in the title.
+    dev = abs(a - 1 / a.shape[1])
+    lim = max(2 * float(np.percentile(dev, 75)), 1e-6)
+    if dev.max() > lim:
+        title += f"\n(colour clipped at 1/K +- {lim:.2f}; extreme alpha {a.flat[dev.argmax()]:+.2f})"
+    h = min(0.16 * len(blocks) + 1.6, 30)
+    fig, ax = plt.subplots(figsize=(3 + 0.55 * a.shape[1], h))
+    im = ax.imshow(
+        a,
+        aspect="auto",
+        cmap="RdBu_r",
+        vmin=1 / a.shape[1] - lim,
+        vmax=1 / a.shape[1] + lim,
+        interpolation="nearest",
+    )
+    ax.set_xticks(range(a.shape[1]), labels, rotation=60, ha="right", fontsize=7)
+    step = max(1, len(names) // 60)
+    ax.set_yticks(range(0, len(names), step), names[::step], fontsize=5 if len(names) > 30 else 7)
+    fig.colorbar(im, ax=ax, label="alpha (white = uniform 1/K)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=Path, default=Path("runs"))
+    ap.add_argument("--out", type=Path, default=Path("docs/results.md"))
+    args = ap.parse_args(argv)
+    img = args.out.parent / "img"
+    img.mkdir(parents=True, exist_ok=True)
+
+    parts = [
+        "# Results\n\n",
+        "Generated by `python examples/make_results.py` from the runs' own output files (`results.json`, "
+        "`table.md`); do not edit by hand. Every accuracy is measured by `twamerge eval` on a test split that "
+        "no step of the merge has seen (the fit's validation data is separate; `twamerge fit` itself holds "
+        "out part of it for the numbers it reports).\n",
+    ]
+    machine = None
+    for run_dir, kind, title in SECTIONS:
+        res = load_run(args.runs / run_dir)
+        parts.append(f"\n## {title}\n")
+        if res is None:
+            parts.append(f"_Not run: `{args.runs / run_dir}/results.json` is missing._\n")
+            continue
+        if res.get("smoke"):
+            parts.append("_This is a smoke run (tiny subset); rerun without `--smoke` for real numbers._\n")
+        machine = machine or res.get("machine")
+        parts.append(
+            f"\nCommand: `{res['argv']}`"
+            + (f" (run at niceness {res['nice']})" if res.get("nice") else "")
+            + f". Wall time {minutes(res['wall_s']['total'])} in all, on the machine below.\n\n"
+        )
+        parts.append(res["_table"].strip() + "\n")
+        if kind == "early_training":
+            plot_early(res, img / "early_training_accuracy.png")
+            parts.append("\n![accuracy vs epochs used](img/early_training_accuracy.png)\n")
+            # Alphas of the largest early-training merge of the first seed.
+            m = res["per_seed"][0]["merges"][-1]
+            if m.get("alphas"):
+                plot_alphas(
+                    m["alphas"],
+                    [f"ep{i + 1}" for i in range(m["epochs"])],
+                    f"learned alphas, seed {res['per_seed'][0]['seed']}, epochs 1-{m['epochs']}",
+                    img / "early_training_alphas.png",
+                )
+                parts.append("\n![alphas](img/early_training_alphas.png)\n")
+            parts.append(
+                f"\nTraining: {minutes(res['wall_s']['train'])} for {len(res['seeds'])} seeds x "
+                f"{res['epochs']} epochs.\n"
+            )
+        elif kind == "digits":
+            if res.get("alphas"):
+                plot_alphas(
+                    res["alphas"],
+                    [f"ep{i + 1}" for i in range(res["epochs"])],
+                    "digits: learned alphas per parameter tensor",
+                    img / "digits_alphas.png",
+                )
+                parts.append("\n![alphas](img/digits_alphas.png)\n")
+        elif kind == "finetune_soup":
+            for t in res["twa"]:
+                if t["blocks"] == "layer" and t.get("alphas"):
+                    labels = [s["name"] for s in res["settings"]]
+                    name = f"finetune_soup_alphas_{t['blocks']}_{t['bits']}bit.png"
+                    plot_alphas(
+                        t["alphas"],
+                        labels,
+                        f"TWA {t['blocks']} {t['bits']}-bit: alphas per tensor",
+                        img / name,
+                    )
+                    parts.append(f"\n![alphas](img/{name})\n")
+                    break
+            ft = res["wall_s"]["finetune"]
+            parts.append(f"\nFine-tuning: {minutes(sum(ft.values()))} for {len(ft)} runs.\n")
+            if res.get("greedy"):
+                parts.append(
+                    "\nGreedy soup steps (validation accuracy):\n\n"
+                    + C.markdown_table(
+                        ["soup tried", "val accuracy %", "kept"],
+                        [
+                            [" + ".join(g["members"]), C.fmt_acc(g["val_acc"]), "yes" if g["kept"] else "no"]
+                            for g in res["greedy"]
+                        ],
+                    )
+                )
+        parts.append("\n" + command_table(res))
+    if machine:
+        parts.append(
+            "\n## Machine\n\n"
+            + C.markdown_table(["machine", "value"], [[k, v] for k, v in machine.items()])
+            + "\nThe 2-core CPU was shared with other jobs while these ran (the long runs at low priority), so the wall times are upper bounds.\n"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("".join(parts))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
