@@ -23,7 +23,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from . import __version__, distributed
-from .checkpoints import CheckpointSet, open_checkpoints, write_checkpoint
+from .checkpoints import CheckpointSet, check_output, open_checkpoints, write_checkpoint
 from .config import DataConfig, FitConfig, ModelConfig
 from .data import load_data, split_holdout
 from .distributed import Comm, split_columns
@@ -217,6 +217,9 @@ def fit(
         cs = None
         with _phase(comm, "open"), timer.phase("open"):
             cs = open_checkpoints(checkpoints, ema_key=ema_key, keys=keys, allow_nonfinite=allow_nonfinite)
+            if comm is None or comm.is_main:
+                # Now that we know whether the inputs are HF folders: the output name's form, before any math.
+                check_output(output, force=force, hf_source_dir=cs.hf_dir)
         try:
             return _fit(cs, val, model, output, cfg, report_path, plot_path, out_dtype, force, max_shard_size,
                         device, timer, progress, comm)
@@ -355,7 +358,7 @@ def _fit(cs, val, model_cfg, output, cfg, report_path, plot_path, out_dtype, for
         }
         with timer.phase("write"):
             written = write_checkpoint(merged, output, metadata=metadata, force=force, max_shard_size=max_shard_size,
-                                       hf_source_dir=cs.hf_dir if not output.suffix else None)
+                                       hf_source_dir=cs.hf_dir)
         report["outputs"] = [str(p) for p in written]
         report["timings"] = timer.seconds
         report["memory"] = {**peak_memory(), "basis_bytes": subspace.basis_bytes(),
@@ -521,6 +524,7 @@ def apply_report(report_path: str | Path, checkpoints: Sequence[str | Path], out
     merge = report["merge"]
     cs = open_checkpoints(checkpoints, allow_nonfinite=True)
     try:
+        check_output(output, force=force, hf_source_dir=cs.hf_dir)
         expected = [c["sha256"] for c in report["candidates"]]
         got = [s["sha256"] for s in cs.sources()]
         if len(expected) != len(got):
@@ -536,7 +540,7 @@ def apply_report(report_path: str | Path, checkpoints: Sequence[str | Path], out
         merged.update(_decode_tensors(merge.get("recalibrated_buffers", "")))
         written = write_checkpoint(merged, output, metadata=merge["metadata"], force=force,
                                    max_shard_size=max_shard_size,
-                                   hf_source_dir=cs.hf_dir if not output.suffix else None)
+                                   hf_source_dir=cs.hf_dir)
     finally:
         cs.close()
     return {"outputs": [str(p) for p in written], "report": str(report_path), "candidates": len(expected)}
