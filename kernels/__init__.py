@@ -12,13 +12,14 @@ the Gram matrix (float64 across tiles), combine and project all compute in float
 in the layout documented in ``layout.py``. Unsupported dtypes raise ``TypeError`` naming the dtype.
 """
 
-from .dispatch import BACKENDS, BackendUnavailableError, combine, gram, orth_quantize, project, resolve
+from .dispatch import BACKENDS, OPS, BackendUnavailableError, combine, gram, orth_quantize, project, resolve
 from .layout import FLOAT_BITS, PACKED_BITS, SUPPORTED_BITS
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "FLOAT_BITS",
+    "OPS",
     "PACKED_BITS",
     "SUPPORTED_BITS",
     "combine",

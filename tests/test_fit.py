@@ -236,3 +236,14 @@ def test_init_starts_the_fit_at_a_baseline(run, tmp_path, init):
     assert torch.allclose(alphas, torch.tensor(weights, dtype=alphas.dtype).expand_as(alphas), atol=1e-4)
     assert methods["twa"]["heldout"]["metric"] == pytest.approx(
         methods[best["name"]]["heldout"]["metric"] if init == "best" else methods["greedy"]["heldout"]["metric"])
+
+
+def test_forced_triton_without_a_gpu_is_a_typed_error(run, tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    from twamerge.errors import BackendUnavailableError
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(BackendUnavailableError, match="--backend triton needs CUDA tensors"):
+        _fit(run, out, backend="triton", device="cpu")
+    assert not out.exists()

@@ -7,28 +7,44 @@ package pulls in neither typer, rich nor triton.
 __version__ = "0.1.0"
 
 from .checkpoints import CheckpointSet, expand_paths, open_checkpoints, write_checkpoint  # noqa: E402
+from .config import DataConfig, FitConfig, ModelConfig  # noqa: E402
 from .errors import (  # noqa: E402
+    BackendUnavailableError,
     CheckpointError,
     CheckpointMismatchError,
+    DataError,
+    FitError,
     InvalidArgumentError,
+    ModelError,
     NonFiniteError,
     OutputError,
     TwamergeError,
 )
 from .inspect_ckpt import inspect_checkpoints  # noqa: E402
 from .merge import average_checkpoints, linear_merge  # noqa: E402
+from .pipeline import apply_report, evaluate_checkpoints, fit  # noqa: E402
 
 __all__ = [
+    "BackendUnavailableError",
     "CheckpointError",
     "CheckpointMismatchError",
     "CheckpointSet",
+    "DataConfig",
+    "DataError",
+    "FitConfig",
+    "FitError",
     "InvalidArgumentError",
+    "ModelConfig",
+    "ModelError",
     "NonFiniteError",
     "OutputError",
     "TwamergeError",
     "__version__",
+    "apply_report",
     "average_checkpoints",
+    "evaluate_checkpoints",
     "expand_paths",
+    "fit",
     "inspect_checkpoints",
     "linear_merge",
     "open_checkpoints",

@@ -22,12 +22,12 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from . import __version__, distributed
+from . import __version__, distributed, kernels
 from .checkpoints import CheckpointSet, check_output, open_checkpoints, write_checkpoint
 from .config import DataConfig, FitConfig, ModelConfig
 from .data import load_data, split_holdout
 from .distributed import Comm, split_columns
-from .errors import FitError, ModelError, OutputError, TwamergeError
+from .errors import BackendUnavailableError, FitError, ModelError, OutputError, TwamergeError
 from .fit import FlatBinding, evaluate, has_batchnorm, recalibrate_batchnorm, train_coefficients
 from .merge import linear_merge
 from .models import Objective, build_model, resolve_objective
@@ -111,6 +111,15 @@ def _check_output_free(path: Path, force: bool, what: str = "output") -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"{path}: the folder {parent} does not exist")
+
+
+def _check_backend(backend: str, device: torch.device) -> None:
+    """Fail before any work when a forced backend cannot run here (``--backend triton`` on a CPU)."""
+    try:
+        for op in kernels.OPS:
+            kernels.resolve(op, device, backend)
+    except kernels.BackendUnavailableError as exc:
+        raise BackendUnavailableError(str(exc)) from None
 
 
 def _phase(comm: Comm | None, name: str):
@@ -202,6 +211,7 @@ def fit(
     """
     output = Path(output)
     device = select_device(cfg.device)
+    _check_backend(cfg.backend, distributed.rank_device(device))
     # Under torchrun (or inside an initialised process group of several ranks) the fit is distributed.
     comm = distributed.init(distributed.rank_device(device))
     try:
