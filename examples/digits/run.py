@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     (out / "fit.json").write_text(json.dumps(fit, indent=2) + "\n")
 
-    # The greedy soup that `twamerge fit` picked on its held-out part of --val, written out to test it too.
+    # The greedy soup that `twamerge fit` picked (ingredients chosen on the fit part of --val), written out to test it too.
     names = C.greedy_ingredients(fit) or []
     members = [p for p in ckpts if p.name in {Path(n).name for n in names}]
     if len(members) > 1:
