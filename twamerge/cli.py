@@ -457,8 +457,8 @@ def fit_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = _D.batch_size,
     seed: Annotated[int, typer.Option("--seed")] = _D.seed,
     device: Annotated[Device, typer.Option("--device")] = Device.auto,
-    backend: Annotated[Backend, typer.Option("--backend", help="Kernels: auto (Triton on CUDA), triton, torch.",
-                                             envvar="TWAMERGE_BACKEND")] = Backend.auto,
+    backend: Annotated[Optional[Backend], typer.Option("--backend", help="Kernels: auto (Triton on CUDA), triton, "
+                                                       "torch; default: TWAMERGE_BACKEND, else auto.")] = None,
     bn_recalibrate: Annotated[Toggle, typer.Option("--bn-recalibrate", help="Re-estimate BatchNorm statistics on "
                                                    "the fit split (auto: when the model has BatchNorm).")
                               ] = Toggle.auto,
@@ -496,8 +496,9 @@ def fit_cmd(
         try:
             cfg = FitConfig(blocks=blocks, bits=int(bits.value), group_size=group_size, epochs=epochs, lr=lr,
                             optimizer=optimizer.value, batch_size=batch_size, holdout=holdout, seed=seed,
-                            device=device.value, backend=backend.value, bn_recalibrate=bn_recalibrate.value,
-                            init=init.value, coordinates=coordinates.value, greedy=greedy and candidates, eval_candidates=candidates)
+                            device=device.value, backend=backend.value if backend else None,
+                            bn_recalibrate=bn_recalibrate.value, init=init.value, coordinates=coordinates.value,
+                            greedy=greedy and candidates, eval_candidates=candidates)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
         data_cfg, model_cfg = _data_model(val, model, model_arg, loss, inputs, label, split)

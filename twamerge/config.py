@@ -7,7 +7,6 @@ does not change the learned merge.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 
@@ -60,7 +59,8 @@ class FitConfig:
     holdout: float = 0.2
     seed: int = 0
     device: str = "auto"
-    backend: str = field(default_factory=lambda: os.environ.get("TWAMERGE_BACKEND", "auto"))
+    # None: the TWAMERGE_BACKEND environment variable, read by kernels.dispatch (else auto).
+    backend: str | None = None
     bn_recalibrate: str = "auto"
     rank_rtol: float = 1e-5
     init: str = "uniform"
@@ -83,7 +83,7 @@ class FitConfig:
         _check(0 <= self.holdout < 1, "holdout", self.holdout, "a fraction in [0, 1)")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", self.device,
                "auto, cpu, cuda or cuda:N")
-        _check(self.backend in ("auto", "triton", "torch"), "backend", self.backend, "auto, triton or torch")
+        _check(self.backend in (None, "auto", "triton", "torch"), "backend", self.backend, "auto, triton or torch")
         _check(self.bn_recalibrate in ("auto", "on", "off"), "bn_recalibrate", self.bn_recalibrate, "auto, on or off")
         _check(self.coordinates in ("weights", "candidates"), "coordinates", self.coordinates,
                "weights or candidates")

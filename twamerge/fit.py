@@ -172,22 +172,19 @@ def train_coefficients(
         FitError: a non-finite loss (naming the step) or an interrupt; nothing is written by the caller.
     """
     n_blocks, rows = subspace.layout.n_blocks, subspace.rows
-    ranks = torch.tensor(subspace.ranks)
-    mask = (torch.arange(rows).unsqueeze(0) < ranks.unsqueeze(1)).float().to(device)  # [B, R]
-    spread = subspace.step_scale(cfg.coordinates).float().to(device)  # [B, R]
+    # beta = theta * scale; the scale is 0 past a block's rank, so those coordinates never move.
+    scale = subspace.step_scale(cfg.coordinates).float().to(device)  # [B, R]
     # theta = 0 is the uniform average (the paper's start); theta0 may start elsewhere (--init).
     start = torch.zeros(n_blocks, rows) if theta0 is None else theta0.float().cpu()
-    theta = nn.Parameter((start * mask.cpu()).to(device))
+    theta = nn.Parameter(torch.where(scale > 0, start.to(device), torch.zeros_like(scale)))
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW([theta], lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.SGD([theta], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    per_epoch = steps_per_epoch(fit_index.numel(), cfg.batch_size)
-    total = cfg.epochs * per_epoch
+    total = cfg.epochs * steps_per_epoch(fit_index.numel(), cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup))
     gen = torch.Generator().manual_seed(cfg.seed)
-    outcome = FitOutcome(beta=(theta.detach() * spread * mask).float())
-    model = binding.model
+    outcome = FitOutcome(beta=(theta.detach() * scale).float())
     epochs = range(cfg.epochs)
     step = 0
     if comm is not None:
@@ -198,45 +195,46 @@ def train_coefficients(
     # Dropout draws from the global RNG: seed it for reproducibility, and restore it afterwards.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
-        model.train()
+        binding.model.train()
         try:
             for _ in (progress(epochs) if progress else epochs):
                 for inputs, label in iter_batches(data, fit_index, cfg.batch_size, gen):
-                    beta = theta.detach() * spread * mask
-                    if comm is not None:
+                    beta = theta.detach() * scale
+                    if comm is None:
+                        value, grad = _local_step(binding, subspace, objective, inputs, label, beta, device, step)
+                    else:
                         value, grad = _distributed_step(binding, subspace, objective, inputs, label, beta, device,
                                                         comm, local_w[:c1 - c0], local_w, local_g, (step, total))
-                        if not math.isfinite(value):
-                            raise FitError(f"the loss became {value} at step {step + 1} of {total} (summed over "
-                                           f"{comm.world_size} ranks); nothing was written (lower --lr, or check "
-                                           "the data and model)")
-                        theta.grad = grad * spread * mask
-                        opt.step()
-                        sched.step()
-                        outcome.curve.append(value)
-                        step += 1
-                        continue
-                    subspace.combine(beta, out=binding.flat)
-                    binding.grad.zero_()
-                    out = call_model(model, {k: v.to(device) for k, v in inputs.items()})
-                    loss = objective.loss_fn(out, label.to(device))
-                    value = float(loss.detach())
                     if not math.isfinite(value):
-                        raise FitError(f"the loss became {value} at step {step + 1} of {total}; nothing was "
+                        where = "" if comm is None else f" (summed over {comm.world_size} ranks)"
+                        raise FitError(f"the loss became {value} at step {step + 1} of {total}{where}; nothing was "
                                        "written (lower --lr, or check the data and model)")
-                    loss.backward()
-                    if step == 0:
-                        binding.check_grads_in_place()
-                    theta.grad = subspace.project(binding.grad) * spread * mask
+                    theta.grad = grad * scale
                     opt.step()
                     sched.step()
                     outcome.curve.append(value)
                     step += 1
         except KeyboardInterrupt:
             raise FitError(f"interrupted at step {step} of {total}; nothing was written") from None
-    outcome.beta = (theta.detach() * spread * mask).float()
+    outcome.beta = (theta.detach() * scale).float()
     outcome.steps = step
     return outcome
+
+
+def _local_step(binding: FlatBinding, subspace: Subspace, objective: Objective, inputs: dict, label: torch.Tensor,
+                beta: torch.Tensor, device: torch.device, step: int) -> tuple[float, torch.Tensor | None]:
+    """combine -> forward/backward -> project; returns (loss, dL/dbeta [B, R]), no gradient for a non-finite loss."""
+    subspace.combine(beta, out=binding.flat)
+    binding.grad.zero_()
+    out = call_model(binding.model, {k: v.to(device) for k, v in inputs.items()})
+    loss = objective.loss_fn(out, label.to(device))
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        return value, None
+    loss.backward()
+    if step == 0:
+        binding.check_grads_in_place()
+    return value, subspace.project(binding.grad)
 
 
 def _distributed_step(binding: FlatBinding, subspace: Subspace, objective: Objective, inputs: dict, label: torch.Tensor,

@@ -105,7 +105,8 @@ def _candidate_state(cs: CheckpointSet, i: int, keys: Sequence[str]) -> dict[str
     return {k: cs.get(i, k) for k in keys}
 
 
-def _check_output_free(path: Path, force: bool, what: str = "output") -> None:
+def _check_side_output(path: Path, force: bool, what: str) -> None:
+    """The report and the plot are not checkpoints (``check_output``): fail before any work when they cannot go there."""
     if path.exists() and not force:
         raise OutputError(f"{path}: {what} exists; pass --force to overwrite it")
     parent = path.parent if str(path.parent) else Path(".")
@@ -219,9 +220,9 @@ def fit(
             device = distributed.rank_device(device)
         with _phase(comm, "check outputs"):
             if comm is None or comm.is_main:
-                _check_output_free(output, force)
-                if report_path is not None:
-                    _check_output_free(Path(report_path), force, "report")
+                for side, what in ((report_path, "report"), (plot_path, "plot")):
+                    if side is not None:
+                        _check_side_output(Path(side), force, what)
         out_dtype = DTYPES[dtype] if dtype else None
         timer = Timer()
         cs = None
@@ -308,14 +309,7 @@ def _fit(cs, val, model_cfg, output, cfg, report_path, plot_path, out_dtype, for
                 if merged[key].is_floating_point():
                     merged[key] = state[key].detach().to("cpu", merged[key].dtype).clone()
                     recalibrated[key] = merged[key]
-        if comm is None:
-            real = torch.cat([binding.flat[o:o + layout.numel(i)] for i, o in enumerate(layout.offsets)])
-            ref = torch.cat([trained[o:o + layout.numel(i)] for i, o in enumerate(layout.offsets)])
-            centre = torch.cat([subspace.mean[o:o + layout.numel(i)] for i, o in enumerate(layout.offsets)])
-            moved = float((ref - centre).norm())
-            gap = float((real - ref).norm()) / moved if moved > 0 else 0.0
-        else:
-            gap = _sharded_gap(layout, col_range, binding.flat, trained, subspace.mean, comm)
+        gap = _quantization_gap(layout, col_range or (0, layout.n_cols), binding.flat, trained, subspace.mean, comm)
         twa_row = MethodResult("twa", "twa", ev.score("fit"), ev.score("heldout"), {"init": cfg.init})
         rows.append(twa_row)
     if comm is not None:
@@ -395,11 +389,13 @@ def _fit(cs, val, model_cfg, output, cfg, report_path, plot_path, out_dtype, for
     return comm.broadcast_object(report)
 
 
-def _sharded_gap(layout, col_range: tuple[int, int], flat: torch.Tensor, trained: torch.Tensor, mean: torch.Tensor,
-                 comm: Comm) -> float:
-    """The quantization gap ``|real - ref| / |ref - centre|`` from each rank's columns (padding excluded).
+def _quantization_gap(layout, col_range: tuple[int, int], flat: torch.Tensor, trained: torch.Tensor,
+                      mean: torch.Tensor, comm: Comm | None) -> float:
+    """``|written - trained| / |trained - centre|`` over the merged tensors (padding excluded).
 
-    ``flat`` is the full flat buffer; ``trained`` and ``mean`` hold the rank's slice ``col_range``.
+    ``flat`` is the full flat buffer holding what is written; ``trained`` and ``mean`` hold the
+    columns ``col_range`` (all of them in one process, a rank's slice in a distributed fit, whose
+    squared sums are then added over ranks). Sums run tensor by tensor, without copies.
     """
     c0, c1 = col_range
     sq = torch.zeros(2, dtype=torch.float64)
@@ -409,11 +405,13 @@ def _sharded_gap(layout, col_range: tuple[int, int], flat: torch.Tensor, trained
             lo, hi = max(o, c0), min(o + layout.numel(i), c1)
             if lo >= hi:
                 continue
-            real, ref, centre = flat[lo:hi].double(), trained[lo - c0:hi - c0].double(), mean[lo - c0:hi - c0].double()
-            sq += torch.stack([(real - ref).square().sum(), (ref - centre).square().sum()]).cpu()
+            real, ref, centre = flat[lo:hi], trained[lo - c0:hi - c0], mean[lo - c0:hi - c0]
+            sq += torch.stack([(real - ref).double().square().sum(), (ref - centre).double().square().sum()]).cpu()
     except Exception as exc:
+        if comm is None:
+            raise
         error = exc
-    gap2, moved2 = comm.sum(sq, error).tolist()
+    gap2, moved2 = (sq if comm is None else comm.sum(sq, error)).tolist()
     return math.sqrt(gap2) / math.sqrt(moved2) if moved2 > 0 else 0.0
 
 
@@ -530,7 +528,6 @@ def apply_report(report_path: str | Path, checkpoints: Sequence[str | Path], out
     """
     report = read_report(Path(report_path))
     output = Path(output)
-    _check_output_free(output, force)
     merge = report["merge"]
     cs = open_checkpoints(checkpoints, allow_nonfinite=True)
     try:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
-from .errors import OutputError, TwamergeError
+from .errors import TwamergeError
+from .report import atomic_output
 
 
 def plot_report(report: dict, path: Path, force: bool = False) -> None:
@@ -18,8 +17,6 @@ def plot_report(report: dict, path: Path, force: bool = False) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise TwamergeError("--plot needs matplotlib; pip install 'twamerge[plot]'") from exc
-    if path.exists() and not force:
-        raise OutputError(f"{path}: plot exists; pass --force to overwrite it")
     alphas = report["merge"]["block_alphas"]
     names = [Path(c["path"]).name for c in report["candidates"]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -44,11 +41,8 @@ def plot_report(report: dict, path: Path, force: bool = False) -> None:
     ax2.set_ylabel("training loss (fit split)")
     ax2.set_title("fit curve")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_output(path, force, "plot") as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)

@@ -75,39 +75,31 @@ def is_better(a: dict, b: dict, classification: bool) -> bool:
     return a["metric"] > b["metric"] if classification else a["metric"] < b["metric"]
 
 
-def format_table(report: dict) -> str:
-    """A plain-text table of the methods (what the CLI prints on stderr, and the README shows)."""
-    metric = report["metric_name"]
-    split = "heldout" if report.get("heldout_rows", 0) else "fit"
-    lines = [f"| method | fit {metric} | held-out {metric} | held-out loss |", "|---|---|---|---|"]
-    for row in report["methods"]:
-        fit = row.get("fit") or {}
-        held = row.get("heldout") or {}
-        def cell(d: dict, k: str) -> str:
-            return f"{d[k]:.4f}" if d and d.get(k) is not None else "-"
-        lines.append(f"| {row['name']} | {cell(fit, 'metric')} | {cell(held, 'metric')} | {cell(held, 'loss')} |")
-    if split == "fit":
-        lines.append("(--holdout 0: no held-out split exists; every figure is on the data the coefficients were fit on)")
-    return "\n".join(lines)
+@contextmanager
+def atomic_output(path: Path, force: bool, what: str) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s folder; on success it replaces ``path``, on error it is removed.
+
+    Refuses to overwrite ``path`` without ``force``.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputError(f"{path}: {what} exists; pass --force to overwrite it")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write the {what} ({exc.strerror})") from exc
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def write_report(report: dict, path: Path, force: bool) -> None:
     """Write ``report`` as JSON atomically; refuse to overwrite without ``force``."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise OutputError(f"{path}: report exists; pass --force to overwrite it")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write the report ({exc.strerror})") from exc
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path, force, "report") as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def read_report(path: Path) -> dict:

@@ -129,7 +129,7 @@ class Subspace:
     spread: torch.Tensor
     bits: int
     n_candidates: int
-    backend: str = "auto"
+    backend: str | None = None
     # The flat columns ``[start, end)`` this object holds (a rank's slice in a distributed fit); None: all.
     col_range: tuple[int, int] | None = None
     group_block: torch.Tensor = field(init=False)
@@ -205,7 +205,7 @@ def build_subspace(
     bits: int,
     rank_rtol: float = 1e-5,
     device: torch.device | str = "cpu",
-    backend: str = "auto",
+    backend: str | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
     col_range: tuple[int, int] | None = None,
     load_slice: Callable[[str, int, int], torch.Tensor] | None = None,
