@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--epochs", default="5,10")
     ap.add_argument("--bits", default="8")
     ap.add_argument("--init", default="uniform")
-    ap.add_argument("--coordinates", default="weights")
+    ap.add_argument("--coordinates", default=FitConfig().coordinates)
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     grid = list(itertools.product(args.blocks.split(","), [float(x) for x in args.lr.split(",")],
