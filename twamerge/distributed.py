@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
 import os
 import sys
@@ -38,6 +39,26 @@ _SYNCED = "_twamerge_synced"
 
 class RankFailedError(TwamergeError):
     """Another rank of a distributed fit failed; this rank stopped with it."""
+
+
+# The most recent collective's Work, kept until the next one replaces it (see _wait).
+_last_work: object = None
+
+
+def _wait(work) -> None:
+    """Wait for a collective started with ``async_op=True`` and keep its Work alive past this call.
+
+    Gloo's worker thread releases a finished collective just after the caller wakes up. If that
+    release drops the last reference to a tensor created in Python it must take the GIL, and when it
+    lands after interpreter shutdown began, the process aborts with SIGABRT ("terminate called
+    without an active exception", pytorch/pytorch#190489): a rank that raised right after its last
+    collective exited that way instead of with its error. Holding the Work makes this thread the last
+    owner of the tensors, so the worker thread's release needs no GIL. Only the latest Work is kept:
+    the one before it finished at least one collective ago.
+    """
+    global _last_work
+    work.wait()
+    _last_work = work
 
 
 def launched_by_torchrun() -> bool:
@@ -85,12 +106,13 @@ class Comm:
 
     def all_gather(self, out: torch.Tensor, local: torch.Tensor) -> None:
         """``out`` [N * chunk] <- every rank's ``local`` [chunk], in rank order."""
-        dist.all_gather_into_tensor(out, local)
+        fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        _wait(fn(out, local, async_op=True))
 
     def reduce_scatter(self, out: torch.Tensor, full: torch.Tensor) -> None:
         """``out`` [chunk] <- this rank's chunk of the sum over ranks of ``full`` [N * chunk]."""
         fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-        fn(out, full)
+        _wait(fn(out, full, async_op=True))
 
     def sum(self, t: torch.Tensor, error: BaseException | None = None) -> torch.Tensor:
         """All-reduce (sum) ``t`` with an error flag riding along; raises on every rank if any rank failed.
@@ -104,7 +126,7 @@ class Comm:
                           device=self.device)
         buf[:-1] = flat.to(buf.device, buf.dtype)
         buf[-1] = 1.0 if error is not None else 0.0
-        dist.all_reduce(buf)
+        _wait(dist.all_reduce(buf, async_op=True))
         if float(buf[-1]) > 0:
             self._fail(error)
         return buf[:-1].to(t.device, t.dtype).view(t.shape)
@@ -127,16 +149,31 @@ class Comm:
         self.check(error)
 
     def broadcast_object(self, obj: object) -> object:
-        """Rank 0's ``obj`` on every rank."""
-        box = [obj if self.is_main else None]
-        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
-        return box[0]
+        """Rank 0's JSON-serialisable ``obj``, decoded from JSON on every rank (rank 0 included)."""
+        payload = json.dumps(obj).encode() if self.is_main else b""
+        size = torch.tensor([len(payload)], dtype=torch.int64, device=self.device)
+        _wait(dist.broadcast(size, src=0, async_op=True))
+        buf = torch.zeros(int(size), dtype=torch.uint8, device=self.device)
+        if self.is_main:
+            buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        _wait(dist.broadcast(buf, src=0, async_op=True))
+        return json.loads(bytes(buf.cpu().numpy()))
 
     def gather_objects(self, obj: object) -> list:
-        """Every rank's ``obj``, in rank order, on every rank."""
-        out: list = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
+        """Every rank's JSON-serialisable ``obj``, in rank order, on every rank.
+
+        JSON rather than torch's pickle-based object collectives: no rank unpickles what another sent.
+        """
+        payload = json.dumps(obj).encode()
+        sizes = torch.zeros(self.world_size, dtype=torch.int64, device=self.device)
+        self.all_gather(sizes, torch.tensor([len(payload)], dtype=torch.int64, device=self.device))
+        longest = int(sizes.max())
+        mine = torch.zeros(longest, dtype=torch.uint8, device=self.device)
+        mine[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        everyone = torch.zeros(self.world_size * longest, dtype=torch.uint8, device=self.device)
+        self.all_gather(everyone, mine)
+        rows = everyone.view(self.world_size, longest).cpu()
+        return [json.loads(bytes(rows[r, :int(sizes[r])].numpy())) for r in range(self.world_size)]
 
     def _fail(self, error: BaseException | None) -> None:
         message = None if error is None else (" ".join(str(error).split()) or type(error).__name__)
