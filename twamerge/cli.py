@@ -14,6 +14,7 @@ import enum
 import json
 import logging
 import math
+import os
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Iterator
@@ -572,8 +573,28 @@ def apply_cmd(
 
 
 def main() -> None:
-    """Console-script entry point (``twamerge``)."""
-    app()
+    """Console-script entry point (``twamerge``, ``python -m twamerge``, ``torchrun -m twamerge``)."""
+    from .distributed import launched_by_torchrun
+
+    if not launched_by_torchrun():
+        app()
+        return
+    # A torchrun rank ends without interpreter shutdown. Gloo's worker threads outlive
+    # destroy_process_group, and one that releases a collective's Python tensor while the
+    # interpreter shuts down aborts the process (SIGABRT instead of our exit code; see
+    # distributed._wait). Everything the command writes is complete and renamed into place before
+    # it returns, so only the streams and the log handlers need flushing.
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ inside :meth:`Comm.phase`, which ends with such a flagged (empty) all-reduce.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import json
@@ -41,24 +42,25 @@ class RankFailedError(TwamergeError):
     """Another rank of a distributed fit failed; this rank stopped with it."""
 
 
-# The most recent collective's Work, kept until the next one replaces it (see _wait).
-_last_work: object = None
+# The Works of the latest collectives, kept until later ones push them out (see _wait).
+_RECENT_WORKS: collections.deque = collections.deque(maxlen=8)
 
 
 def _wait(work) -> None:
     """Wait for a collective started with ``async_op=True`` and keep its Work alive past this call.
 
-    Gloo's worker thread releases a finished collective just after the caller wakes up. If that
+    Gloo's worker threads release a finished collective just after the caller wakes up. If that
     release drops the last reference to a tensor created in Python it must take the GIL, and when it
-    lands after interpreter shutdown began, the process aborts with SIGABRT ("terminate called
+    lands after interpreter shutdown began the process aborts with SIGABRT ("terminate called
     without an active exception", pytorch/pytorch#190489): a rank that raised right after its last
-    collective exited that way instead of with its error. Holding the Work makes this thread the last
-    owner of the tensors, so the worker thread's release needs no GIL. Only the latest Work is kept:
-    the one before it finished at least one collective ago.
+    collective could die that way instead of exiting with its error. While this module holds the
+    Work, the worker thread's release is a plain decrement; the tensors are freed here, on the
+    caller's thread, when the Work leaves the deque several collectives later (a worker thread
+    preempted that long releases mid-run, where taking the GIL is harmless) or at exit. The cost is
+    that the last 8 collectives' tensors stay alive until the next collective or exit.
     """
-    global _last_work
     work.wait()
-    _last_work = work
+    _RECENT_WORKS.append(work)
 
 
 def launched_by_torchrun() -> bool:
