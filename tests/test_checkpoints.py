@@ -306,3 +306,36 @@ def test_directory_output_copies_hf_files(tmp_path):
     write_checkpoint({"w": torch.zeros(3)}, out, metadata={}, hf_source_dir=src, force=True)
     assert torch.equal(load_file(str(out / "model.safetensors"))["w"], torch.zeros(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "src"]
+
+
+def test_force_overwrite_removes_what_the_previous_output_had(tmp_path):
+    sd = small_state_dict(0)
+    out = tmp_path / "s.safetensors"
+    (tmp_path / "notes.txt").write_text("the user's file beside the output")
+    many = write_checkpoint(sd, out, metadata={}, max_shard_size=300)
+    fewer = write_checkpoint(sd, out, metadata={}, max_shard_size=600, force=True)
+    assert len(many) > len(fewer) > 2
+    # Sharded -> fewer shards: the old shards named in the old index go.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["notes.txt", *(p.name for p in fewer)])
+    one = write_checkpoint(sd, out, metadata={}, max_shard_size=parse_size("1MB"), force=True)
+    assert [p.name for p in one] == ["s.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "s.safetensors"]
+    # Single -> sharded: the single file would shadow the index for a loader given the output name.
+    again = write_checkpoint(sd, out, metadata={}, max_shard_size=600, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["notes.txt", *(p.name for p in again)])
+    assert not out.exists()
+    save_file(sd, str(tmp_path / "ref.safetensors"))
+    with open_checkpoints([again[-1], tmp_path / "ref.safetensors"]) as cs:
+        assert all(torch.equal(cs.get(0, k), sd[k]) for k in cs.keys)
+
+
+def test_directory_output_config_names_the_written_dtype(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text('{"model_type": "bert", "torch_dtype": "float32"}')
+    save_file({"w": torch.zeros(2)}, str(src / "model.safetensors"))
+    out = write_checkpoint({"w": torch.ones(2, dtype=torch.bfloat16), "ids": torch.arange(3)}, tmp_path / "m",
+                           metadata={}, hf_source_dir=src)
+    config = json.loads((out[0].parent / "config.json").read_text())
+    assert config == {"model_type": "bert", "torch_dtype": "bfloat16"}
+    assert json.loads((src / "config.json").read_text())["torch_dtype"] == "float32"  # the source is untouched

@@ -959,6 +959,45 @@ def _copy_hf_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def _set_config_dtype(config_path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Make a copied ``config.json`` name the dtype the merged weights were written in.
+
+    transformers loads with the config's ``torch_dtype`` (``dtype`` since v5) when asked for
+    ``"auto"``; a merge written in bfloat16 must not claim float32. Left alone when the floating
+    tensors have mixed dtypes or the config names none.
+    """
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(dtypes) != 1 or not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    name = str(next(iter(dtypes))).removeprefix("torch.")
+    keys = [k for k in ("torch_dtype", "dtype") if isinstance(config.get(k), str)]
+    if keys and any(config[k] != name for k in keys):
+        for k in keys:
+            config[k] = name
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _previous_output_files(out: Path, base_name: str) -> list[Path]:
+    """The files a previous file output at ``out`` consists of: the file, its shards and index, metadata.
+
+    Shards are taken from the old index's weight map only (never by globbing), so files the user put
+    beside the output are not touched.
+    """
+    folder = out.parent
+    found = [p for p in (out, folder / f"{base_name}.index.json", folder / f"{base_name}.metadata.json")
+             if p.is_file()]
+    index = folder / f"{base_name}.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+        except (OSError, ValueError, AttributeError):
+            weight_map = {}
+        found += [folder / name for name in set(weight_map.values())
+                  if isinstance(name, str) and Path(name).name == name and (folder / name).is_file()]
+    return found
+
+
 def write_checkpoint(
     tensors: Mapping[str, torch.Tensor],
     out: str | Path,
@@ -1043,6 +1082,7 @@ def write_checkpoint(
             stage(f"{base.name}.metadata.json").write_text(json.dumps(metadata, indent=2))
         if is_dir and hf_source_dir is not None:
             copied = _copy_hf_files(Path(hf_source_dir), tmp_dir)  # type: ignore[arg-type]
+            _set_config_dtype(tmp_dir / "config.json", prepared)  # type: ignore[operator]
             log.info("copied %s from %s", ", ".join(copied) or "nothing", hf_source_dir)
 
         for tmp, final in staged:
@@ -1058,6 +1098,9 @@ def write_checkpoint(
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         else:
+            # With --force, what the previous output had and this one lacks (its shards, a single
+            # file now sharded or the reverse) goes too, or a loader could pick up stale weights.
+            previous = _previous_output_files(out, base.name) if force else []
             done = []
             try:
                 for tmp, final in staged:
@@ -1067,6 +1110,9 @@ def write_checkpoint(
                 for f in done:
                     f.unlink(missing_ok=True)
                 raise
+            for stale in set(previous) - set(done):
+                stale.unlink(missing_ok=True)
+                log.info("removed %s, part of the output this one replaces", stale)
     except OSError as e:
         raise OutputError(f"cannot write {out}: {_one_line(e)}") from e
     finally:
