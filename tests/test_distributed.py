@@ -113,9 +113,14 @@ def _run_cli_ranks(args: list[str]) -> list[subprocess.CompletedProcess]:
         procs.append(subprocess.Popen([sys.executable, "-m", "twamerge", *args], env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     outs = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=300)
-        outs.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=300)
+            outs.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:  # a rank left waiting for a dead peer must not outlive the test
+            if proc.poll() is None:
+                proc.kill()
     return outs
 
 
