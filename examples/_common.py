@@ -56,15 +56,6 @@ def twamerge_argv() -> list[str]:
     return [sys.executable, "-m", "twamerge"]
 
 
-def cli_available() -> bool:
-    """True when `twamerge fit` can be run (the CLI module imports)."""
-    try:
-        import twamerge.cli  # noqa: F401
-    except Exception:  # the tool is still being built: any import failure means "not yet"
-        return False
-    return True
-
-
 class Runner:
     """Runs twamerge commands, echoes them, and records command lines and wall times for the results page."""
 
@@ -169,105 +160,52 @@ def shorten_paths(argv: list[str]) -> list[str]:
 
 
 def parse_json_stdout(stdout: str, what: str = "command") -> Any:
-    """`--json` prints exactly one JSON object on stdout; tolerate stray lines around it."""
-    text = stdout.strip()
+    """`--json` prints exactly one JSON object on stdout (the CLI's contract; anything else is an error)."""
     try:
-        return json.loads(text)
+        return json.loads(stdout)
     except json.JSONDecodeError:
-        start, end = text.find("{"), text.rfind("}")
-        if start >= 0 and end > start:
-            return json.loads(text[start : end + 1])
-        raise RuntimeError(f"{what}: no JSON object on stdout:\n{stdout[-2000:]}")
+        raise RuntimeError(f"{what}: stdout is not one JSON object:\n{stdout[-2000:]}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Reading what the tool prints. The fit/eval JSON is the tool's contract; these helpers accept the few shapes
-# it may take (a list of records or a mapping by name) so that the examples fail with a clear message.
+# Reading what the tool prints: `twamerge eval --json` and `twamerge fit --json`.
 
 
-def eval_accuracies(result: Any) -> dict[str, dict[str, float]]:
-    """`twamerge eval --json` -> {checkpoint path: {"loss": .., "metric": ..}}."""
-    rows = result
-    if isinstance(result, dict):
-        for key in ("checkpoints", "results", "metrics", "candidates"):
-            if key in result:
-                rows = result[key]
-                break
-    out: dict[str, dict[str, float]] = {}
-    if isinstance(rows, dict):
-        for name, rec in rows.items():
-            out[str(name)] = {"loss": float(rec["loss"]), "metric": float(rec["metric"])}
-    elif isinstance(rows, list):
-        for rec in rows:
-            name = rec.get("checkpoint") or rec.get("path") or rec.get("name") or rec.get("source")
-            out[str(name)] = {"loss": float(rec["loss"]), "metric": float(rec["metric"])}
-    else:
-        raise RuntimeError(f"unexpected `twamerge eval --json` output: {str(result)[:500]}")
+def eval_metrics(result: dict) -> dict[str, dict[str, float]]:
+    """`twamerge eval --json` -> {checkpoint file or folder name: {"loss": .., "metric": ..}}."""
+    out = {Path(r["path"]).name: {"loss": float(r["loss"]), "metric": float(r["metric"])}
+           for r in result["checkpoints"]}
+    if len(out) != len(result["checkpoints"]):
+        raise RuntimeError("two evaluated checkpoints share a name; the examples key results by name")
     return out
 
 
-def eval_one(result: Any) -> dict[str, float]:
-    accs = eval_accuracies(result)
-    if len(accs) != 1:
-        raise RuntimeError(f"expected one checkpoint in eval output, got {len(accs)}")
-    return next(iter(accs.values()))
-
-
-def _methods(fit_json: dict) -> list[dict]:
-    """Records {name, kind, heldout: {loss, metric}} from `twamerge fit --json` (a `methods` list; an older
-    `metrics` mapping is accepted too)."""
-    if isinstance(fit_json.get("methods"), list):
-        return fit_json["methods"]
-    metrics = fit_json.get("metrics", {})
-    out = []
-    for kind, rec in metrics.items() if isinstance(metrics, dict) else []:
-        if kind == "candidates":
-            for r in rec.values() if isinstance(rec, dict) else rec:
-                out.append({"kind": "candidate", "name": r.get("name", r.get("path")), "heldout": r})
-        else:
-            out.append(
-                {"kind": kind, "name": kind, "heldout": rec if isinstance(rec, dict) else {"metric": rec}}
-            )
-    return out
+def eval_one(result: dict) -> dict[str, float]:
+    (metrics,) = eval_metrics(result).values()
+    return metrics
 
 
 def method_metric(fit_json: dict, kind: str) -> float | None:
     """Held-out metric of one method (uniform, greedy, twa) as reported by `twamerge fit --json`."""
-    for m in _methods(fit_json):
-        if m.get("kind") == kind or (m.get("kind") is None and m.get("name") == kind):
-            held = m.get("heldout") or {}
-            return None if held.get("metric") is None else float(held["metric"])
+    for m in fit_json["methods"]:
+        if m["kind"] == kind:
+            return None if m["heldout"] is None else float(m["heldout"]["metric"])
     return None
 
 
 def candidate_metrics(fit_json: dict) -> dict[str, float]:
     """{candidate name: held-out metric} from `twamerge fit --json`."""
-    return {
-        str(m.get("name")): float(m["heldout"]["metric"])
-        for m in _methods(fit_json)
-        if m.get("kind") == "candidate" and (m.get("heldout") or {}).get("metric") is not None
-    }
+    return {m["name"]: float(m["heldout"]["metric"]) for m in fit_json["methods"]
+            if m["kind"] == "candidate" and m["heldout"] is not None}
 
 
 def greedy_ingredients(fit_json: dict) -> list[str] | None:
-    for m in _methods(fit_json):
-        if m.get("kind") == "greedy":
-            return m.get("ingredients")
-    return None
-
-
-def heldout_rows(fit_json: dict) -> int | None:
-    return fit_json.get("heldout_rows") or (fit_json.get("data") or {}).get("heldout_rows")
+    return next((m["ingredients"] for m in fit_json["methods"] if m["kind"] == "greedy"), None)
 
 
 def block_alphas(fit_json: dict) -> list[dict]:
-    """[{keys, alphas}] per block, from the fit's `blocks` (or bare `alphas`)."""
-    if isinstance(fit_json.get("blocks"), list):
-        return [
-            {"keys": b.get("keys"), "alphas": b.get("alphas"), "rank": b.get("rank")}
-            for b in fit_json["blocks"]
-        ]
-    return [{"keys": None, "alphas": a} for a in fit_json.get("alphas") or []]
+    """[{keys, alphas, rank}] per block, from the fit's `blocks`."""
+    return [{"keys": b["keys"], "alphas": b["alphas"], "rank": b["rank"]} for b in fit_json["blocks"]]
 
 
 # ---------------------------------------------------------------------------------------------------------

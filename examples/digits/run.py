@@ -100,10 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = ["--model", run.rel(HERE / "model.py") + ":build"]
 
     # Best single checkpoint: chosen on the validation data, like a user would (no peeking at test).
-    val_eval = C.eval_accuracies(
-        run("eval", *ckpts, "--val", val_dir, *model, "--json", parse_json=True, label="eval-val")
-    )
-    by_name = {Path(k).name: v for k, v in val_eval.items()}
+    by_name = C.eval_metrics(run("eval", *ckpts, "--val", val_dir, *model, "--json", parse_json=True,
+                                 label="eval-val"))
     best = max(ckpts, key=lambda p: (by_name[p.name]["metric"], p.name))
 
     uniform = out / "uniform.safetensors"
@@ -140,19 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     if greedy is not None:
         rows_spec.append((f"greedy soup ({len(members)} of {len(ckpts)})", greedy))
     rows_spec.append(("TWA (twamerge fit)", twa))
-    test_eval = C.eval_accuracies(
-        run(
-            "eval",
-            *dict.fromkeys(p for _, p in rows_spec),
-            "--val",
-            test_dir,
-            *model,
-            "--json",
-            parse_json=True,
-            label="eval-test",
-        )
-    )
-    test_by_name = {Path(k).name: v for k, v in test_eval.items()}
+    test_by_name = C.eval_metrics(run("eval", *dict.fromkeys(p for _, p in rows_spec), "--val", test_dir, *model,
+                                      "--json", parse_json=True, label="eval-test"))
 
     heldout = {
         "uniform average": C.method_metric(fit, "uniform"),
@@ -188,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"Digits (scikit-learn), MLP 64-128-128-10, {args.epochs} epochs, "
         f"{len(splits['train'][1])} train / {len(splits['val'][1])} val / {len(splits['test'][1])} test "
         f"images. Accuracy (%) and loss on the test split twamerge never saw; last column: accuracy on the "
-        f"part of --val that `twamerge fit` held out ({C.heldout_rows(fit)} rows).\n\n"
+        f"part of --val that `twamerge fit` held out ({fit['heldout_rows']} rows).\n\n"
         + C.markdown_table(
             ["method", "checkpoint", "test accuracy %", "test loss", "held-out accuracy %"], table_rows
         )

@@ -123,19 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
         sdir = out / f"seed{seed}"
         ckpts, secs = train(x[tr], y[tr], sdir / "ckpts", args.epochs, args.lr, seed)
         train_s += secs
-        curve = C.eval_accuracies(
-            run(
-                "eval",
-                *ckpts,
-                "--val",
-                test_dir,
-                *model,
-                "--json",
-                parse_json=True,
-                label=f"eval-test-seed{seed}",
-            )
-        )
-        by_name = {Path(k).name: v["metric"] for k, v in curve.items()}
+        curve = C.eval_metrics(run("eval", *ckpts, "--val", test_dir, *model, "--json", parse_json=True,
+                                   label=f"eval-test-seed{seed}"))
+        by_name = {name: v["metric"] for name, v in curve.items()}
         per_epoch = [by_name[p.name] for p in ckpts]
         merges = []
         for f in fractions:
@@ -159,20 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
             )
             (sdir / f"fit_{n:02d}.json").write_text(json.dumps(fit, indent=2) + "\n")
             run("average", *ckpts[:n], "-o", uni, label=f"average-seed{seed}-{n}")
-            ev = C.eval_accuracies(
-                run(
-                    "eval",
-                    twa,
-                    uni,
-                    "--val",
-                    test_dir,
-                    *model,
-                    "--json",
-                    parse_json=True,
-                    label=f"eval-test-seed{seed}-{n}",
-                )
-            )
-            ev = {Path(k).name: v["metric"] for k, v in ev.items()}
+            ev = C.eval_metrics(run("eval", twa, uni, "--val", test_dir, *model, "--json", parse_json=True,
+                                    label=f"eval-test-seed{seed}-{n}"))
+            ev = {name: v["metric"] for name, v in ev.items()}
             merges.append(
                 {
                     "fraction": f,

@@ -206,12 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
         tunes.append(d)
 
     # Validation accuracy of each fine-tune: the order of the greedy soup and the "best single" choice.
-    val_acc = {
-        Path(k).name: v["metric"]
-        for k, v in C.eval_accuracies(
-            run("eval", *tunes, "--val", val_dir, *inputs, "--json", parse_json=True, label="eval-val")
-        ).items()
-    }
+    val_acc = {name: v["metric"] for name, v in C.eval_metrics(
+        run("eval", *tunes, "--val", val_dir, *inputs, "--json", parse_json=True, label="eval-val")).items()}
     ranked = sorted(tunes, key=lambda d: (-val_acc[d.name], d.name))
     best = ranked[0]
 
@@ -280,12 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     rows_spec += [(f"TWA {r['blocks']} {r['bits']}-bit", r["dir"]) for r in twa_runs]
     unique = list(dict.fromkeys(d for _, d in rows_spec))
-    test = {
-        Path(k).name: v
-        for k, v in C.eval_accuracies(
-            run("eval", *unique, "--val", test_dir, *inputs, "--json", parse_json=True, label="eval-test")
-        ).items()
-    }
+    test = C.eval_metrics(run("eval", *unique, "--val", test_dir, *inputs, "--json", parse_json=True,
+                              label="eval-test"))
 
     rows, table_rows = [], []
     for name, d in rows_spec:
