@@ -91,6 +91,20 @@ def test_identical_candidates_have_rank_zero():
     assert_close("mean", x, out[:30])
 
 
+@pytest.mark.parametrize("group_size", [24, 64])
+def test_windowed_quantization_matches_one_window(monkeypatch, group_size):
+    """Blocks wider than the quantization window are written window by window, in whole groups."""
+    import twamerge.subspace as subspace_mod
+
+    stacks = _candidates(shapes=((50, 30), (7,)))
+    layout = make_layout(list(stacks), [s.shape[1:] for s in stacks.values()], "global", group_size)
+    whole = build_subspace(stacks.__getitem__, layout, 5, bits=4)
+    monkeypatch.setattr(subspace_mod, "WINDOW", 100)  # not a multiple of either group size
+    windowed = build_subspace(stacks.__getitem__, layout, 5, bits=4)
+    assert torch.equal(windowed.codes, whole.codes)
+    assert torch.equal(windowed.scales, whole.scales) and torch.equal(windowed.zeros, whole.zeros)
+
+
 @pytest.mark.parametrize("bits, tol", [(8, 0.02), (4, 0.3), (2, 1.0)])
 def test_quantized_basis_error_shrinks_with_bits(bits, tol):
     stacks = _candidates(shapes=((64, 32),))

@@ -288,7 +288,8 @@ def build_subspace(
     codes = torch.empty(codes_shape(rows, n_cols, bits), dtype=storage_dtype(bits), device=device)
     scales = torch.empty(rows, n_groups, dtype=torch.float32, device=device)
     zeros = torch.empty(rows, n_groups, dtype=torch.float32, device=device)
-    width = min(WINDOW, max(n_cols, g))
+    # Whole groups per window: quantization groups and packed code bytes must not straddle two windows.
+    width = max(g, min(WINDOW, n_cols) // g * g)
     # One flat staging buffer, viewed as a contiguous [K, w] window of whatever width is needed.
     stage = torch.zeros(k * width, dtype=torch.float32, device=device)
     by_block = layout.block_names()
