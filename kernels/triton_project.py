@@ -3,7 +3,7 @@
 Twin of :func:`twamerge.kernels.reference.project_torch`. One pass over the flat parameter space:
 each program owns ``BLOCK_G`` whole groups, reads ``grad`` and every basis row's packed bytes for
 them once and writes one float32 partial per (row, group). No atomics: the block totals come from
-:func:`reference.reduce_groups` (float64 prefix sums in group order), the same code the reference
+:func:`reference.reduce_groups` (each block's groups summed in float64), the same code the reference
 uses, so the result is deterministic.
 """
 

@@ -501,3 +501,14 @@ def test_dispatch_routes_to_kernels(monkeypatch):
     assert calls == [1]
     assert_close("project", ref, out, atol=_sum_atol(ref))
     assert math.isfinite(out.abs().sum().item())
+
+
+def test_reduce_groups_keeps_a_small_block_exact_beside_a_large_one():
+    """Each block is summed on its own: a tiny block after 10^5 large groups keeps float32 precision."""
+    gen = torch.Generator().manual_seed(0)
+    big, small = torch.randn(3, 100_000, generator=gen) * 1e3, torch.randn(3, 8, generator=gen) * 1e-6
+    group_block = torch.cat([torch.zeros(100_000, dtype=torch.int32), torch.full((8,), 2, dtype=torch.int32)])
+    out = reference.reduce_groups(torch.cat([big, small], dim=1), group_block, 3)
+    assert_close("large block", big.double().sum(1).float(), out[0], rtol=1e-6, atol=0)
+    assert torch.equal(out[1], torch.zeros(3))  # a block with no groups (empty on this rank)
+    assert_close("small block", small.double().sum(1).float(), out[2], rtol=1e-6, atol=0)
