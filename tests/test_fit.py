@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from digits_run import MODEL_SPEC, make_digits_run
+from helpers import assert_close
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from twamerge.config import DataConfig, FitConfig, ModelConfig
-from twamerge.errors import DataError, FitError, ModelError, OutputError
+from twamerge.errors import DataError, FitError, ModelError, OutputError, TwamergeError
 from twamerge.pipeline import apply_report, evaluate_checkpoints, fit
 
 FAST = dict(epochs=3, batch_size=64)
@@ -76,9 +77,12 @@ def test_scale_free_defaults(tmp_path):
     assert torch.allclose(a, b, atol=2e-3), (a - b).abs().max()
 
 
-def test_apply_reproduces_the_output_bit_for_bit(run, tmp_path):
+@pytest.mark.parametrize("dtype", [None, "float64"])
+def test_apply_reproduces_the_output_bit_for_bit(run, tmp_path, dtype):
     out = tmp_path / "fit.safetensors"
-    _fit(run, out, greedy=False)
+    fit(run.checkpoints, val=DataConfig(str(run.val)), model=ModelConfig(MODEL_SPEC), output=out,
+        cfg=FitConfig(**FAST, greedy=False), report_path=tmp_path / "fit.json", dtype=dtype)
+    assert load_file(str(out))["fc1.weight"].dtype == (torch.float64 if dtype else torch.float32)
     again = tmp_path / "applied.safetensors"
     apply_report(tmp_path / "fit.json", run.checkpoints, again)
     assert out.read_bytes() == again.read_bytes()
@@ -86,7 +90,7 @@ def test_apply_reproduces_the_output_bit_for_bit(run, tmp_path):
 
 def test_apply_refuses_other_checkpoints(run, tmp_path):
     _fit(run, tmp_path / "fit.safetensors", greedy=False, eval_candidates=False)
-    with pytest.raises(Exception, match="SHA-256"):
+    with pytest.raises(TwamergeError, match="SHA-256"):
         apply_report(tmp_path / "fit.json", list(reversed(run.checkpoints)), tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 
@@ -94,9 +98,16 @@ def test_apply_refuses_other_checkpoints(run, tmp_path):
 def test_batchnorm_is_recalibrated_and_apply_keeps_it(tmp_path):
     run = make_digits_run(tmp_path / "bn", epochs=4, batchnorm=True)
     out = tmp_path / "bn.safetensors"
+    # No holdout and one batch: the re-estimated statistics are exactly those of fc1's output on all rows.
     report = fit(run.checkpoints, val=DataConfig(str(run.val)), model=ModelConfig(MODEL_SPEC, {"batchnorm": True}),
-                 output=out, cfg=FitConfig(**FAST), report_path=tmp_path / "bn.json")
+                 output=out, cfg=FitConfig(epochs=3, batch_size=1000, holdout=0.0), report_path=tmp_path / "bn.json")
     merged = load_file(str(out))
+    import datasets
+
+    x = torch.tensor(datasets.load_from_disk(str(run.val))["x"])
+    h = x @ merged["fc1.weight"].T + merged["fc1.bias"]
+    assert_close("running_mean", h.mean(0), merged["bn.running_mean"], atol=1e-5, rtol=1e-5)
+    assert_close("running_var", h.var(0), merged["bn.running_var"], atol=1e-5, rtol=1e-5)
     cands = [load_file(str(p)) for p in run.checkpoints]
     plain_average = sum(c["bn.running_var"] for c in cands) / len(cands)
     assert not torch.allclose(merged["bn.running_var"], plain_average)  # re-estimated, not averaged

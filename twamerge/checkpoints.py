@@ -970,7 +970,7 @@ def _set_config_dtype(config_path: Path, tensors: Mapping[str, torch.Tensor]) ->
     if len(dtypes) != 1 or not config_path.is_file():
         return
     config = json.loads(config_path.read_text())
-    name = str(next(iter(dtypes))).removeprefix("torch.")
+    name = dtype_name(next(iter(dtypes)))
     keys = [k for k in ("torch_dtype", "dtype") if isinstance(config.get(k), str)]
     if keys and any(config[k] != name for k in keys):
         for k in keys:

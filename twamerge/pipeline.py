@@ -23,7 +23,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from . import __version__, distributed, kernels
-from .checkpoints import CheckpointSet, check_output, open_checkpoints, write_checkpoint
+from .checkpoints import CheckpointSet, check_output, dtype_name, open_checkpoints, parse_dtype, write_checkpoint
 from .config import DataConfig, FitConfig, ModelConfig
 from .data import load_data, split_holdout
 from .distributed import Comm, split_columns
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[Iterable], Iterable]
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def select_device(name: str) -> torch.device:
@@ -223,7 +222,7 @@ def fit(
                 for side, what in ((report_path, "report"), (plot_path, "plot")):
                     if side is not None:
                         _check_side_output(Path(side), force, what)
-        out_dtype = DTYPES[dtype] if dtype else None
+        out_dtype = parse_dtype(dtype)
         timer = Timer()
         cs = None
         with _phase(comm, "open"), timer.phase("open"):
@@ -357,7 +356,7 @@ def _fit(cs, val, model_cfg, output, cfg, report_path, plot_path, out_dtype, for
             "fit": {"steps": outcome.steps, "curve": outcome.curve,
                     "final_loss": outcome.curve[-1] if outcome.curve else None},
             "merge": {"key_block": key_block, "block_alphas": alphas.tolist(), "default_alphas": default_alphas,
-                      "out_dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None,
+                      "out_dtype": dtype_name(out_dtype) if out_dtype else None,
                       "recalibrated_buffers": _encode_tensors(recalibrated), "metadata": metadata},
         }
         with timer.phase("write"):
@@ -541,7 +540,7 @@ def apply_report(report_path: str | Path, checkpoints: Sequence[str | Path], out
                 raise TwamergeError(f"{cs.paths[i]}: SHA-256 {g[:12]}... differs from the fit's candidate {i + 1} "
                                     f"({report['candidates'][i]['path']}, {e[:12]}...); pass the same files in the same order")
         alphas = torch.tensor(merge["block_alphas"], dtype=torch.float64)
-        out_dtype = DTYPES[merge["out_dtype"]] if merge.get("out_dtype") else None
+        out_dtype = parse_dtype(merge.get("out_dtype"))
         merged = linear_merge(cs, _merged_weights(alphas, merge["key_block"], merge["default_alphas"]),
                               out_dtype=out_dtype)
         merged.update(_decode_tensors(merge.get("recalibrated_buffers", "")))
