@@ -54,6 +54,14 @@ def test_existing_plot_is_refused_before_any_work(run, tmp_path):
     assert plot.read_bytes() == b"keep" and not (tmp_path / "m.safetensors").exists()
 
 
+@pytest.mark.parametrize("name", ["plotfile", "a.xyz"])
+def test_plot_without_an_image_suffix_is_refused_before_any_work(run, tmp_path, name):
+    r = _run("fit", *run.checkpoints, "--val", run.val, "--model", MODEL_SPEC, "-o", tmp_path / "m.safetensors",
+             "--report", tmp_path / "r.json", "--plot", tmp_path / name, *FAST)
+    assert r.exit_code == 1 and "a plot needs an image suffix" in r.stderr, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_bits_3_is_a_usage_error(run, tmp_path):
     r = _run("fit", *run.checkpoints, "--val", run.val, "--model", MODEL_SPEC, "-o", tmp_path / "m.safetensors",
              "--bits", "3")

@@ -222,6 +222,10 @@ def fit(
                 for side, what in ((report_path, "report"), (plot_path, "plot")):
                     if side is not None:
                         _check_side_output(Path(side), force, what)
+                if plot_path is not None:
+                    from .plot import plot_format
+
+                    plot_format(Path(plot_path))
         out_dtype = parse_dtype(dtype)
         timer = Timer()
         cs = None

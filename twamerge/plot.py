@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import TwamergeError
+from .errors import OutputError, TwamergeError
 from .report import atomic_output
 
 
-def plot_report(report: dict, path: Path, force: bool = False) -> None:
-    """Draw alphas (one line per candidate across blocks) and the training-loss curve into ``path``."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -17,6 +16,29 @@ def plot_report(report: dict, path: Path, force: bool = False) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise TwamergeError("--plot needs matplotlib; pip install 'twamerge[plot]'") from exc
+    return plt
+
+
+def plot_format(path: Path) -> str:
+    """The image format ``path``'s suffix names; raises when matplotlib is missing or cannot write it.
+
+    Called before the fit starts, so a bad ``--plot`` name fails before any output is written.
+    """
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fmt = Path(path).suffix.lower().removeprefix(".")
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        raise OutputError(f"{path}: a plot needs an image suffix ({', '.join('.' + f for f in sorted(supported))}), "
+                          f"not {Path(path).suffix or 'none'!r}")
+    return fmt
+
+
+def plot_report(report: dict, path: Path, force: bool = False) -> None:
+    """Draw alphas (one line per candidate across blocks) and the training-loss curve into ``path``."""
+    fmt = plot_format(path)
+    plt = _pyplot()
     alphas = report["merge"]["block_alphas"]
     names = [Path(c["path"]).name for c in report["candidates"]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -43,6 +65,6 @@ def plot_report(report: dict, path: Path, force: bool = False) -> None:
     fig.tight_layout()
     try:
         with atomic_output(path, force, "plot") as tmp:
-            fig.savefig(tmp, dpi=110)
+            fig.savefig(tmp, dpi=110, format=fmt)
     finally:
         plt.close(fig)
