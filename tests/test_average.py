@@ -157,3 +157,15 @@ def test_peak_memory_independent_of_candidate_count(tmp_path, fmt):
     two = peak_rss_kb(paths[:2], tmp_path / "two.safetensors")
     eight = peak_rss_kb(paths, tmp_path / "eight.safetensors")
     assert eight - two < ckpt_kb // 2, f"8 checkpoints: {eight} KiB, 2 checkpoints: {two} KiB"
+
+
+def test_float8_and_unsigned_tensors_merge_and_round_trip(tmp_path):
+    """Every dtype the reader accepts is written back; float8 is averaged (torch has no float8 promotion)."""
+    a = {"w8": torch.tensor([0.5, 1.0, -2.0]).to(torch.float8_e4m3fn), "u16": torch.tensor([1, 60000], dtype=torch.uint16)}
+    b = {"w8": torch.tensor([1.5, 1.0, -1.0]).to(torch.float8_e4m3fn), "u16": torch.tensor([1, 60000], dtype=torch.uint16)}
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+    average_checkpoints([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], tmp_path / "m.safetensors")
+    merged = load_file(str(tmp_path / "m.safetensors"))
+    assert merged["w8"].dtype == torch.float8_e4m3fn and merged["w8"].float().tolist() == [1.0, 1.0, -1.5]
+    assert torch.equal(merged["u16"], a["u16"])

@@ -897,11 +897,8 @@ def _plan_shards(tensors: dict[str, torch.Tensor], max_shard_size: int | None) -
     return shards
 
 
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+# Every dtype we read, we can write.
+_SAFETENSORS_DTYPES = {dtype: name for name, dtype in _ST_DTYPES.items()}
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

@@ -134,7 +134,9 @@ def _merge_keys(
         for i, wi in enumerate(w):
             if wi != 0.0:
                 # In-place add promotes the candidate to float64 element by element: no float64 copy.
-                acc.add_(cs.get(i, key, check=False), alpha=wi)
+                # torch defines no promotion for float8, so those (1-byte) tensors are converted first.
+                t = cs.get(i, key, check=False)
+                acc.add_(t if t.dtype.itemsize > 1 else t.double(), alpha=wi)
         # One reduction over the accumulator instead of a NaN/Inf scan per candidate: a float64 sum of
         # finite float32/16 values cannot overflow, so a non-finite total means a non-finite input.
         if not cs.allow_nonfinite and not math.isfinite(float(acc.sum())):
