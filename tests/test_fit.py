@@ -123,6 +123,19 @@ def test_eval_scores_each_checkpoint_on_all_rows(run):
     assert all(c["n"] == res["rows"] and 0.5 < c["metric"] <= 1 for c in res["checkpoints"])
 
 
+@pytest.mark.parametrize("label_shape", [(), (12,)])
+def test_holdout_split_is_disjoint_and_stratified_when_one_label_per_row(label_shape):
+    from twamerge.data import TensorData, split_holdout
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(100).remainder(4).reshape(100, *([1] * len(label_shape))).expand(100, *label_shape)
+    data = TensorData({"x": torch.randn(100, 3, generator=gen), "label": labels.contiguous()}, ("x",), "label", "t")
+    fit_idx, held_idx = split_holdout(data, 0.2, seed=0)
+    assert sorted(torch.cat([fit_idx, held_idx]).tolist()) == list(range(100)) and held_idx.numel() == 20
+    if not label_shape:  # one class label per row: each class keeps its share in the held-out rows
+        assert torch.bincount(labels[held_idx]).tolist() == [5, 5, 5, 5]
+
+
 def test_holdout_zero_says_so(run, tmp_path):
     report = _fit(run, tmp_path / "h0.safetensors", holdout=0.0, greedy=False, eval_candidates=False)
     assert report["heldout_rows"] == 0

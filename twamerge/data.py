@@ -175,7 +175,7 @@ def load_data(cfg: DataConfig) -> TensorData:
 
 
 def split_holdout(data: TensorData, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded split into (fit, held-out) row indices, stratified by label for classification.
+    """Seeded split into (fit, held-out) row indices, stratified by label for one-label-per-row classification.
 
     Raises:
         DataError: when either part would hold fewer than a handful of rows.
@@ -184,7 +184,8 @@ def split_holdout(data: TensorData, fraction: float, seed: int) -> tuple[torch.T
     n = data.n
     if fraction == 0:
         return torch.arange(n), torch.empty(0, dtype=torch.long)
-    if data.is_classification:
+    # Stratify by class when there is one label per row (not, e.g., a token sequence per row).
+    if data.is_classification and data.columns[data.label].numel() == n:
         labels = data.columns[data.label].reshape(n)
         fit, held = [], []
         for value in torch.unique(labels):
