@@ -95,6 +95,22 @@ def test_apply_refuses_other_checkpoints(run, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.parametrize("edit, match", [
+    (lambda r: "{not json", "not a readable JSON report"),
+    (lambda r: json.dumps({**r, "report_version": 0}), "not a twamerge fit report"),
+    (lambda r: json.dumps({k: v for k, v in r.items() if k != "candidates"}), "lacks candidates"),
+    (lambda r: json.dumps({**r, "merge": {k: v for k, v in r["merge"].items() if k != "key_block"}}),
+     "lacks merge.key_block"),
+])
+def test_apply_refuses_a_damaged_report(run, tmp_path, edit, match):
+    _fit(run, tmp_path / "fit.safetensors", greedy=False, eval_candidates=False)
+    report = json.loads((tmp_path / "fit.json").read_text())
+    (tmp_path / "bad.json").write_text(edit(report))
+    with pytest.raises(TwamergeError, match=match):
+        apply_report(tmp_path / "bad.json", run.checkpoints, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_batchnorm_is_recalibrated_and_apply_keeps_it(tmp_path):
     run = make_digits_run(tmp_path / "bn", epochs=4, batchnorm=True)
     out = tmp_path / "bn.safetensors"

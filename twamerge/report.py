@@ -111,4 +111,9 @@ def read_report(path: Path) -> dict:
         raise TwamergeError(f"{path}: not a readable JSON report ({exc})") from exc
     if not isinstance(report, dict) or report.get("report_version") != REPORT_VERSION or "merge" not in report:
         raise TwamergeError(f"{path}: not a twamerge fit report (report_version {REPORT_VERSION} with a 'merge' section)")
+    missing = [k for k in ("candidates",) if not isinstance(report.get(k), list)] + [
+        f"merge.{k}" for k in ("block_alphas", "key_block", "default_alphas", "metadata")
+        if not isinstance(report["merge"], dict) or k not in report["merge"]]
+    if missing:
+        raise TwamergeError(f"{path}: the report lacks {', '.join(missing)}; was it edited or cut short?")
     return report
