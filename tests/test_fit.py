@@ -48,8 +48,8 @@ def test_fit_writes_merge_and_report(run, tmp_path):
             assert torch.allclose(merged[key], expect, atol=1e-6)
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
-    assert meta["method"] == "twa" and json.loads(meta["alphas"]) == report["merge"]["block_alphas"]
-    assert len(json.loads(meta["sources"])) == 6
+    assert meta["twamerge.method"] == "twa" and json.loads(meta["twamerge.alphas"]) == report["merge"]["block_alphas"]
+    assert len(json.loads(meta["twamerge.sources"])) == 6 and meta["format"] == "pt"
     # The quantized subspace point that was trained and the exact merge are close at 8 bits.
     assert report["subspace"]["quantization_gap"] < 0.05
     # Held-out: the learned merge is no worse than the uniform average (small tolerance for noise).

@@ -752,9 +752,6 @@ class CheckpointSet:
         """``{"path", "format", "sha256"}`` per candidate (hashes computed once, on first call)."""
         return [{"path": str(c.path), "format": c.format, "sha256": c.sha256()} for c in self._cands]
 
-    def size_bytes(self, i: int) -> int:
-        return self._cands[i].size_bytes()
-
     @property
     def renamed(self) -> list[dict[str, Any]]:
         """Per candidate where something changed: the container unwrapped and the prefixes stripped."""
@@ -765,10 +762,11 @@ class CheckpointSet:
             c.reader.close()
 
 
-def _open_candidates(paths: Sequence[str | Path], ema_key: str | None) -> list[_Candidate]:
+def _open_candidates(paths: Sequence[Path], ema_key: str | None) -> list[_Candidate]:
+    """Open already expanded ``paths``; on any failure the ones opened so far are closed."""
     cands: list[_Candidate] = []
     try:
-        for p in expand_paths(paths):
+        for p in paths:
             cands.append(_Candidate(p, ema_key))
     except BaseException:
         for c in cands:

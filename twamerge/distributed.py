@@ -194,27 +194,24 @@ class Comm:
             dist.destroy_process_group()
 
 
-def init(device: torch.device, *, init_method: str | None = None, rank: int | None = None,
-         world_size: int | None = None) -> Comm | None:
+def init(device: torch.device) -> Comm | None:
     """Join (or start) the process group; None when there is only one rank.
 
     Uses an existing default group when the caller already initialised one (tests, user scripts);
-    otherwise torchrun's env vars (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...) or the explicit
-    arguments. The backend is NCCL for CUDA devices and gloo for CPU.
+    otherwise torchrun's env vars (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...). The backend is NCCL
+    for CUDA devices and gloo for CPU.
     """
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
         if world < 2:
             return None
         return Comm(dist.get_rank(), world, device if device.type == "cuda" else torch.device("cpu"))
-    if world_size is None and not launched_by_torchrun():
+    if not launched_by_torchrun():
         return None
     if not dist.is_available():
         raise TwamergeError("this torch build has no torch.distributed; run a single process")
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"backend": backend, "timeout": TIMEOUT}
-    if init_method is not None:
-        kwargs.update(init_method=init_method, rank=rank, world_size=world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         kwargs["device_id"] = device

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import logging
 import math
 from collections import defaultdict
@@ -29,7 +28,7 @@ from .data import load_data, split_holdout
 from .distributed import Comm, split_columns
 from .errors import BackendUnavailableError, FitError, ModelError, OutputError, TwamergeError
 from .fit import FlatBinding, evaluate, has_batchnorm, recalibrate_batchnorm, train_coefficients
-from .merge import linear_merge
+from .merge import build_metadata, linear_merge, uniform_weights
 from .models import Objective, build_model, resolve_objective
 from .report import REPORT_VERSION, MethodResult, Timer, best_candidate, is_better, peak_memory, read_report
 from .subspace import build_subspace, make_layout
@@ -210,13 +209,11 @@ def fit(
         >>> report["methods"][-1]["heldout"]["metric"]
     """
     output = Path(output)
-    device = select_device(cfg.device)
-    _check_backend(cfg.backend, distributed.rank_device(device))
+    device = distributed.rank_device(select_device(cfg.device))
+    _check_backend(cfg.backend, device)
     # Under torchrun (or inside an initialised process group of several ranks) the fit is distributed.
-    comm = distributed.init(distributed.rank_device(device))
+    comm = distributed.init(device)
     try:
-        if comm is not None:
-            device = distributed.rank_device(device)
         with _phase(comm, "check outputs"):
             if comm is None or comm.is_main:
                 for side, what in ((report_path, "report"), (plot_path, "plot")):
@@ -228,7 +225,6 @@ def fit(
                     plot_format(Path(plot_path))
         out_dtype = parse_dtype(dtype)
         timer = Timer()
-        cs = None
         with _phase(comm, "open"), timer.phase("open"):
             cs = open_checkpoints(checkpoints, ema_key=ema_key, keys=keys, allow_nonfinite=allow_nonfinite)
             if comm is None or comm.is_main:
@@ -276,8 +272,6 @@ def _fit(cs, val, model_cfg, output, cfg, report_path, plot_path, out_dtype, for
     n_ranks = 1 if comm is None else comm.world_size
     with _phase(comm, "bind"):
         binding = FlatBinding(model, layout, mk.param_of_key, device, n_cols=chunk * n_ranks)
-        uniform_buffers = {b: _uniform(cs, b) for b in mk.buffers}
-        _load_state(model, uniform_buffers)
     recalibrate = cfg.bn_recalibrate == "on" or (cfg.bn_recalibrate == "auto" and has_batchnorm(model))
     if recalibrate and not has_batchnorm(model) and main:
         log.warning("--bn-recalibrate on: the model has no BatchNorm layer; nothing to recalibrate")
@@ -288,6 +282,8 @@ def _fit(cs, val, model_cfg, output, cfg, report_path, plot_path, out_dtype, for
         rows = _baselines(cs, mk, ev, objective, cfg, k)
     theta0 = _start_point(cfg.init, rows, subspace, objective, k, cfg.coordinates)
     with _phase(comm, "fit"), timer.phase("fit"):
+        # The fit runs with the candidates' uniform-average buffers, not those of the last baseline scored.
+        _load_state(model, {b: _uniform(cs, b) for b in mk.buffers})
         outcome = train_coefficients(binding, subspace, data, fit_idx, objective, cfg, device, progress, comm,
                                      theta0=theta0)
     trained = subspace.combine(outcome.beta, out=torch.empty(subspace.mean.numel(), dtype=torch.float32, device=device))
@@ -321,20 +317,12 @@ def _fit(cs, val, model_cfg, output, cfg, report_path, plot_path, out_dtype, for
 
     def finish() -> dict:
         """The report, the output and the report file (rank 0 alone in a distributed fit)."""
-        best = best_candidate(rows, "heldout" if held_idx.numel() else "fit", objective.classification)
         split = "heldout" if held_idx.numel() else "fit"
+        best = best_candidate(rows, split, objective.classification)
         beats = None if best is None else not is_better(getattr(best, split), getattr(twa_row, split),
                                                         objective.classification)
-        metadata = {
-            "format": "pt",
-            "twamerge_version": __version__,
-            "method": "twa",
-            "blocks": cfg.blocks,
-            "bits": str(cfg.bits),
-            "alphas": json.dumps(alphas.tolist()),
-            "sources": json.dumps([{"path": s["path"], "sha256": s["sha256"]} for s in cs.sources()]),
-            "heldout": json.dumps(twa_row.heldout),
-        }
+        metadata = build_metadata("twa", [{"path": s["path"], "sha256": s["sha256"]} for s in cs.sources()],
+                                  blocks=cfg.blocks, bits=cfg.bits, alphas=alphas.tolist(), heldout=twa_row.heldout)
         report = {
             "report_version": REPORT_VERSION,
             "tool": "twamerge",
@@ -459,7 +447,7 @@ def _baselines(cs, mk: ModelKeys, ev: _Evaluator, objective: Objective, cfg: Fit
             ev.load_from(lambda: _candidate_state(cs, i, keys), recalibrate=False)
             rows.append(MethodResult(Path(cs.paths[i]).name, "candidate", ev.score("fit"), ev.score("heldout"),
                                      {"path": str(cs.paths[i])}))
-    ev.load_from(lambda: linear_merge(cs, [1.0 / k] * k), recalibrate=True)
+    ev.load_from(lambda: linear_merge(cs, uniform_weights(k)), recalibrate=True)
     rows.append(MethodResult("uniform", "uniform", ev.score("fit"), ev.score("heldout")))
     if cfg.greedy and rows:
         rows.append(_greedy_soup(cs, ev, objective, rows[:k]))
