@@ -189,7 +189,6 @@ def train_coefficients(
     step = 0
     if comm is not None:
         chunk = binding.flat.numel() // comm.world_size
-        c0, c1 = subspace.col_range or (0, subspace.layout.n_cols)
         local_w = torch.zeros(chunk, dtype=torch.float32, device=device)
         local_g = torch.zeros(chunk, dtype=torch.float32, device=device)
     # Dropout draws from the global RNG: seed it for reproducibility, and restore it afterwards.
@@ -204,7 +203,7 @@ def train_coefficients(
                         value, grad = _local_step(binding, subspace, objective, inputs, label, beta, device, step)
                     else:
                         value, grad = _distributed_step(binding, subspace, objective, inputs, label, beta, device,
-                                                        comm, local_w[:c1 - c0], local_w, local_g, (step, total))
+                                                        comm, local_w, local_g, (step, total))
                     if not math.isfinite(value):
                         where = "" if comm is None else f" (summed over {comm.world_size} ranks)"
                         raise FitError(f"the loss became {value} at step {step + 1} of {total}{where}; nothing was "
@@ -222,24 +221,26 @@ def train_coefficients(
 
 
 def _local_step(binding: FlatBinding, subspace: Subspace, objective: Objective, inputs: dict, label: torch.Tensor,
-                beta: torch.Tensor, device: torch.device, step: int) -> tuple[float, torch.Tensor | None]:
-    """combine -> forward/backward -> project; returns (loss, dL/dbeta [B, R]), no gradient for a non-finite loss."""
+                beta: torch.Tensor, device: torch.device, step: int) -> tuple[float, torch.Tensor]:
+    """combine -> forward/backward -> project; returns (loss, dL/dbeta [B, R]).
+
+    The loss is read once, at the end: reading it before ``backward`` would make the host wait for
+    the forward pass on a GPU. A non-finite loss gives a useless gradient, and the caller stops.
+    """
     subspace.combine(beta, out=binding.flat)
     binding.grad.zero_()
     out = call_model(binding.model, {k: v.to(device) for k, v in inputs.items()})
     loss = objective.loss_fn(out, label.to(device))
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        return value, None
     loss.backward()
     if step == 0:
         binding.check_grads_in_place()
-    return value, subspace.project(binding.grad)
+    grad = subspace.project(binding.grad)
+    return float(loss.detach()), grad
 
 
 def _distributed_step(binding: FlatBinding, subspace: Subspace, objective: Objective, inputs: dict, label: torch.Tensor,
-                      beta: torch.Tensor, device: torch.device, comm: Comm, out_w: torch.Tensor,
-                      local_w: torch.Tensor, local_g: torch.Tensor, where: tuple[int, int]
+                      beta: torch.Tensor, device: torch.device, comm: Comm, local_w: torch.Tensor,
+                      local_g: torch.Tensor, where: tuple[int, int]
                       ) -> tuple[float, torch.Tensor]:
     """One data-parallel step over this rank's shard of the global batch; returns (global loss, dL/dbeta [B, R]).
 
@@ -249,22 +250,21 @@ def _distributed_step(binding: FlatBinding, subspace: Subspace, objective: Objec
     ``[dL/dbeta, loss]`` with the error flag. A rank that fails keeps taking part in the collectives
     and raises with the others at the final all-reduce.
     """
-    subspace.combine(beta, out=out_w)
+    own = subspace.mean.numel()  # this rank's columns; local_w/local_g are padded to the common chunk
+    subspace.combine(beta, out=local_w[:own])
     comm.all_gather(binding.flat, local_w)
     binding.grad.zero_()
     error: BaseException | None = None
-    value = 0.0
+    loss = torch.zeros((), device=device)
     try:
         n = label.shape[0]
         lo, hi = comm.shard(n)
         if hi > lo:
             out = call_model(binding.model, {k: v[lo:hi].to(device) for k, v in inputs.items()})
             loss = objective.loss_fn(out, label[lo:hi].to(device)) * ((hi - lo) / n)
-            value = float(loss.detach())
-            if math.isfinite(value):
-                loss.backward()
-                if where[0] == 0:
-                    binding.check_grads_in_place()
+            loss.backward()
+            if where[0] == 0:
+                binding.check_grads_in_place()
     except KeyboardInterrupt:
         # Raised here, not converted by the caller: a new exception would lose the mark that all ranks
         # already agreed on it, and the ranks would disagree on the next collective.
@@ -272,7 +272,7 @@ def _distributed_step(binding: FlatBinding, subspace: Subspace, objective: Objec
     except Exception as exc:
         error = exc
     comm.reduce_scatter(local_g, binding.grad)
-    part = subspace.project(local_g[:out_w.numel()])
-    payload = torch.cat([part.reshape(-1), torch.tensor([value], dtype=torch.float32, device=part.device)])
+    part = subspace.project(local_g[:own])
+    payload = torch.cat([part.reshape(-1), loss.detach().float().reshape(1).to(part.device)])
     total = comm.sum(payload, error)
     return float(total[-1]), total[:-1].view_as(part)
