@@ -39,14 +39,16 @@ class FlatLayout:
     shapes: list[tuple[int, ...]]
     offsets: list[int]
     block_of: list[int]
-    block_starts: list[int]
-    block_ends: list[int]  # padded end (multiple of group_size)
+    block_ends: list[int]  # padded end (multiple of group_size); each block starts where the previous ends
     group_size: int
-    spec: str
+
+    @property
+    def block_starts(self) -> list[int]:
+        return [0, *self.block_ends[:-1]]
 
     @property
     def n_blocks(self) -> int:
-        return len(self.block_starts)
+        return len(self.block_ends)
 
     @property
     def n_cols(self) -> int:
@@ -107,7 +109,7 @@ def make_layout(names: Sequence[str], shapes: Sequence[tuple[int, ...]], blocks:
         in_block += n
     if starts:
         close_block()
-    return FlatLayout(list(names), [tuple(s) for s in shapes], offsets, block_of, starts, ends, group_size, blocks)
+    return FlatLayout(list(names), [tuple(s) for s in shapes], offsets, block_of, ends, group_size)
 
 
 @dataclass
@@ -294,9 +296,10 @@ def build_subspace(
     stage = torch.zeros(k * width, dtype=torch.float32, device=device)
     by_block = layout.block_names()
     index_of = {name: i for i, name in enumerate(layout.names)}
+    block_starts = layout.block_starts
     for b in progress(range(layout.n_blocks)):
         t32 = transform[b].float().to(device)
-        start, end = max(layout.block_starts[b], c0), min(layout.block_ends[b], c1)
+        start, end = max(block_starts[b], c0), min(layout.block_ends[b], c1)
         members = [index_of[n] for n in by_block[b]]
         cache: dict[int, torch.Tensor] = {}
         for w0 in range(start, end, width):
