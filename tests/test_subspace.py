@@ -116,7 +116,7 @@ def test_quantized_basis_error_shrinks_with_bits():
         q = dequantize_torch(quant.codes, quant.scales, quant.zeros, bits, 64)
         errors[bits] = float((p - q).norm() / p.norm())
         assert quant.basis_bytes() < exact.basis_bytes() * (bits / 32 + 0.1)
-    # Each extra bit halves the quantization step: at least 1.5x less error per doubling of bits.
+    # Each extra bit halves the quantization step: at least 1.5x less error each time the bits double.
     assert errors[1] > 1.5 * errors[2] > 2.25 * errors[4] > 3.4 * errors[8], errors
     assert errors[8] < 0.02, errors
 
