@@ -173,6 +173,22 @@ def test_bad_model_spec(run, tmp_path, spec, match):
     assert not out.exists()
 
 
+def test_bad_loss_spec_names_the_loss_option(run, tmp_path):
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(ModelError, match="^--loss 'no_such_module_xyz:fn': cannot import module"):
+        fit(run.checkpoints, val=DataConfig(str(run.val)), model=ModelConfig(MODEL_SPEC, loss="no_such_module_xyz:fn"),
+            output=out, cfg=FitConfig(**FAST))
+    assert not out.exists()
+
+
+def test_unreadable_hf_config_is_a_model_error(tmp_path):
+    from twamerge.models import build_model
+
+    (tmp_path / "config.json").write_text('{"model_type": "no_such_architecture_xyz"}')
+    with pytest.raises(ModelError, match="config.json cannot be loaded"):
+        build_model(None, {}, hf_dir=tmp_path)
+
+
 def test_checkpoints_that_do_not_fit_the_model(run, tmp_path):
     out = tmp_path / "m.safetensors"
     with pytest.raises(ModelError, match=r"missing keys \['fc1.weight'.*unexpected keys \['fc1.kernel'"):

@@ -42,14 +42,16 @@ def parse_model_args(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _load_factory(spec: str) -> Callable[..., nn.Module]:
+def _load_factory(spec: str, option: str = "--model") -> Callable:
+    """The callable ``spec`` names (``file.py:name`` or ``module:name``); errors name ``option``."""
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
-        raise ModelError(f"--model {spec!r}: expected file.py:factory, package.module:factory, timm:NAME or a directory")
+        raise ModelError(f"{option} {spec!r}: expected file.py:name or package.module:name"
+                         + (", timm:NAME or a directory" if option == "--model" else ""))
     if target.endswith(".py"):
         path = Path(target)
         if not path.is_file():
-            raise ModelError(f"--model {spec!r}: no such file {path}")
+            raise ModelError(f"{option} {spec!r}: no such file {path}")
         name = f"twamerge_user_model_{abs(hash(str(path.resolve())))}"
         module_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(module_spec)
@@ -58,17 +60,17 @@ def _load_factory(spec: str) -> Callable[..., nn.Module]:
         try:
             module_spec.loader.exec_module(module)
         except Exception as exc:
-            raise ModelError(f"--model {spec!r}: importing {path} failed ({type(exc).__name__}: {exc})") from exc
+            raise ModelError(f"{option} {spec!r}: importing {path} failed ({type(exc).__name__}: {exc})") from exc
         finally:
             sys.path.remove(str(path.parent.resolve()))
     else:
         try:
             module = importlib.import_module(target)
         except Exception as exc:
-            raise ModelError(f"--model {spec!r}: cannot import module {target!r} ({type(exc).__name__}: {exc})") from exc
+            raise ModelError(f"{option} {spec!r}: cannot import module {target!r} ({type(exc).__name__}: {exc})") from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ModelError(f"--model {spec!r}: {target} has no callable {attr!r}")
+        raise ModelError(f"{option} {spec!r}: {target} has no callable {attr!r}")
     return factory
 
 
@@ -79,7 +81,11 @@ def _build_hf(directory: Path, args: dict[str, Any]) -> nn.Module:
         raise ModelError(
             f"--model {directory}: Hugging Face directories need transformers; pip install 'twamerge[transformers]'"
         ) from exc
-    config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True, **args)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True, **args)
+    except Exception as exc:  # transformers raises OSError/ValueError/KeyError for bad or unknown configs
+        raise ModelError(f"--model {directory}: config.json cannot be loaded ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:300]})") from exc
     architectures = getattr(config, "architectures", None) or []
     for arch in architectures:
         cls = getattr(transformers, arch, None)
@@ -191,5 +197,5 @@ def resolve_objective(name: str, classification: bool) -> Objective:
         return Objective(_auto_loss(True), True)
     if name == "mse":
         return Objective(_auto_loss(False), False)
-    fn = _load_factory(name)
+    fn = _load_factory(name, "--loss")
     return Objective(lambda out, y: fn(out, y), classification)
