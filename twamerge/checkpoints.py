@@ -43,6 +43,7 @@ from .errors import (
     InvalidArgumentError,
     NonFiniteError,
     OutputError,
+    one_line,
 )
 
 log = logging.getLogger(__name__)
@@ -100,11 +101,6 @@ _DTYPE_NAMES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
 }
-
-
-def _one_line(err: BaseException | str) -> str:
-    text = str(err).strip() or type(err).__name__
-    return " ".join(text.split())
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -296,7 +292,7 @@ class _SafetensorsReader(_Reader):
                 header = json.loads(fh.read(n))
         except Exception as e:  # noqa: BLE001 - any decode failure means the same thing to the user
             raise CheckpointError(
-                f"{path}: not a readable safetensors file ({_one_line(e)}); it may be truncated or corrupted, "
+                f"{path}: not a readable safetensors file ({one_line(e)}); it may be truncated or corrupted, "
                 "re-save or re-download it"
             ) from e
         self._base = 8 + n
@@ -376,7 +372,7 @@ def _torch_load(path: Path) -> Any:
             blocked = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
         except Exception:  # noqa: BLE001 - legacy formats cannot be scanned; fall back to torch's message
             blocked = []
-        what = f"the globals {', '.join(blocked)}" if blocked else f"more than tensors ({_one_line(e)[:200]})"
+        what = f"the globals {', '.join(blocked)}" if blocked else f"more than tensors ({one_line(e)[:200]})"
         raise CheckpointError(
             f"{path}: refusing to unpickle: the file needs {what}, which a weights-only load does not allow "
             "and twamerge never loads pickles unsafely; if you trust the file, convert it once in a trusted "
@@ -385,7 +381,7 @@ def _torch_load(path: Path) -> Any:
         ) from e
     except Exception as e:  # noqa: BLE001 - zip/EOF/runtime errors all mean a damaged file
         raise CheckpointError(
-            f"{path}: not a readable torch checkpoint ({_one_line(e)[:300]}); it may be truncated or corrupted"
+            f"{path}: not a readable torch checkpoint ({one_line(e)[:300]}); it may be truncated or corrupted"
         ) from e
 
 
@@ -478,7 +474,7 @@ class _ShardedReader(_Reader):
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid shard index ({_one_line(e)}); expected a 'weight_map'") from e
+            raise CheckpointError(f"{index}: not a valid shard index ({one_line(e)}); expected a 'weight_map'") from e
         shard_names = list(dict.fromkeys(weight_map.values()))
         self.files = [index] + [index.parent / s for s in shard_names]
         self._shards: dict[str, _Reader] = {}
@@ -1042,7 +1038,7 @@ def write_checkpoint(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"cannot create folder {out.parent}: {_one_line(e)}") from e
+        raise OutputError(f"cannot create folder {out.parent}: {one_line(e)}") from e
 
     # (temporary path, final path) pairs; renamed in this order, index last.
     staged: list[tuple[Path, Path]] = []
@@ -1109,7 +1105,7 @@ def write_checkpoint(
                 stale.unlink(missing_ok=True)
                 log.info("removed %s, part of the output this one replaces", stale)
     except OSError as e:
-        raise OutputError(f"cannot write {out}: {_one_line(e)}") from e
+        raise OutputError(f"cannot write {out}: {one_line(e)}") from e
     finally:
         for tmp, _ in staged:
             if not is_dir:

@@ -27,7 +27,7 @@ from rich.table import Table
 
 from . import __version__
 from .config import FitConfig
-from .errors import InvalidArgumentError, TwamergeError
+from .errors import InvalidArgumentError, TwamergeError, one_line
 
 app = typer.Typer(
     name="twamerge",
@@ -131,8 +131,7 @@ def _fail_on_twamerge_error() -> Iterator[None]:
     except TwamergeError as err:
         if STATE.verbose:
             traceback.print_exc(file=sys.stderr)
-        message = " ".join(str(err).split()) or type(err).__name__
-        typer.echo(f"error: {message}", err=True)
+        typer.echo(f"error: {one_line(err)}", err=True)
         raise typer.Exit(2 if isinstance(err, InvalidArgumentError) else 1) from None
 
 

@@ -29,7 +29,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from .errors import TwamergeError
+from .errors import TwamergeError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class Comm:
         return [json.loads(bytes(rows[r, :int(sizes[r])].numpy())) for r in range(self.world_size)]
 
     def _fail(self, error: BaseException | None) -> None:
-        message = None if error is None else (" ".join(str(error).split()) or type(error).__name__)
+        message = None if error is None else one_line(error)
         messages = self.gather_objects(message)
         if error is not None:
             setattr(error, _SYNCED, True)

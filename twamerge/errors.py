@@ -40,3 +40,9 @@ class FitError(TwamergeError):
 
 class BackendUnavailableError(TwamergeError):
     """A forced compute backend (e.g. triton) cannot run here."""
+
+
+def one_line(err: BaseException | str) -> str:
+    """``err``'s text on one line (whitespace runs collapsed); the exception's type name when it has none."""
+    text = " ".join(str(err).split())
+    return text or (type(err).__name__ if isinstance(err, BaseException) else "")
