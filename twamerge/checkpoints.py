@@ -497,6 +497,7 @@ class _ShardedReader(_Reader):
                     self._where[k] = (reader, v)
         missing = [k for k in weight_map if k not in self._where]
         if missing:
+            self.close()
             raise CheckpointError(f"{index}: {len(missing)} indexed tensors are absent from their shards, e.g. {missing[:3]}")
 
     def entries(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -561,6 +562,7 @@ class _Candidate:
             names = [n[len(first):] for n in names]
             stripped.append(first)
         if len(set(names)) != len(names):
+            self.reader.close()
             raise CheckpointError(f"{path}: stripping prefixes {stripped} makes key names collide")
         self.raw_of = dict(zip(names, raw))
         self.entries = {n: raw[r] for n, r in self.raw_of.items()}
