@@ -21,9 +21,9 @@ from pathlib import Path
 _TWAMERGE = textwrap.dedent(
     """
     import json, resource, sys, time
-    from twamerge import average_checkpoints
+    from twamerge import OutputConfig, average_checkpoints
     t = time.perf_counter()
-    average_checkpoints(sys.argv[2:], sys.argv[1], force=True)
+    average_checkpoints(sys.argv[2:], OutputConfig(sys.argv[1], force=True))
     print(json.dumps({"s": time.perf_counter() - t,
                       "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
     """

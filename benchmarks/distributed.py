@@ -45,12 +45,12 @@ def _prepare(root: Path, hidden: int, k: int, rows: int) -> tuple[list[str], str
 
 
 def _fit(args: argparse.Namespace, paths: list[str], val: str, out: Path) -> dict:
-    from twamerge.config import DataConfig, FitConfig, ModelConfig
+    from twamerge.config import DataConfig, FitConfig, ModelConfig, OutputConfig
     from twamerge.pipeline import fit
 
     return fit(paths, val=DataConfig(val), model=ModelConfig(f"{Path(__file__).resolve()}:build",
                                                              {"hidden": args.hidden}),
-               output=out, force=True,
+               output=OutputConfig(out, force=True),
                cfg=FitConfig(bits=args.bits, epochs=args.epochs, batch_size=args.batch_size, greedy=False,
                              eval_candidates=False, device="cpu"))
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from twamerge.fit import FlatBinding
-from twamerge.subspace import build_subspace, make_layout
+from twamerge.subspace import StackedCandidates, build_subspace, make_layout
 
 
 def mlp(width: int, depth: int) -> nn.Module:
@@ -52,7 +52,7 @@ def main() -> None:
     stacks = {n: p.detach().unsqueeze(0) + 0.01 * torch.randn(args.k, *p.shape) for n, p in base.named_parameters()}
     layout = make_layout(names, shapes, args.blocks, 128)
     t0 = time.perf_counter()
-    sub = build_subspace(stacks.__getitem__, layout, args.k, bits=args.bits)
+    sub = build_subspace(StackedCandidates(stacks), layout, bits=args.bits)
     build_s = time.perf_counter() - t0
     x = torch.randn(args.batch, 784)
     y = torch.randint(0, 10, (args.batch,))
@@ -65,7 +65,7 @@ def main() -> None:
         loss_fn(plain(x), y).backward()
 
     model = mlp(args.width, args.depth)
-    binding = FlatBinding(model, layout, dict(model.named_parameters()), torch.device("cpu"))
+    binding = FlatBinding(model, layout, torch.device("cpu"))
     beta = torch.randn(layout.n_blocks, sub.rows) * 0.01
 
     def fit_step() -> None:

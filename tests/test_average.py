@@ -20,7 +20,6 @@ from safetensors.torch import load_file, save_file
 
 from twamerge import average_checkpoints, linear_merge, open_checkpoints
 from twamerge.errors import InvalidArgumentError
-from twamerge.merge import ema_weights
 
 
 def _np_average(sds: list[dict[str, torch.Tensor]], w: list[float], key: str) -> np.ndarray:
@@ -54,16 +53,6 @@ def test_uniform_weighted_ema_match_numpy_on_mixed_formats(tmp_path):
         assert meta["twamerge.method"] == name
         assert json.loads(meta["twamerge.weights"]) == pytest.approx(w)
         assert [s["sha256"] for s in json.loads(meta["twamerge.sources"])] == [s["sha256"] for s in summary["inputs"]]
-
-
-def test_ema_weights_recurrence():
-    w = ema_weights(5, 0.9)
-    assert sum(w) == pytest.approx(1.0)
-    x = torch.randn(5)
-    e = x[0]
-    for j in range(1, 5):
-        e = 0.9 * e + 0.1 * x[j]
-    assert float(sum(wi * xi for wi, xi in zip(w, x))) == pytest.approx(float(e), rel=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from digits_run import MODEL_SPEC, make_digits_run
 from safetensors.torch import load_file, save_file
 
-from twamerge.config import DataConfig, FitConfig, ModelConfig
+from twamerge.config import DataConfig, FitConfig, ModelConfig, OutputConfig
 from twamerge.distributed import split_columns
 from twamerge.pipeline import fit
 
@@ -47,7 +47,7 @@ def _worker(rank: int, root: str) -> None:
             args = sc.get(f"model_args_rank{rank}", sc.get("model_args", {}))
             try:
                 report = fit(sc["checkpoints"], val=DataConfig(sc["val"]), model=ModelConfig(MODEL_SPEC, args),
-                             output=sc["output"], report_path=sc["output"] + ".json",
+                             output=OutputConfig(sc["output"], report=sc["output"] + ".json"),
                              cfg=FitConfig(**CFG, device="cpu"))
                 results[name] = {"alphas": report["merge"]["block_alphas"], "distributed": report["distributed"],
                                  "outputs": report["outputs"]}

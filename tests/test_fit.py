@@ -12,7 +12,7 @@ from helpers import assert_close
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from twamerge.config import DataConfig, FitConfig, ModelConfig
+from twamerge.config import DataConfig, FitConfig, ModelConfig, OutputConfig
 from twamerge.errors import DataError, FitError, ModelError, OutputError, TwamergeError
 from twamerge.pipeline import apply_report, evaluate_checkpoints, fit
 
@@ -26,8 +26,8 @@ def run(tmp_path_factory):
 
 def _fit(run, out: Path, model_args=None, checkpoints=None, **cfg):
     return fit(checkpoints or run.checkpoints, val=DataConfig(str(run.val)),
-               model=ModelConfig(MODEL_SPEC, model_args or {}), output=out, cfg=FitConfig(**{**FAST, **cfg}),
-               report_path=out.with_suffix(".json"))
+               model=ModelConfig(MODEL_SPEC, model_args or {}), output=OutputConfig(out, report=out.with_suffix(".json")),
+               cfg=FitConfig(**{**FAST, **cfg}))
 
 
 def test_fit_writes_merge_and_report(run, tmp_path):
@@ -80,8 +80,8 @@ def test_scale_free_defaults(tmp_path):
 @pytest.mark.parametrize("dtype", [None, "float64"])
 def test_apply_reproduces_the_output_bit_for_bit(run, tmp_path, dtype):
     out = tmp_path / "fit.safetensors"
-    fit(run.checkpoints, val=DataConfig(str(run.val)), model=ModelConfig(MODEL_SPEC), output=out,
-        cfg=FitConfig(**FAST, greedy=False), report_path=tmp_path / "fit.json", dtype=dtype)
+    fit(run.checkpoints, val=DataConfig(str(run.val)), model=ModelConfig(MODEL_SPEC),
+        output=OutputConfig(out, report=tmp_path / "fit.json", dtype=dtype), cfg=FitConfig(**FAST, greedy=False))
     assert load_file(str(out))["fc1.weight"].dtype == (torch.float64 if dtype else torch.float32)
     again = tmp_path / "applied.safetensors"
     apply_report(tmp_path / "fit.json", run.checkpoints, again)
@@ -116,7 +116,7 @@ def test_batchnorm_is_recalibrated_and_apply_keeps_it(tmp_path):
     out = tmp_path / "bn.safetensors"
     # No holdout and one batch: the re-estimated statistics are exactly those of fc1's output on all rows.
     report = fit(run.checkpoints, val=DataConfig(str(run.val)), model=ModelConfig(MODEL_SPEC, {"batchnorm": True}),
-                 output=out, cfg=FitConfig(epochs=3, batch_size=1000, holdout=0.0), report_path=tmp_path / "bn.json")
+                 output=OutputConfig(out, report=tmp_path / "bn.json"), cfg=FitConfig(epochs=3, batch_size=1000, holdout=0.0))
     merged = load_file(str(out))
     import datasets
 

@@ -7,7 +7,7 @@ import torch
 from helpers import assert_close
 from twamerge.kernels.reference import dequantize_torch
 
-from twamerge.subspace import build_subspace, make_layout
+from twamerge.subspace import StackedCandidates, build_subspace, make_layout
 
 
 def _candidates(k=5, shapes=((7, 3), (11,), (4, 4, 2)), seed=0):
@@ -42,7 +42,7 @@ def _flat_directions(stacks, layout, sub):
 def test_float_basis_is_orthonormal_and_spans_the_candidates(blocks):
     stacks = _candidates()
     layout = make_layout(list(stacks), [s.shape[1:] for s in stacks.values()], blocks, 8)
-    sub = build_subspace(stacks.__getitem__, layout, 5, bits=32)
+    sub = build_subspace(StackedCandidates(stacks), layout, bits=32)
     p = dequantize_torch(sub.codes, sub.scales, sub.zeros, 32, 8).double()
     d = _flat_directions(stacks, layout, sub)
     for b in range(layout.n_blocks):
@@ -59,7 +59,7 @@ def test_float_basis_is_orthonormal_and_spans_the_candidates(blocks):
 def test_alphas_of_a_candidate_are_one_hot():
     stacks = _candidates()
     layout = make_layout(list(stacks), [s.shape[1:] for s in stacks.values()], "layer", 8)
-    sub = build_subspace(stacks.__getitem__, layout, 5, bits=32)
+    sub = build_subspace(StackedCandidates(stacks), layout, bits=32)
     p = dequantize_torch(sub.codes, sub.scales, sub.zeros, 32, 8).double()
     d = _flat_directions(stacks, layout, sub)
     j = 2
@@ -77,14 +77,14 @@ def test_duplicate_and_collinear_candidates_lower_the_rank():
     # c4 duplicates c1; c5 = 2*c2 - c1 is collinear with the others after centring
     stack = torch.stack([a, b, c, a.clone(), 2 * b - a])
     layout = make_layout(["w"], [(50,)], "global", 8)
-    sub = build_subspace(lambda _: stack, layout, 5, bits=8)
+    sub = build_subspace(StackedCandidates({"w": stack}), layout, bits=8)
     assert sub.ranks == [2] and sub.dropped == [2]
 
 
 def test_identical_candidates_have_rank_zero():
     x = torch.randn(30)
     layout = make_layout(["w"], [(30,)], "global", 8)
-    sub = build_subspace(lambda _: torch.stack([x, x, x]), layout, 3, bits=4)
+    sub = build_subspace(StackedCandidates({"w": torch.stack([x, x, x])}), layout, bits=4)
     assert sub.ranks == [0]
     beta = torch.zeros(1, sub.rows)
     out = sub.combine(beta, torch.empty(layout.n_cols))
@@ -98,9 +98,9 @@ def test_windowed_quantization_matches_one_window(monkeypatch, group_size):
 
     stacks = _candidates(shapes=((50, 30), (7,)))
     layout = make_layout(list(stacks), [s.shape[1:] for s in stacks.values()], "global", group_size)
-    whole = build_subspace(stacks.__getitem__, layout, 5, bits=4)
+    whole = build_subspace(StackedCandidates(stacks), layout, bits=4)
     monkeypatch.setattr(subspace_mod, "WINDOW", 100)  # not a multiple of either group size
-    windowed = build_subspace(stacks.__getitem__, layout, 5, bits=4)
+    windowed = build_subspace(StackedCandidates(stacks), layout, bits=4)
     assert torch.equal(windowed.codes, whole.codes)
     assert torch.equal(windowed.scales, whole.scales) and torch.equal(windowed.zeros, whole.zeros)
 
@@ -108,11 +108,11 @@ def test_windowed_quantization_matches_one_window(monkeypatch, group_size):
 def test_quantized_basis_error_shrinks_with_bits():
     stacks = _candidates(shapes=((64, 32),))
     layout = make_layout(list(stacks), [s.shape[1:] for s in stacks.values()], "global", 64)
-    exact = build_subspace(stacks.__getitem__, layout, 5, bits=32)
+    exact = build_subspace(StackedCandidates(stacks), layout, bits=32)
     p = dequantize_torch(exact.codes, exact.scales, exact.zeros, 32, 64)
     errors = {}
     for bits in (1, 2, 4, 8):
-        quant = build_subspace(stacks.__getitem__, layout, 5, bits=bits)
+        quant = build_subspace(StackedCandidates(stacks), layout, bits=bits)
         q = dequantize_torch(quant.codes, quant.scales, quant.zeros, bits, 64)
         errors[bits] = float((p - q).norm() / p.norm())
         assert quant.basis_bytes() < exact.basis_bytes() * (bits / 32 + 0.1)
@@ -124,8 +124,8 @@ def test_quantized_basis_error_shrinks_with_bits():
 def test_spread_scales_with_the_checkpoints():
     stacks = _candidates()
     layout = make_layout(list(stacks), [s.shape[1:] for s in stacks.values()], "layer", 8)
-    a = build_subspace(stacks.__getitem__, layout, 5, bits=8)
-    b = build_subspace(lambda n: stacks[n] * 100, layout, 5, bits=8)
+    a = build_subspace(StackedCandidates(stacks), layout, bits=8)
+    b = build_subspace(StackedCandidates({n: s * 100 for n, s in stacks.items()}), layout, bits=8)
     # rtol 1e-6, not 1e-9: the candidates are float32, and x * 100 rounds in the last bit.
     assert_close("spread", a.spread * 100, b.spread, atol=0, rtol=1e-6)
     assert torch.equal(a.codes, b.codes) or (a.codes.int() - b.codes.int()).abs().max() <= 1

@@ -7,7 +7,7 @@ package pulls in neither typer, rich nor triton.
 __version__ = "0.1.0"
 
 from .checkpoints import CheckpointSet, expand_paths, open_checkpoints, write_checkpoint  # noqa: E402
-from .config import DataConfig, FitConfig, ModelConfig  # noqa: E402
+from .config import DataConfig, FitConfig, ModelConfig, OutputConfig, ReadConfig  # noqa: E402
 from .errors import (  # noqa: E402
     BackendUnavailableError,
     CheckpointError,
@@ -22,6 +22,7 @@ from .errors import (  # noqa: E402
 )
 from .inspect_ckpt import inspect_checkpoints  # noqa: E402
 from .merge import average_checkpoints, linear_merge  # noqa: E402
+from .methods import METHODS  # noqa: E402
 from .pipeline import apply_report, evaluate_checkpoints, fit  # noqa: E402
 
 __all__ = [
@@ -35,9 +36,12 @@ __all__ = [
     "FitError",
     "InvalidArgumentError",
     "ModelConfig",
+    "METHODS",
     "ModelError",
     "NonFiniteError",
+    "OutputConfig",
     "OutputError",
+    "ReadConfig",
     "TwamergeError",
     "__version__",
     "apply_report",

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from .options import dtype_name, parse_dtype, parse_size  # noqa: F401 - re-exported until io/ lands
 from .errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -94,61 +95,6 @@ _ST_DTYPES: dict[str, torch.dtype] = {
     "U32": torch.uint32,
     "U64": torch.uint64,
 }
-
-_DTYPE_NAMES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
-}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float32`` -> ``"float32"``."""
-    return str(dtype).removeprefix("torch.")
-
-
-def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
-    """Turn ``"bf16"``, ``"float32"``, ... (or a torch dtype, or None) into a floating torch dtype.
-
-    Raises:
-        InvalidArgumentError: the name is not a supported floating dtype.
-    """
-    if value is None or isinstance(value, torch.dtype):
-        if isinstance(value, torch.dtype) and not value.is_floating_point:
-            raise InvalidArgumentError(f"output dtype {dtype_name(value)} is not a floating dtype")
-        return value
-    key = str(value).strip().lower().removeprefix("torch.")
-    if key in ("", "auto", "none", "same"):
-        return None
-    if key not in _DTYPE_NAMES:
-        raise InvalidArgumentError(
-            f"unknown dtype {value!r}; expected one of float32, float16, bfloat16, float64"
-        )
-    return _DTYPE_NAMES[key]
-
-
-def parse_size(value: int | str | None) -> int | None:
-    """Parse a byte count such as ``5000000``, ``"500MB"``, ``"2GiB"`` or ``"5G"`` (None stays None).
-
-    Raises:
-        InvalidArgumentError: the text is not a positive size.
-    """
-    if value is None:
-        return None
-    if isinstance(value, int):
-        size = value
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", str(value), flags=re.IGNORECASE)
-        if not m:
-            raise InvalidArgumentError(f"size {value!r} is not a byte count; write e.g. 500MB, 2GiB or 1000000")
-        base = 1024 if m.group(3) else 1000
-        power = " kmgt".index(m.group(2).lower() or " ")
-        size = int(float(m.group(1)) * base**power)
-    if size <= 0:
-        raise InvalidArgumentError(f"size {value!r} must be positive")
-    return size
-
 
 _SHA_CACHE: dict[tuple[int, int, int, int], str] = {}
 
@@ -736,6 +682,15 @@ class CheckpointSet:
         for i in range(len(self)):
             out[i].copy_(self.get(i, key))
         return out
+
+    def stack_slice(self, key: str, lo: int, hi: int) -> torch.Tensor:
+        """Elements ``[lo, hi)`` of the flattened ``key`` in every candidate: ``[K, hi - lo]``, stored dtype.
+
+        The whole tensor is read as one piece; a part only in that byte range where the format allows.
+        """
+        if (lo, hi) == (0, self.numel(key)):
+            return self.stack(key).reshape(len(self), -1)
+        return torch.stack([self.get_slice(i, key, lo, hi) for i in range(len(self))])
 
     @property
     def hf_dir(self) -> Path | None:

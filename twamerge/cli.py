@@ -25,9 +25,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
-from .config import FitConfig
+from . import __version__, config
+from .config import FitConfig, OutputConfig, ReadConfig, choices
+from .kernels.layout import SUPPORTED_BITS
 from .errors import InvalidArgumentError, TwamergeError, one_line
+from .methods import METHODS
 
 app = typer.Typer(
     name="twamerge",
@@ -181,17 +183,24 @@ def _human_bytes(n: float) -> str:
     return f"{n} B"
 
 
-class OutDType(str, enum.Enum):
-    auto = "auto"
-    float32 = "float32"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
-    float64 = "float64"
+def _choice_enum(name: str, values: Iterable[object]) -> type[enum.Enum]:
+    """A str-Enum of ``values`` for Typer's choices; the values themselves are defined in config.py."""
+    return enum.Enum(name, {str(v): str(v) for v in values}, type=str)  # type: ignore[return-value]
 
 
-class KeysMode(str, enum.Enum):
-    strict = "strict"
-    intersection = "intersection"
+OutDType = _choice_enum("OutDType", choices(config.OutDType))
+KeysMode = _choice_enum("KeysMode", choices(config.KeysMode))
+Optimizer = _choice_enum("Optimizer", choices(config.Optimizer))
+Coordinates = _choice_enum("Coordinates", choices(config.Coordinates))
+Init = _choice_enum("Init", choices(config.Init))
+Device = _choice_enum("Device", choices(config.Device))
+Backend = _choice_enum("Backend", choices(config.Backend))
+Toggle = _choice_enum("Toggle", choices(config.Toggle))
+Bits = _choice_enum("Bits", SUPPORTED_BITS)
+
+
+def _dtype(value: enum.Enum) -> str | None:
+    return None if value.value == "auto" else value.value
 
 
 def _parse_weights(text: str | None) -> list[float] | None:
@@ -236,11 +245,11 @@ def average_cmd(
                        ] = None,
     ema: Annotated[Optional[float], typer.Option("--ema", min=0.0, max=1.0,
                                                  help="EMA decay over the checkpoints in the given order.")] = None,
-    dtype: Annotated[OutDType, typer.Option("--dtype", help="Output dtype of floating tensors.")] = OutDType.auto,
+    dtype: Annotated[OutDType, typer.Option("--dtype", help="Output dtype of floating tensors.")] = OutDType("auto"),
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="Rescale --weights to sum to 1.")
                          ] = True,
     key: KeyOpt = None,
-    keys: KeysOpt = KeysMode.strict,
+    keys: KeysOpt = KeysMode("strict"),
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Merge NaN/Inf weights instead of "
                                                                             "failing.")] = False,
     max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Split the output into shards "
@@ -253,15 +262,17 @@ def average_cmd(
 ) -> None:
     """Average checkpoints without data: uniform (SWA), fixed --weights, or --ema."""
     from .merge import average_checkpoints
+    from .options import parse_size
 
     parsed = _parse_weights(weights)
     if parsed is not None and ema is not None:
         raise typer.BadParameter("give either --weights or --ema, not both", param_hint="--weights/--ema")
     with _fail_on_twamerge_error():
+        out = OutputConfig(output, force=force, dtype=_dtype(dtype), max_shard_size=parse_size(max_shard_size))
         result = average_checkpoints(
-            checkpoints, output, weights=parsed, ema=ema, dtype=None if dtype is OutDType.auto else dtype.value,
-            force=force, normalize=normalize, keys=keys.value, ema_key=key, allow_nonfinite=allow_nonfinite,
-            max_shard_size=max_shard_size, progress=_progress("averaging"),
+            checkpoints, out, weights=parsed, ema=ema, normalize=normalize,
+            read=ReadConfig(ema_key=key, keys=keys.value, allow_nonfinite=allow_nonfinite),
+            progress=_progress("averaging"),
         )
     _emit(result, json_out, _render_average)
 
@@ -303,7 +314,7 @@ def _render_inspect(result: dict[str, Any], console: Console) -> None:
 def inspect_cmd(
     checkpoints: CheckpointsArg,
     key: KeyOpt = None,
-    keys: KeysOpt = KeysMode.strict,
+    keys: KeysOpt = KeysMode("strict"),
     similarity: Annotated[bool, typer.Option("--similarity/--no-similarity", help="Compute the pairwise "
                                              "similarity of the centred checkpoints (reads all weights).")] = True,
     group_size: Annotated[int, typer.Option("--group-size", min=8, help="Quantization group for the basis "
@@ -325,49 +336,6 @@ def inspect_cmd(
 
 # Defaults are defined once, in the config dataclass (config.py imports no torch).
 _D = FitConfig()
-
-
-class Optimizer(str, enum.Enum):
-    adamw = "adamw"
-    sgd = "sgd"
-
-
-class Coordinates(str, enum.Enum):
-    candidates = "candidates"
-    weights = "weights"
-
-
-class Init(str, enum.Enum):
-    uniform = "uniform"
-    greedy = "greedy"
-    best = "best"
-
-
-class Device(str, enum.Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class Backend(str, enum.Enum):
-    auto = "auto"
-    triton = "triton"
-    torch = "torch"
-
-
-class Toggle(str, enum.Enum):
-    auto = "auto"
-    on = "on"
-    off = "off"
-
-
-class Bits(str, enum.Enum):
-    b1 = "1"
-    b2 = "2"
-    b4 = "4"
-    b8 = "8"
-    b16 = "16"
-    b32 = "32"
 
 
 # Exit code of --fail-if-worse when the learned merge loses to the best candidate: distinct from
@@ -456,12 +424,12 @@ def fit_cmd(
     optimizer: Annotated[Optimizer, typer.Option("--optimizer")] = Optimizer(_D.optimizer),
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = _D.batch_size,
     seed: Annotated[int, typer.Option("--seed")] = _D.seed,
-    device: Annotated[Device, typer.Option("--device")] = Device.auto,
+    device: Annotated[Device, typer.Option("--device")] = Device(_D.device),
     backend: Annotated[Optional[Backend], typer.Option("--backend", help="Kernels: auto (Triton on CUDA), triton, "
                                                        "torch; default: TWAMERGE_BACKEND, else auto.")] = None,
     bn_recalibrate: Annotated[Toggle, typer.Option("--bn-recalibrate", help="Re-estimate BatchNorm statistics on "
                                                    "the fit split (auto: when the model has BatchNorm).")
-                              ] = Toggle.auto,
+                              ] = Toggle(_D.bn_recalibrate),
     coordinates: Annotated[Coordinates, typer.Option("--coordinates", help="Units of the trained coordinates: "
                                                      "candidates (each direction in units of the candidates' "
                                                      "spread along it) or weights (isotropic in weight space, "
@@ -469,16 +437,18 @@ def fit_cmd(
     init: Annotated[Init, typer.Option("--init", help="Start point of the fit: the uniform average (as in the "
                                        "paper), the greedy soup, or the best candidate on the fit split.")
                     ] = Init(_D.init),
-    greedy: Annotated[bool, typer.Option("--greedy/--no-greedy", help="Include the greedy soup baseline.")] = True,
-    candidates: Annotated[bool, typer.Option("--candidates/--no-candidates", help="Score every candidate "
-                                             "(needed for the greedy soup).")] = True,
+    greedy: Annotated[bool, typer.Option("--greedy/--no-greedy", help="Include the baseline "
+                                         f"{METHODS['greedy'].summary}.")] = _D.greedy,
+    candidates: Annotated[bool, typer.Option("--candidates/--no-candidates", help="Score "
+                                             f"{METHODS['candidate'].summary} (needed for the greedy soup).")
+                          ] = _D.eval_candidates,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the JSON report here.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the alphas and the fit curve (PNG).")] = None,
     fail_if_worse: Annotated[bool, typer.Option("--fail-if-worse", help=f"Exit {EXIT_WORSE} when the merge loses "
                                                 "to the best candidate on held-out data.")] = False,
-    dtype: Annotated[OutDType, typer.Option("--dtype", help="Output dtype of floating tensors.")] = OutDType.auto,
+    dtype: Annotated[OutDType, typer.Option("--dtype", help="Output dtype of floating tensors.")] = OutDType("auto"),
     key: KeyOpt = None,
-    keys: KeysOpt = KeysMode.strict,
+    keys: KeysOpt = KeysMode("strict"),
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Accept NaN/Inf in checkpoints.")
                                ] = False,
     max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Shard the output, e.g. 2GB.")
@@ -489,7 +459,7 @@ def fit_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Learn the averaging coefficients on validation data (TWA) and write the merged checkpoint."""
-    from .checkpoints import parse_size
+    from .options import parse_size
     from .pipeline import fit
 
     with _fail_on_twamerge_error():
@@ -502,10 +472,11 @@ def fit_cmd(
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
         data_cfg, model_cfg = _data_model(val, model, model_arg, loss, inputs, label, split)
-        result = fit(checkpoints, val=data_cfg, model=model_cfg, output=output, cfg=cfg, report_path=report,
-                     plot_path=plot, dtype=None if dtype is OutDType.auto else dtype.value, force=force,
-                     ema_key=key, keys=keys.value, allow_nonfinite=allow_nonfinite,
-                     max_shard_size=parse_size(max_shard_size), progress=_progress("fitting"))
+        out = OutputConfig(output, force=force, dtype=_dtype(dtype), max_shard_size=parse_size(max_shard_size),
+                           report=report, plot=plot)
+        result = fit(checkpoints, val=data_cfg, model=model_cfg, output=out, cfg=cfg,
+                     read=ReadConfig(ema_key=key, keys=keys.value, allow_nonfinite=allow_nonfinite),
+                     progress=_progress("fitting"))
     _print_table(result)
     summary = {k: v for k, v in result.items() if k not in ("merge",)}
     summary["alphas"] = result["merge"]["block_alphas"]
@@ -535,7 +506,7 @@ def eval_cmd(
     label: LabelOpt = None,
     split: SplitOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
-    device: Annotated[Device, typer.Option("--device")] = Device.auto,
+    device: Annotated[Device, typer.Option("--device")] = Device(_D.device),
     key: KeyOpt = None,
     json_out: JsonOpt = False,
     verbose: VerboseOpt = 0,
@@ -547,7 +518,7 @@ def eval_cmd(
     with _fail_on_twamerge_error():
         data_cfg, model_cfg = _data_model(val, model, model_arg, loss, inputs, label, split)
         result = evaluate_checkpoints(checkpoints, val=data_cfg, model=model_cfg, batch_size=batch_size,
-                                      device=device.value, ema_key=key)
+                                      device=device.value, read=ReadConfig(ema_key=key))
     _emit(result, json_out, _render_eval)
 
 
@@ -563,11 +534,12 @@ def apply_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Re-emit a fit's merge from its saved coefficients (no data or model needed)."""
-    from .checkpoints import parse_size
+    from .options import parse_size
     from .pipeline import apply_report
 
     with _fail_on_twamerge_error():
-        result = apply_report(report, checkpoints, output, force=force, max_shard_size=parse_size(max_shard_size))
+        out = OutputConfig(output, force=force, max_shard_size=parse_size(max_shard_size))
+        result = apply_report(report, checkpoints, out)
     _emit(result, json_out, lambda r, c: c.print(f"wrote {', '.join(r['outputs'])}"))
 
 

@@ -1,4 +1,5 @@
-"""Settings of a fit, defined once. CLI options map 1:1 to these fields and take their defaults here.
+"""Settings, defined once. The CLI options map 1:1 to these fields, take their defaults here and
+their choices from the ``Literal`` types below (``choices``), so a choice is written in one place.
 
 The defaults were chosen by measurement on the shipped examples (see README, "Choosing the
 defaults"); they are expressed in scale-free units, so multiplying every checkpoint by a constant
@@ -8,15 +9,39 @@ does not change the learned merge.
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .kernels.layout import SUPPORTED_BITS
 
 BLOCK_PATTERN = re.compile(r"^(global|layer|size:[1-9][0-9]*)$")
-SUPPORTED_BITS = (1, 2, 4, 8, 16, 32)
+
+Optimizer = Literal["adamw", "sgd"]
+Device = Literal["auto", "cpu", "cuda"]
+Backend = Literal["auto", "triton", "torch"]
+Toggle = Literal["auto", "on", "off"]
+Coordinates = Literal["candidates", "weights"]
+# Where the fit starts: the uniform average (the paper), the greedy soup, or the best candidate.
+Init = Literal["uniform", "greedy", "best"]
+KeysMode = Literal["strict", "intersection"]
+OutDType = Literal["auto", "float32", "float16", "bfloat16", "float64"]
+
+
+def choices(literal: object) -> tuple[str, ...]:
+    """The allowed values of a ``Literal`` type, as strings (what a command line accepts)."""
+    return tuple(str(v) for v in typing.get_args(literal))
 
 
 def _check(cond: bool, name: str, value: object, expected: str) -> None:
     if not cond:
         raise ValueError(f"{name}={value!r} is invalid; expected {expected}")
+
+
+def _check_choice(name: str, value: object, literal: object) -> None:
+    allowed = [str(v) for v in typing.get_args(literal)]
+    _check(value in typing.get_args(literal), name, value, ", ".join(allowed[:-1]) + " or " + allowed[-1])
 
 
 @dataclass(frozen=True)
@@ -39,6 +64,52 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class ReadConfig:
+    """How the candidate checkpoints are read (shared by every command that reads them).
+
+    ``ema_key`` names the entry to merge inside torch checkpoints (e.g. ``state_dict_ema``);
+    ``keys`` says whether every candidate must have the same keys; ``allow_nonfinite`` accepts NaN/Inf.
+    """
+
+    ema_key: str | None = None
+    keys: KeysMode = "strict"
+    allow_nonfinite: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("keys", self.keys, KeysMode)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Everything a command writes, checked together before any work.
+
+    ``dtype`` is the floating dtype of the merged tensors (None or ``auto``: each input's);
+    ``max_shard_size`` splits the checkpoint into shards of at most that many bytes.
+    """
+
+    path: Path
+    force: bool = False
+    dtype: str | None = None
+    max_shard_size: int | None = None
+    report: Path | None = None
+    plot: Path | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        for name in ("report", "plot"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+        _check(self.max_shard_size is None or self.max_shard_size > 0, "max_shard_size", self.max_shard_size,
+               "a positive number of bytes")
+
+    @classmethod
+    def of(cls, output: OutputConfig | str | Path) -> OutputConfig:
+        """An ``OutputConfig`` as given, or one for a bare path with every other field at its default."""
+        return output if isinstance(output, OutputConfig) else cls(Path(output))
+
+
+@dataclass(frozen=True)
 class FitConfig:
     """Hyper-parameters of the coefficient fit (DESIGN section 2).
 
@@ -51,7 +122,7 @@ class FitConfig:
     group_size: int = 128
     epochs: int = 10
     lr: float = 0.05
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     weight_decay: float = 0.0
     momentum: float = 0.9
     warmup: float = 0.2
@@ -60,34 +131,35 @@ class FitConfig:
     seed: int = 0
     device: str = "auto"
     # None: the TWAMERGE_BACKEND environment variable, read by kernels.dispatch (else auto).
-    backend: str | None = None
-    bn_recalibrate: str = "auto"
+    backend: Backend | None = None
+    bn_recalibrate: Toggle = "auto"
     rank_rtol: float = 1e-5
-    init: str = "uniform"
-    coordinates: str = "candidates"
+    init: Init = "uniform"
+    coordinates: Coordinates = "candidates"
+    # The optional baselines of the report (methods.BASELINES): the greedy soup and every candidate.
     greedy: bool = True
     eval_candidates: bool = True
 
     def __post_init__(self) -> None:
         _check(bool(BLOCK_PATTERN.match(self.blocks)), "blocks", self.blocks, "global, layer or size:N (N > 0)")
-        _check(self.bits in SUPPORTED_BITS, "bits", self.bits, "one of 1, 2, 4, 8, 16, 32")
+        _check(self.bits in SUPPORTED_BITS, "bits", self.bits, "one of " + ", ".join(map(str, SUPPORTED_BITS)))
         _check(self.group_size >= 8 and self.group_size % 8 == 0, "group_size", self.group_size,
                "a positive multiple of 8")
         _check(self.epochs >= 0, "epochs", self.epochs, "an integer >= 0")
         _check(self.lr > 0, "lr", self.lr, "a positive number")
-        _check(self.optimizer in ("adamw", "sgd"), "optimizer", self.optimizer, "adamw or sgd")
+        _check_choice("optimizer", self.optimizer, Optimizer)
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
         _check(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
         _check(0 <= self.warmup < 1, "warmup", self.warmup, "a fraction in [0, 1)")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         _check(0 <= self.holdout < 1, "holdout", self.holdout, "a fraction in [0, 1)")
-        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", self.device,
+        _check(self.device in typing.get_args(Device) or self.device.startswith("cuda:"), "device", self.device,
                "auto, cpu, cuda or cuda:N")
-        _check(self.backend in (None, "auto", "triton", "torch"), "backend", self.backend, "auto, triton or torch")
-        _check(self.bn_recalibrate in ("auto", "on", "off"), "bn_recalibrate", self.bn_recalibrate, "auto, on or off")
-        _check(self.coordinates in ("weights", "candidates"), "coordinates", self.coordinates,
-               "weights or candidates")
-        _check(self.init in ("uniform", "greedy", "best"), "init", self.init, "uniform, greedy or best")
+        _check(self.backend is None or self.backend in typing.get_args(Backend), "backend", self.backend,
+               "auto, triton or torch")
+        _check_choice("bn_recalibrate", self.bn_recalibrate, Toggle)
+        _check_choice("coordinates", self.coordinates, Coordinates)
+        _check_choice("init", self.init, Init)
         _check(self.init != "greedy" or self.greedy, "init", self.init, "the greedy soup, which --no-greedy turns off")
         _check(self.init == "uniform" or self.eval_candidates or self.greedy, "init", self.init,
                "candidate scores, which --no-candidates turns off")

@@ -88,7 +88,9 @@ def split_columns(n_cols: int, group_size: int, world_size: int) -> tuple[int, l
 class Comm:
     """This rank's view of the process group, with the collectives the fit needs.
 
-    ``device`` is where collective buffers must live (CUDA for NCCL, CPU for gloo).
+    A fit always runs with a ``Comm``: :class:`SingleProcess` (world size 1) when there is one rank,
+    so one process runs the same code as every rank of a distributed fit. ``device`` is where
+    collective buffers must live (CUDA for NCCL, CPU for gloo).
     """
 
     rank: int
@@ -194,20 +196,52 @@ class Comm:
             dist.destroy_process_group()
 
 
-def init(device: torch.device) -> Comm | None:
-    """Join (or start) the process group; None when there is only one rank.
+class SingleProcess(Comm):
+    """The one rank of a single-process fit: every collective is the identity, a failure raises as is.
+
+    With one rank, ``chunk`` is the whole padded flat space: callers may pass the same buffer as
+    ``out`` and ``local`` (or ``full``), and the gather and scatter cost nothing.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        super().__init__(rank=0, world_size=1, device=torch.device(device))
+
+    def all_gather(self, out: torch.Tensor, local: torch.Tensor) -> None:
+        if out.data_ptr() != local.data_ptr():
+            out.copy_(local)
+
+    def reduce_scatter(self, out: torch.Tensor, full: torch.Tensor) -> None:
+        if out.data_ptr() != full.data_ptr():
+            out.copy_(full)
+
+    def sum(self, t: torch.Tensor, error: BaseException | None = None) -> torch.Tensor:
+        if error is not None:
+            raise error
+        return t.detach().clone()
+
+    def broadcast_object(self, obj: object) -> object:
+        # The same JSON round trip as several ranks: one rank returns what every rank would.
+        return json.loads(json.dumps(obj))
+
+    def gather_objects(self, obj: object) -> list:
+        return [json.loads(json.dumps(obj))]
+
+
+def init(device: torch.device) -> Comm:
+    """Join (or start) the process group; a :class:`SingleProcess` when there is only one rank.
 
     Uses an existing default group when the caller already initialised one (tests, user scripts);
     otherwise torchrun's env vars (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...). The backend is NCCL
     for CUDA devices and gloo for CPU.
     """
+    collective_device = device if device.type == "cuda" else torch.device("cpu")
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
         if world < 2:
-            return None
-        return Comm(dist.get_rank(), world, device if device.type == "cuda" else torch.device("cpu"))
+            return SingleProcess(collective_device)
+        return Comm(dist.get_rank(), world, collective_device)
     if not launched_by_torchrun():
-        return None
+        return SingleProcess(collective_device)
     if not dist.is_available():
         raise TwamergeError("this torch build has no torch.distributed; run a single process")
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -216,8 +250,7 @@ def init(device: torch.device) -> Comm | None:
         torch.cuda.set_device(device)
         kwargs["device_id"] = device
     dist.init_process_group(**kwargs)
-    return Comm(dist.get_rank(), dist.get_world_size(), device if device.type == "cuda" else torch.device("cpu"),
-                owns_group=True)
+    return Comm(dist.get_rank(), dist.get_world_size(), collective_device, owns_group=True)
 
 
 def rank_device(device: torch.device) -> torch.device:

@@ -21,7 +21,6 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .config import FitConfig
 from .data import TensorData, iter_batches, steps_per_epoch
@@ -36,13 +35,13 @@ log = logging.getLogger(__name__)
 class FlatBinding:
     """Replace the model's merged parameters by views of ``flat`` (float32 [D]); their grads by views of ``grad``.
 
-    Tied parameters (one ``Parameter`` reachable under several names) stay tied: every slot that
+    ``layout.names`` are the parameters' names in the model. The original parameters are dropped
+    once their values are copied in, so the flat buffer does not sit beside a second copy. Tied parameters (one ``Parameter`` reachable under several names) stay tied: every slot that
     held the old parameter receives the new one. ``n_cols`` (at least ``layout.n_cols``) pads both
     buffers at the end: a distributed fit needs ``world_size * chunk`` columns for its collectives.
     """
 
-    def __init__(self, model: nn.Module, layout: FlatLayout, param_of_key: dict[str, nn.Parameter],
-                 device: torch.device, n_cols: int | None = None):
+    def __init__(self, model: nn.Module, layout: FlatLayout, device: torch.device, n_cols: int | None = None):
         self.model = model
         self.layout = layout
         self.flat = torch.zeros(max(layout.n_cols, n_cols or 0), dtype=torch.float32, device=device)
@@ -53,7 +52,7 @@ class FlatBinding:
                 if p is not None:
                     slots[id(p)].append((module, attr))
         for i, key in enumerate(layout.names):
-            old = param_of_key[key]
+            old = model.get_parameter(key)
             start, n = layout.offsets[i], layout.numel(i)
             with torch.no_grad():
                 self.flat[start:start + n].copy_(old.detach().reshape(-1))
@@ -62,6 +61,18 @@ class FlatBinding:
             for module, attr in slots[id(old)]:
                 module._parameters[attr] = new
 
+    def local_buffers(self, comm: Comm) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's ``[chunk]`` slices of the weights and gradients that collectives gather and scatter.
+
+        With one rank they are the flat buffers themselves (gather and scatter are then free); with
+        several, separate buffers, since a collective's input may not alias its output.
+        """
+        if comm.world_size == 1:
+            return self.flat, self.grad
+        chunk = self.flat.numel() // comm.world_size
+        return (torch.zeros(chunk, dtype=torch.float32, device=self.flat.device),
+                torch.zeros(chunk, dtype=torch.float32, device=self.flat.device))
+
     def check_grads_in_place(self) -> None:
         """Autograd must accumulate into the flat views; if it replaced a .grad, project would miss it."""
         grad_range = range(self.grad.data_ptr(), self.grad.data_ptr() + self.grad.numel() * 4)
@@ -69,66 +80,6 @@ class FlatBinding:
             if p.requires_grad and (p.grad is None or p.grad.data_ptr() not in grad_range):
                 raise FitError(f"parameter {name}: its gradient left the flat buffer; this torch version breaks "
                                "in-place gradient accumulation (please report it)")
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, _BatchNorm) for m in model.modules())
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, data: TensorData, index: torch.Tensor, batch_size: int,
-                          device: torch.device) -> bool:
-    """Re-estimate BatchNorm running statistics on ``index`` (as SWA's update_bn). Returns whether any BN exists."""
-    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    if not bns:
-        return False
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the whole pass
-    was_training = model.training
-    model.train()
-    for inputs, _ in iter_batches(data, index, batch_size):
-        call_model(model, {k: v.to(device) for k, v in inputs.items()})
-    for m, momentum in zip(bns, momenta):
-        m.momentum = momentum
-    model.train(was_training)
-    return True
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: TensorData, index: torch.Tensor, objective: Objective, batch_size: int,
-             device: torch.device, comm: Comm | None = None) -> dict:
-    """Mean loss and metric of ``model`` over the rows ``index`` (eval mode).
-
-    With ``comm``, each rank scores its contiguous share of ``index`` and the sums of loss, correct
-    rows and rows are all-reduced, so every rank returns the figures of the whole of ``index``.
-    """
-    if comm is not None:
-        lo, hi = comm.shard(index.numel())
-        error, part = None, {"loss": 0.0, "metric": 0.0, "n": 0}
-        try:
-            part = evaluate(model, data, index[lo:hi], objective, batch_size, device)
-        except (Exception, KeyboardInterrupt) as exc:
-            error = exc
-        correct = part["metric"] * part["n"] if objective.classification else 0.0
-        total = comm.sum(torch.tensor([part["loss"] * part["n"], correct, part["n"]], dtype=torch.float64), error)
-        n = int(round(float(total[2])))
-        loss = float(total[0]) / max(n, 1)
-        return {"loss": loss, "metric": round(float(total[1])) / max(n, 1) if objective.classification else loss,
-                "n": n}
-    model.eval()
-    total_loss, correct, n = 0.0, 0, 0
-    for inputs, label in iter_batches(data, index, batch_size):
-        label = label.to(device)
-        out = call_model(model, {k: v.to(device) for k, v in inputs.items()})
-        rows = label.shape[0]
-        total_loss += float(objective.loss_fn(out, label)) * rows
-        if objective.classification:
-            correct += objective.correct(out, label)
-        n += rows
-    loss = total_loss / max(n, 1)
-    return {"loss": loss, "metric": correct / max(n, 1) if objective.classification else loss, "n": n}
 
 
 @dataclass
@@ -158,15 +109,15 @@ def train_coefficients(
     objective: Objective,
     cfg: FitConfig,
     device: torch.device,
+    comm: Comm,
     progress: Callable[[Iterable], Iterable] | None = None,
-    comm: Comm | None = None,
     theta0: torch.Tensor | None = None,
 ) -> FitOutcome:
     """Learn the coefficients by gradient descent on the fit rows (DESIGN section 2, steps 4-7).
 
-    With ``comm`` (a distributed fit), ``subspace`` holds this rank's column slice and ``binding``
+    ``subspace`` holds this rank's column slice (all columns in one process) and ``binding``
     buffers of ``world_size * chunk`` columns; every global batch (the same shuffle on every rank)
-    is split into contiguous shards, one per rank. See :func:`_distributed_step`.
+    is split into contiguous shards, one per rank. See :func:`_step`.
 
     Raises:
         FitError: a non-finite loss (naming the step) or an interrupt; nothing is written by the caller.
@@ -187,10 +138,7 @@ def train_coefficients(
     outcome = FitOutcome(beta=(theta.detach() * scale).float())
     epochs = range(cfg.epochs)
     step = 0
-    if comm is not None:
-        chunk = binding.flat.numel() // comm.world_size
-        local_w = torch.zeros(chunk, dtype=torch.float32, device=device)
-        local_g = torch.zeros(chunk, dtype=torch.float32, device=device)
+    local_w, local_g = binding.local_buffers(comm)
     # Dropout draws from the global RNG: seed it for reproducibility, and restore it afterwards.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
@@ -199,15 +147,12 @@ def train_coefficients(
             for _ in (progress(epochs) if progress else epochs):
                 for inputs, label in iter_batches(data, fit_index, cfg.batch_size, gen):
                     beta = theta.detach() * scale
-                    if comm is None:
-                        value, grad = _local_step(binding, subspace, objective, inputs, label, beta, device, step)
-                    else:
-                        value, grad = _distributed_step(binding, subspace, objective, inputs, label, beta, device,
-                                                        comm, local_w, local_g, (step, total))
+                    value, grad = _step(binding, subspace, objective, inputs, label, beta, device, comm, local_w,
+                                        local_g, (step, total))
                     if not math.isfinite(value):
-                        where = "" if comm is None else f" (summed over {comm.world_size} ranks)"
-                        raise FitError(f"the loss became {value} at step {step + 1} of {total}{where}; nothing was "
-                                       "written (lower --lr, or check the data and model)")
+                        where = f" (summed over {comm.world_size} ranks)" if comm.world_size > 1 else ""
+                        raise FitError(f"the loss became {value} at step {step + 1} of {total}{where}; nothing "
+                                       "was written (lower --lr, or check the data and model)")
                     theta.grad = grad * scale
                     opt.step()
                     sched.step()
@@ -220,35 +165,20 @@ def train_coefficients(
     return outcome
 
 
-def _local_step(binding: FlatBinding, subspace: Subspace, objective: Objective, inputs: dict, label: torch.Tensor,
-                beta: torch.Tensor, device: torch.device, step: int) -> tuple[float, torch.Tensor]:
-    """combine -> forward/backward -> project; returns (loss, dL/dbeta [B, R]).
-
-    The loss is read once, at the end: reading it before ``backward`` would make the host wait for
-    the forward pass on a GPU. A non-finite loss gives a useless gradient, and the caller stops.
-    """
-    subspace.combine(beta, out=binding.flat)
-    binding.grad.zero_()
-    out = call_model(binding.model, {k: v.to(device) for k, v in inputs.items()})
-    loss = objective.loss_fn(out, label.to(device))
-    loss.backward()
-    if step == 0:
-        binding.check_grads_in_place()
-    grad = subspace.project(binding.grad)
-    return float(loss.detach()), grad
-
-
-def _distributed_step(binding: FlatBinding, subspace: Subspace, objective: Objective, inputs: dict, label: torch.Tensor,
-                      beta: torch.Tensor, device: torch.device, comm: Comm, local_w: torch.Tensor,
-                      local_g: torch.Tensor, where: tuple[int, int]
-                      ) -> tuple[float, torch.Tensor]:
+def _step(binding: FlatBinding, subspace: Subspace, objective: Objective, inputs: dict, label: torch.Tensor,
+          beta: torch.Tensor, device: torch.device, comm: Comm, local_w: torch.Tensor, local_g: torch.Tensor,
+          where: tuple[int, int]) -> tuple[float, torch.Tensor]:
     """One data-parallel step over this rank's shard of the global batch; returns (global loss, dL/dbeta [B, R]).
 
     combine on the own slice -> all-gather the weights -> forward/backward on the shard, with the
     loss scaled by ``shard_rows / batch_rows`` so the ranks' gradients sum to the full-batch gradient
     of a mean-reduced loss -> reduce-scatter the flat gradient -> project the own slice -> all-reduce
     ``[dL/dbeta, loss]`` with the error flag. A rank that fails keeps taking part in the collectives
-    and raises with the others at the final all-reduce.
+    and raises with the others at the final all-reduce. In one process every collective is the
+    identity and the own slice is the whole flat buffer.
+
+    The loss is read once, at the end: reading it before ``backward`` would make the host wait for
+    the forward pass on a GPU. A non-finite loss gives a useless gradient, and the caller stops.
     """
     own = subspace.mean.numel()  # this rank's columns; local_w/local_g are padded to the common chunk
     subspace.combine(beta, out=local_w[:own])

@@ -1,4 +1,8 @@
-"""Write sum_k w_k c_k: uniform (SWA), fixed weights, EMA; streaming over the candidates' tensors."""
+"""Compute and write ``sum_k w_k c_k`` over the candidates' tensors, streaming; ``average`` (no data needed).
+
+The weights come from :mod:`twamerge.methods`; this module only applies them, exactly (float64
+accumulation, one cast at the end).
+"""
 
 from __future__ import annotations
 
@@ -19,11 +23,12 @@ from .checkpoints import (
     dtype_name,
     open_checkpoints,
     parse_dtype,
-    parse_size,
     sha256_file,
     write_checkpoint,
 )
+from .config import OutputConfig, ReadConfig
 from .errors import InvalidArgumentError
+from .methods import check_weights, data_free_weights
 
 log = logging.getLogger(__name__)
 
@@ -31,37 +36,7 @@ T = TypeVar("T")
 Progress = Callable[[Iterable[T]], Iterable[T]]
 Weights = Sequence[float] | Callable[[str], Sequence[float]]
 
-__all__ = ["average_checkpoints", "build_metadata", "ema_weights", "linear_merge", "uniform_weights"]
-
-
-def uniform_weights(k: int) -> list[float]:
-    """``[1/k] * k``: the SWA / uniform-soup weights."""
-    if k < 1:
-        raise InvalidArgumentError(f"need at least one candidate for uniform weights, got {k}")
-    return [1.0 / k] * k
-
-
-def ema_weights(k: int, decay: float) -> list[float]:
-    """Weights of an exponential moving average over ``k`` checkpoints taken in order.
-
-    ``e_1 = c_1``, ``e_j = decay * e_{j-1} + (1 - decay) * c_j``; so ``w_1 = decay^(k-1)`` and
-    ``w_j = (1 - decay) * decay^(k-j)`` for ``j >= 2``. They sum to 1.
-    """
-    if not (0.0 <= decay <= 1.0) or math.isnan(decay):
-        raise InvalidArgumentError(f"EMA decay {decay!r} must lie in [0, 1] (e.g. 0.9)")
-    if k < 1:
-        raise InvalidArgumentError(f"need at least one candidate for EMA weights, got {k}")
-    return [decay ** (k - 1)] + [(1.0 - decay) * decay ** (k - j) for j in range(2, k + 1)]
-
-
-def _check_weights(w: Sequence[float], k: int, key: str | None = None) -> list[float]:
-    where = f" for {key!r}" if key is not None else ""
-    w = [float(x) for x in w]
-    if len(w) != k:
-        raise InvalidArgumentError(f"got {len(w)} weights{where} for {k} checkpoints; give exactly one per checkpoint")
-    if not all(math.isfinite(x) for x in w):
-        raise InvalidArgumentError(f"weights{where} must be finite, got {w}")
-    return w
+__all__ = ["average_checkpoints", "build_metadata", "linear_merge"]
 
 
 def linear_merge(
@@ -97,7 +72,7 @@ def linear_merge(
         >>> merged = linear_merge(cs, [0.5, 0.5])  # doctest: +SKIP
     """
     k = len(cs)
-    fixed = None if callable(weights) else _check_weights(weights, k)
+    fixed = None if callable(weights) else check_weights(weights, k)
     if out_dtype is not None and not out_dtype.is_floating_point:
         raise InvalidArgumentError(f"out_dtype {dtype_name(out_dtype)} is not a floating dtype")
     keys: Iterable[str] = progress(cs.keys) if progress is not None else cs.keys
@@ -129,7 +104,7 @@ def _merge_keys(
                     on_int_mismatch(key)
             out[key] = first
             continue
-        w = fixed if fixed is not None else _check_weights(weights(key), k, key)  # type: ignore[operator]
+        w = fixed if fixed is not None else check_weights(weights(key), k, key)  # type: ignore[operator]
         acc = torch.zeros(cs.shape(key), dtype=torch.float64)
         for i, wi in enumerate(w):
             if wi != 0.0:
@@ -163,33 +138,24 @@ def build_metadata(method: str, sources: list[dict[str, str]], **extra: Any) -> 
 
 def average_checkpoints(
     paths: Sequence[str | Path],
-    out: str | Path,
+    output: OutputConfig | str | Path,
     *,
     weights: Sequence[float] | None = None,
     ema: float | None = None,
-    dtype: str | torch.dtype | None = None,
-    force: bool = False,
     normalize: bool = True,
-    keys: str = "strict",
-    ema_key: str | None = None,
-    allow_nonfinite: bool = False,
-    max_shard_size: int | str | None = None,
+    read: ReadConfig = ReadConfig(),
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Average checkpoints without data: uniform (SWA), fixed weights, or an EMA over the given order.
 
     Args:
         paths: checkpoint files, globs or directories (at least two candidates).
-        out: output file (``.safetensors`` default, ``.pt`` etc.) or a directory name.
+        output: output file (``.safetensors`` default, ``.pt`` etc.) or a directory name, with
+            ``force``, ``dtype`` (of the floating tensors; default the input's) and ``max_shard_size``.
         weights: one weight per candidate; divided by their sum when ``normalize``.
         ema: decay of an exponential moving average over ``paths`` in order (excludes ``weights``).
-        dtype: output dtype for floating tensors (``"float32"``, ``"bf16"``, ...); default the input's.
-        force: overwrite an existing output.
         normalize: rescale ``weights`` to sum to 1.
-        keys: ``"strict"`` or ``"intersection"``.
-        ema_key: entry to merge inside torch checkpoints (e.g. ``"state_dict_ema"``).
-        allow_nonfinite: merge tensors holding NaN/Inf instead of failing.
-        max_shard_size: bytes (or ``"2GB"``) per output shard.
+        read: how the candidates are read (``ema_key``, ``keys``, ``allow_nonfinite``).
         progress: optional wrapper around the key iterable.
 
     Returns:
@@ -202,26 +168,16 @@ def average_checkpoints(
         >>> average_checkpoints(["e8.safetensors", "e9.safetensors"], "swa.safetensors")  # doctest: +SKIP
     """
     t0 = time.perf_counter()
+    out = OutputConfig.of(output)
     if weights is not None and ema is not None:
         raise InvalidArgumentError("give either weights or an EMA decay, not both")
-    out_dtype = parse_dtype(dtype)
-    shard_bytes = parse_size(max_shard_size)
-    with open_checkpoints(paths, ema_key=ema_key, keys=keys, allow_nonfinite=allow_nonfinite) as cs:
-        check_output(out, force=force, hf_source_dir=cs.hf_dir)
+    out_dtype = parse_dtype(out.dtype)
+    with open_checkpoints(paths, ema_key=read.ema_key, keys=read.keys, allow_nonfinite=read.allow_nonfinite) as cs:
+        check_output(out.path, force=out.force, hf_source_dir=cs.hf_dir)
         k = len(cs)
-        if ema is not None:
-            method, w = "ema", ema_weights(k, float(ema))
-        elif weights is not None:
-            method, w = "weighted", _check_weights(weights, k)
-            total = sum(w)
-            if normalize:
-                if abs(total) < 1e-12:
-                    raise InvalidArgumentError(f"weights {w} sum to 0 and cannot be normalized")
-                w = [x / total for x in w]
-            elif abs(total - 1.0) > 1e-6:
-                log.warning("weights sum to %g, not 1: the merged weights are scaled accordingly", total)
-        else:
-            method, w = "uniform", uniform_weights(k)
+        method, w = data_free_weights(k, weights=weights, ema=ema, normalize=normalize)
+        if method == "weighted" and not normalize and abs(sum(w) - 1.0) > 1e-6:
+            log.warning("weights sum to %g, not 1: the merged weights are scaled accordingly", sum(w))
         log.info("%s average of %d checkpoints, weights %s", method, k, [round(x, 6) for x in w])
         mismatched: list[str] = []
         merged = linear_merge(cs, w, out_dtype=out_dtype, progress=progress, on_int_mismatch=mismatched.append)
@@ -231,10 +187,10 @@ def average_checkpoints(
             extra["ema_decay"] = float(ema)
         written = write_checkpoint(
             merged,
-            Path(out),
+            out.path,
             metadata=build_metadata(method, sources, **extra),
-            force=force,
-            max_shard_size=shard_bytes,
+            force=out.force,
+            max_shard_size=out.max_shard_size,
             hf_source_dir=cs.hf_dir,
         )
         float_params = sum(cs.numel(key) for key in cs.float_keys)

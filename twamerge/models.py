@@ -15,15 +15,19 @@ import inspect
 import json
 import logging
 import sys
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import DataError, ModelError
+
+if TYPE_CHECKING:
+    from .checkpoints import CheckpointSet
 
 log = logging.getLogger(__name__)
 
@@ -199,3 +203,54 @@ def resolve_objective(name: str, classification: bool) -> Objective:
         return Objective(_auto_loss(False), False)
     fn = _load_factory(name, "--loss")
     return Objective(lambda out, y: fn(out, y), classification)
+
+
+class ModelKeys:
+    """How checkpoint keys map onto a model: merged parameters (with aliases of tied ones) and buffers.
+
+    ``merged`` lists the keys whose parameters are merged by the learned coefficients, in model
+    order; ``alias_of`` maps the other names of a tied parameter to its merged key; ``buffers`` are
+    the state-dict entries that are not parameters (BatchNorm statistics, counters). Only names and
+    shapes are kept: the model's own parameter objects are looked up again when they are bound.
+    """
+
+    def __init__(self, model: nn.Module, cs: CheckpointSet, spec: str | None):
+        ckpt = set(cs.keys)
+        state = model.state_dict(keep_vars=True)
+        names_of: dict[int, list[str]] = defaultdict(list)
+        for name, p in model.named_parameters(remove_duplicate=False):
+            names_of[id(p)].append(name)
+        self.merged: list[str] = []  # model order; each is also the parameter's name in the model
+        self.alias_of: dict[str, str] = {}
+        missing: list[str] = []
+        for pid, names in names_of.items():
+            present = [n for n in names if n in ckpt]
+            if not present:
+                missing.append(names[0])
+                continue
+            self.merged.append(present[0])
+            for alias in present[1:]:
+                self.alias_of[alias] = present[0]
+        param_names = {n for names in names_of.values() for n in names}
+        self.buffers = [k for k in state if k not in param_names]
+        missing += [k for k in self.buffers if k not in ckpt]
+        unexpected = sorted(ckpt - set(state))
+        merged = set(self.merged)
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing keys {missing[:5]}" + (f" ({len(missing)} in all)" if len(missing) > 5 else ""))
+            if unexpected:
+                parts.append(f"unexpected keys {unexpected[:5]}"
+                             + (f" ({len(unexpected)} in all)" if len(unexpected) > 5 else ""))
+            raise ModelError(f"the checkpoints do not fit --model {spec or cs.hf_dir}: {'; '.join(parts)}")
+        for key in self.model_keys():
+            want = tuple(state[key].shape)
+            if tuple(cs.shape(key)) != want:
+                raise ModelError(f"key {key}: checkpoint shape {tuple(cs.shape(key))} but the model expects {want}")
+            if key in merged and not cs.dtype(key).is_floating_point:
+                raise ModelError(f"key {key}: parameter stored as {cs.dtype(key)}, expected a floating dtype")
+
+    def model_keys(self) -> list[str]:
+        """Every checkpoint key the model reads: merged parameters, their tied aliases, buffers."""
+        return [*self.merged, *self.alias_of, *self.buffers]

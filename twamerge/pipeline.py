@@ -1,8 +1,14 @@
 """The library entry points behind ``twamerge fit``, ``eval`` and ``apply``.
 
-Each takes plain arguments and config dataclasses, returns a JSON-able report, and raises only
-``TwamergeError`` subclasses for bad input. Nothing is written until every figure is computed,
-and then atomically.
+``fit`` is a recipe: it reads top to bottom as named stages, each a function below with typed
+inputs and outputs (small dataclasses). The same code runs in one process and on every rank of a
+distributed fit: one process is a :class:`~twamerge.distributed.SingleProcess` world of one. Each
+stage ends at a point where every rank agrees on success (``comm.phase``), so a failure anywhere
+stops every rank with the error. Nothing is written until every figure is computed.
+
+Reads of the candidate files (README, "How it works"): the two subspace passes, one read of each
+candidate to score it, the greedy soup's trials (each reads only its ingredients), and the written
+merge. The uniform average is the subspace's mean and reads nothing.
 """
 
 from __future__ import annotations
@@ -11,32 +17,135 @@ import base64
 import contextlib
 import logging
 import math
-from collections import defaultdict
-from dataclasses import asdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from . import __version__, distributed, kernels
+from . import distributed, kernels
 from .checkpoints import CheckpointSet, check_output, dtype_name, open_checkpoints, parse_dtype, write_checkpoint
-from .config import DataConfig, FitConfig, ModelConfig
+from .config import DataConfig, FitConfig, ModelConfig, OutputConfig, ReadConfig
 from .data import load_data, split_holdout
-from .distributed import Comm, split_columns
-from .errors import BackendUnavailableError, FitError, ModelError, OutputError, TwamergeError
-from .fit import FlatBinding, evaluate, has_batchnorm, recalibrate_batchnorm, train_coefficients
-from .merge import build_metadata, linear_merge, uniform_weights
-from .models import Objective, build_model, resolve_objective
-from .report import REPORT_VERSION, MethodResult, Timer, best_candidate, is_better, peak_memory, read_report
-from .subspace import build_subspace, make_layout
+from .distributed import Comm, SingleProcess, split_columns
+from .errors import BackendUnavailableError, FitError, OutputError, TwamergeError
+from .evaluation import Scorer, Splits, evaluate, has_batchnorm, recalibrate_batchnorm
+from .fit import FitOutcome, FlatBinding, train_coefficients
+from .merge import build_metadata, linear_merge
+from .methods import METHODS, greedy_soup, one_hot
+from .models import ModelKeys, build_model, resolve_objective
+from .report import (
+    BasisSummary,
+    DataSummary,
+    MergeRecord,
+    MethodResult,
+    Timer,
+    best_candidate,
+    build_report,
+    is_better,
+    peak_memory,
+    read_report,
+)
+from .subspace import FlatLayout, Subspace, build_subspace, make_layout
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[Iterable], Iterable]
 
+
+def fit(
+    checkpoints: Sequence[str | Path],
+    *,
+    val: DataConfig,
+    model: ModelConfig,
+    output: OutputConfig | str | Path,
+    cfg: FitConfig = FitConfig(),
+    read: ReadConfig = ReadConfig(),
+    progress: Progress | None = None,
+) -> dict:
+    """Learn averaging coefficients on validation data (TWA) and write the merged checkpoint.
+
+    Args:
+        checkpoints: candidate files, globs or directories.
+        val: the validation data; ``cfg.holdout`` of it is kept aside for the report.
+        model: how to build the model and which loss to use.
+        output: where the merged checkpoint (``.safetensors`` default, ``.pt``, or a directory for
+            HF inputs), the JSON report and the plot go; a bare path is the checkpoint alone.
+        cfg: fit hyper-parameters.
+        read: how the candidates are read (``--key``, ``--keys``, ``--allow-nonfinite``).
+        progress: optional wrapper around long loops (a progress bar).
+
+    Returns:
+        The report (a JSON-able dict): metrics of every candidate, the uniform average, the greedy
+        soup and TWA on the held-out split, alphas per block, settings, timings and peak memory.
+
+    Example:
+        >>> from twamerge import fit, DataConfig, ModelConfig, FitConfig, OutputConfig  # doctest: +SKIP
+        >>> report = fit(["e1.safetensors", "e2.safetensors", "e3.safetensors"],
+        ...              val=DataConfig("val/"), model=ModelConfig("model.py:build"),
+        ...              output=OutputConfig("merged.safetensors", report="report.json"),
+        ...              cfg=FitConfig(blocks="layer", bits=4))
+        >>> report["methods"][-1]["heldout"]["metric"]
+    """
+    out = OutputConfig.of(output)
+    device = distributed.rank_device(select_device(cfg.device))
+    check_backend(cfg.backend, device)
+    # Under torchrun (or inside an initialised process group of several ranks) the fit is distributed.
+    comm = distributed.init(device)
+    progress = progress if comm.is_main else None
+    timer = Timer()
+    try:
+        with comm.phase("check outputs"):
+            if comm.is_main:
+                check_side_outputs(out)
+        with _stage(comm, timer, "open"):
+            cs = open_stage(checkpoints, read, out, comm)
+        try:
+            with _stage(comm, timer, "data"):
+                splits = data_stage(val, model, cfg)
+            with _stage(comm, timer, "model"):
+                net = model_stage(model, cs, cfg, device)
+            with _stage(comm, timer, "subspace"):
+                basis = subspace_stage(cs, net, cfg, device, comm, progress)
+            with comm.phase("bind"):
+                binding = FlatBinding(net.model, basis.layout, device, n_cols=basis.chunk * comm.world_size)
+            scorer = Scorer(net.model, splits, cfg.batch_size, device, net.recalibrate, comm)
+            # The baselines come first: the greedy soup and the best candidate can be the fit's start point.
+            with timer.phase("evaluate"):
+                baselines = baselines_stage(cs, net, basis, binding, scorer, cfg, comm)
+            with _stage(comm, timer, "fit"):
+                trained = train_stage(cs, net, basis, binding, splits, baselines, cfg, device, comm, progress)
+            with _stage(comm, timer, "merge"):
+                merged = merge_stage(cs, net, basis, trained, out, progress)
+            with timer.phase("evaluate"):
+                twa = evaluate_stage(merged, net, basis, binding, scorer, cfg, comm)
+            per_rank = describe_ranks(basis, comm)
+            report = None
+            with comm.phase("write"):
+                if comm.is_main:
+                    report = write_stage(cs, val, model, cfg, out, splits, basis, binding, baselines, trained,
+                                         merged, twa, timer, per_rank)
+            return comm.broadcast_object(report)
+        except KeyboardInterrupt:
+            # The training loop names its step; anywhere else (baselines, merge) says what is known.
+            raise FitError("interrupted before the output was written; nothing was written") from None
+        finally:
+            cs.close()
+    finally:
+        comm.close()
+
+
+# -- the stages, in the order fit runs them ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _stage(comm: Comm, timer: Timer, name: str) -> Iterator[None]:
+    """A timed stretch of work with no collectives inside, ending where every rank agrees on success."""
+    with comm.phase(name), timer.phase(name):
+        yield
 
 
 def select_device(name: str) -> torch.device:
@@ -48,71 +157,7 @@ def select_device(name: str) -> torch.device:
     return device
 
 
-class ModelKeys:
-    """How checkpoint keys map onto a model: merged parameters (with aliases of tied ones) and buffers."""
-
-    def __init__(self, model: nn.Module, cs: CheckpointSet, spec: str | None):
-        ckpt = set(cs.keys)
-        state = model.state_dict(keep_vars=True)
-        names_of: dict[int, list[str]] = defaultdict(list)
-        params: dict[int, nn.Parameter] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            names_of[id(p)].append(name)
-            params[id(p)] = p
-        self.param_of_key: dict[str, nn.Parameter] = {}
-        self.alias_of: dict[str, str] = {}
-        missing: list[str] = []
-        for pid, names in names_of.items():
-            present = [n for n in names if n in ckpt]
-            if not present:
-                missing.append(names[0])
-                continue
-            self.param_of_key[present[0]] = params[pid]
-            for alias in present[1:]:
-                self.alias_of[alias] = present[0]
-        param_names = {n for names in names_of.values() for n in names}
-        self.buffers = [k for k in state if k not in param_names]
-        missing += [k for k in self.buffers if k not in ckpt]
-        unexpected = sorted(ckpt - set(state))
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing keys {missing[:5]}" + (f" ({len(missing)} in all)" if len(missing) > 5 else ""))
-            if unexpected:
-                parts.append(f"unexpected keys {unexpected[:5]}"
-                             + (f" ({len(unexpected)} in all)" if len(unexpected) > 5 else ""))
-            raise ModelError(f"the checkpoints do not fit --model {spec or cs.hf_dir}: {'; '.join(parts)}")
-        for key in [*self.param_of_key, *self.alias_of, *self.buffers]:
-            want = tuple(state[key].shape)
-            if tuple(cs.shape(key)) != want:
-                raise ModelError(f"key {key}: checkpoint shape {tuple(cs.shape(key))} but the model expects {want}")
-            if key in self.param_of_key and not cs.dtype(key).is_floating_point:
-                raise ModelError(f"key {key}: parameter stored as {cs.dtype(key)}, expected a floating dtype")
-        self.merged = list(self.param_of_key)  # model order
-
-    def model_keys(self) -> list[str]:
-        return [*self.param_of_key, *self.alias_of, *self.buffers]
-
-
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        model.load_state_dict(state, strict=False)
-
-
-def _candidate_state(cs: CheckpointSet, i: int, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-    return {k: cs.get(i, k) for k in keys}
-
-
-def _check_side_output(path: Path, force: bool, what: str) -> None:
-    """The report and the plot are not checkpoints (``check_output``): fail before any work when they cannot go there."""
-    if path.exists() and not force:
-        raise OutputError(f"{path}: {what} exists; pass --force to overwrite it")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"{path}: the folder {parent} does not exist")
-
-
-def _check_backend(backend: str, device: torch.device) -> None:
+def check_backend(backend: str | None, device: torch.device) -> None:
     """Fail before any work when a forced backend cannot run here (``--backend triton`` on a CPU)."""
     try:
         for op in kernels.OPS:
@@ -121,292 +166,147 @@ def _check_backend(backend: str, device: torch.device) -> None:
         raise BackendUnavailableError(str(exc)) from None
 
 
-def _phase(comm: Comm | None, name: str):
-    """A stretch of work with no collectives inside; under ``comm`` every rank agrees on success at its end."""
-    return comm.phase(name) if comm is not None else contextlib.nullcontext()
+def check_side_outputs(out: OutputConfig) -> None:
+    """The report and the plot are not checkpoints (``check_output``): fail before any work when they cannot go there."""
+    for path, what in ((out.report, "report"), (out.plot, "plot")):
+        if path is None:
+            continue
+        if path.exists() and not out.force:
+            raise OutputError(f"{path}: {what} exists; pass --force to overwrite it")
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise OutputError(f"{path}: the folder {parent} does not exist")
+    if out.plot is not None:
+        from .plot import plot_format
+
+        plot_format(out.plot)
 
 
-class _Evaluator:
-    """Loads a state into the bound model, recalibrates BatchNorm when asked, and scores both splits.
-
-    Under ``comm`` every rank loads the whole state (the forward needs every weight) and recalibrates
-    BatchNorm on the whole fit split, identically; scoring is split across ranks and reduced.
-    """
-
-    def __init__(self, model, data, fit_idx, held_idx, objective, batch_size, device, recalibrate: bool,
-                 comm: Comm | None = None):
-        self.model, self.data, self.objective = model, data, objective
-        self.fit_idx, self.held_idx = fit_idx, held_idx
-        self.batch_size, self.device, self.recalibrate = batch_size, device, recalibrate
-        self.comm = comm
-
-    def load(self, state: dict[str, torch.Tensor], recalibrate: bool) -> None:
-        self.load_from(lambda: state, recalibrate)
-
-    def load_from(self, make_state: Callable[[], dict[str, torch.Tensor]], recalibrate: bool) -> None:
-        with _phase(self.comm, "load"):
-            _load_state(self.model, make_state())
-            if recalibrate and self.recalibrate:
-                recalibrate_batchnorm(self.model, self.data, self.fit_idx, self.batch_size, self.device)
-
-    def score(self, split: str) -> dict | None:
-        idx = self.fit_idx if split == "fit" else self.held_idx
-        if idx.numel() == 0:
-            return None
-        return evaluate(self.model, self.data, idx, self.objective, self.batch_size, self.device, self.comm)
-
-
-def _merged_weights(alphas: torch.Tensor, key_block: dict[str, int], default: list[float]) -> Callable[[str], list]:
-    rows = alphas.tolist()
-    return lambda key: rows[key_block[key]] if key in key_block else default
-
-
-def _encode_tensors(tensors: dict[str, torch.Tensor]) -> str:
-    return base64.b64encode(st_save({k: v.contiguous() for k, v in tensors.items()})).decode() if tensors else ""
-
-
-def _decode_tensors(blob: str) -> dict[str, torch.Tensor]:
-    return st_load(base64.b64decode(blob)) if blob else {}
-
-
-def fit(
-    checkpoints: Sequence[str | Path],
-    *,
-    val: DataConfig,
-    model: ModelConfig,
-    output: str | Path,
-    cfg: FitConfig = FitConfig(),
-    report_path: str | Path | None = None,
-    plot_path: str | Path | None = None,
-    dtype: str | None = None,
-    force: bool = False,
-    ema_key: str | None = None,
-    keys: str = "strict",
-    allow_nonfinite: bool = False,
-    max_shard_size: int | None = None,
-    progress: Progress | None = None,
-) -> dict:
-    """Learn averaging coefficients on validation data (TWA) and write the merged checkpoint.
-
-    Args:
-        checkpoints: candidate files or directories (globs expanded by the caller or by ``open_checkpoints``).
-        val: the validation data; ``cfg.holdout`` of it is kept aside for the report.
-        model: how to build the model and which loss to use.
-        output: merged checkpoint path (``.safetensors`` default, ``.pt``, or a directory for HF inputs).
-        cfg: fit hyper-parameters.
-        report_path: where to write the JSON report (optional).
-        plot_path: where to draw the alphas and the fit curve (optional, needs matplotlib).
-
-    Returns:
-        The report (a JSON-able dict): metrics of every candidate, the uniform average, the greedy
-        soup and TWA on the held-out split, alphas per block, settings, timings and peak memory.
-
-    Example:
-        >>> from twamerge import fit, DataConfig, ModelConfig, FitConfig  # doctest: +SKIP
-        >>> report = fit(["e1.safetensors", "e2.safetensors", "e3.safetensors"],
-        ...              val=DataConfig("val/"), model=ModelConfig("model.py:build"),
-        ...              output="merged.safetensors", cfg=FitConfig(blocks="layer", bits=4))
-        >>> report["methods"][-1]["heldout"]["metric"]
-    """
-    output = Path(output)
-    device = distributed.rank_device(select_device(cfg.device))
-    _check_backend(cfg.backend, device)
-    # Under torchrun (or inside an initialised process group of several ranks) the fit is distributed.
-    comm = distributed.init(device)
+def open_stage(checkpoints: Sequence[str | Path], read: ReadConfig, out: OutputConfig, comm: Comm) -> CheckpointSet:
+    """Open and validate the candidates; then, knowing whether they are HF folders, check the output's form."""
+    cs = open_checkpoints(checkpoints, ema_key=read.ema_key, keys=read.keys, allow_nonfinite=read.allow_nonfinite)
     try:
-        with _phase(comm, "check outputs"):
-            if comm is None or comm.is_main:
-                for side, what in ((report_path, "report"), (plot_path, "plot")):
-                    if side is not None:
-                        _check_side_output(Path(side), force, what)
-                if plot_path is not None:
-                    from .plot import plot_format
-
-                    plot_format(Path(plot_path))
-        out_dtype = parse_dtype(dtype)
-        timer = Timer()
-        with _phase(comm, "open"), timer.phase("open"):
-            cs = open_checkpoints(checkpoints, ema_key=ema_key, keys=keys, allow_nonfinite=allow_nonfinite)
-            if comm is None or comm.is_main:
-                # Now that we know whether the inputs are HF folders: the output name's form, before any math.
-                check_output(output, force=force, hf_source_dir=cs.hf_dir)
-        try:
-            return _fit(cs, val, model, output, cfg, report_path, plot_path, out_dtype, force, max_shard_size,
-                        device, timer, progress, comm)
-        except KeyboardInterrupt:
-            # The training loop names its step; anywhere else (baselines, merge) says what is known.
-            raise FitError("interrupted before the output was written; nothing was written") from None
-        finally:
-            cs.close()
-    finally:
-        if comm is not None:
-            comm.close()
-
-
-def _fit(cs, val, model_cfg, output, cfg, report_path, plot_path, out_dtype, force, max_shard_size, device, timer,
-         progress, comm: Comm | None = None) -> dict:
-    k = len(cs)
-    main = comm is None or comm.is_main
-    if not main:
-        progress = None
-    with _phase(comm, "data"), timer.phase("data"):
-        data = load_data(val)
-        fit_idx, held_idx = split_holdout(data, cfg.holdout, cfg.seed)
-        objective = resolve_objective(model_cfg.loss, data.is_classification)
-    with _phase(comm, "model"), timer.phase("model"):
-        model = build_model(model_cfg.spec, model_cfg.args, hf_dir=cs.hf_dir).to(device)
-        mk = ModelKeys(model, cs, model_cfg.spec)
-    with _phase(comm, "subspace"), timer.phase("subspace"):
-        layout = make_layout(mk.merged, [tuple(cs.shape(n)) for n in mk.merged], cfg.blocks, cfg.group_size)
-        if comm is None:
-            chunk, col_range = layout.n_cols, None
-            subspace = build_subspace(cs.stack, layout, k, bits=cfg.bits, rank_rtol=cfg.rank_rtol, device=device,
-                                      backend=cfg.backend, progress=progress)
-        else:
-            chunk, ranges = split_columns(layout.n_cols, layout.group_size, comm.world_size)
-            col_range = ranges[comm.rank]
-            subspace = build_subspace(
-                cs.stack, layout, k, bits=cfg.bits, rank_rtol=cfg.rank_rtol, device=device, backend=cfg.backend,
-                progress=progress, col_range=col_range, reduce_gram=comm.sum,
-                load_slice=lambda name, lo, hi: torch.stack([cs.get_slice(i, name, lo, hi) for i in range(k)]))
-    n_ranks = 1 if comm is None else comm.world_size
-    with _phase(comm, "bind"):
-        binding = FlatBinding(model, layout, mk.param_of_key, device, n_cols=chunk * n_ranks)
-    recalibrate = cfg.bn_recalibrate == "on" or (cfg.bn_recalibrate == "auto" and has_batchnorm(model))
-    if recalibrate and not has_batchnorm(model) and main:
-        log.warning("--bn-recalibrate on: the model has no BatchNorm layer; nothing to recalibrate")
-
-    ev = _Evaluator(model, data, fit_idx, held_idx, objective, cfg.batch_size, device, recalibrate, comm)
-    # The baselines come first: the greedy soup and the best candidate can be the fit's start point.
-    with timer.phase("evaluate"):
-        rows = _baselines(cs, mk, ev, objective, cfg, k)
-    theta0 = _start_point(cfg.init, rows, subspace, objective, k, cfg.coordinates)
-    with _phase(comm, "fit"), timer.phase("fit"):
-        # The fit runs with the candidates' uniform-average buffers, not those of the last baseline scored.
-        _load_state(model, {b: _uniform(cs, b) for b in mk.buffers})
-        outcome = train_coefficients(binding, subspace, data, fit_idx, objective, cfg, device, progress, comm,
-                                     theta0=theta0)
-    trained = subspace.combine(outcome.beta, out=torch.empty(subspace.mean.numel(), dtype=torch.float32, device=device))
-    alphas = subspace.alphas(outcome.beta)  # [B, K] float64
-
-    # Tensors that are not merged parameters (floating buffers) take the size-weighted mean alphas.
-    sizes = torch.tensor([sum(layout.numel(i) for i in range(len(layout.names)) if layout.block_of[i] == b)
-                          for b in range(layout.n_blocks)], dtype=torch.float64)
-    default_alphas = ((alphas * sizes.unsqueeze(1)).sum(0) / sizes.sum()).tolist()
-    key_block = {name: layout.block_of[i] for i, name in enumerate(layout.names)}
-    key_block.update({alias: key_block[target] for alias, target in mk.alias_of.items()})
-
-    with _phase(comm, "merge"), timer.phase("merge"):
-        merged = linear_merge(cs, _merged_weights(alphas, key_block, default_alphas), out_dtype=out_dtype,
-                              progress=progress)
-    with timer.phase("evaluate"):
-        ev.load(merged, recalibrate=True)
-        recalibrated = {}
-        if recalibrate:
-            state = model.state_dict()
-            for key in mk.buffers:
-                if merged[key].is_floating_point():
-                    merged[key] = state[key].detach().to("cpu", merged[key].dtype).clone()
-                    recalibrated[key] = merged[key]
-        gap = _quantization_gap(layout, col_range or (0, layout.n_cols), binding.flat, trained, subspace.mean, comm)
-        twa_row = MethodResult("twa", "twa", ev.score("fit"), ev.score("heldout"), {"init": cfg.init})
-        rows.append(twa_row)
-    if comm is not None:
-        per_rank = comm.gather_objects({"col_range": list(col_range), "basis_bytes": subspace.basis_bytes(),
-                                        **peak_memory()})
-
-    def finish() -> dict:
-        """The report, the output and the report file (rank 0 alone in a distributed fit)."""
-        split = "heldout" if held_idx.numel() else "fit"
-        best = best_candidate(rows, split, objective.classification)
-        beats = None if best is None else not is_better(getattr(best, split), getattr(twa_row, split),
-                                                        objective.classification)
-        metadata = build_metadata("twa", [{"path": s["path"], "sha256": s["sha256"]} for s in cs.sources()],
-                                  blocks=cfg.blocks, bits=cfg.bits, alphas=alphas.tolist(), heldout=twa_row.heldout)
-        report = {
-            "report_version": REPORT_VERSION,
-            "tool": "twamerge",
-            "version": __version__,
-            "settings": asdict(cfg),
-            "data": {"path": str(val.path), "rows": data.n, "fit_rows": int(fit_idx.numel()),
-                     "heldout_rows": int(held_idx.numel()), "inputs": list(data.inputs), "label": data.label},
-            "heldout_rows": int(held_idx.numel()),
-            "model": {"spec": model_cfg.spec or str(cs.hf_dir), "args": model_cfg.args, "loss": model_cfg.loss},
-            "candidates": cs.sources(),
-            "metric_name": objective.metric_name,
-            "methods": [r.to_dict() for r in rows],
-            "best_candidate": best.name if best else None,
-            "twa_at_least_best": beats,
-            "blocks": [
-                {"index": b, "keys": names, "rank": subspace.ranks[b], "dropped": subspace.dropped[b],
-                 "spread": float(subspace.spread[b]), "alphas": alphas[b].tolist()}
-                for b, names in enumerate(layout.block_names())
-            ],
-            "subspace": {"n_params": layout.n_params, "n_cols": layout.n_cols, "rows": subspace.rows,
-                         "bits": cfg.bits, "group_size": cfg.group_size, "basis_bytes": subspace.basis_bytes(),
-                         "dropped_directions": sum(subspace.dropped), "quantization_gap": gap},
-            "fit": {"steps": outcome.steps, "curve": outcome.curve,
-                    "final_loss": outcome.curve[-1] if outcome.curve else None},
-            "merge": {"key_block": key_block, "block_alphas": alphas.tolist(), "default_alphas": default_alphas,
-                      "out_dtype": dtype_name(out_dtype) if out_dtype else None,
-                      "recalibrated_buffers": _encode_tensors(recalibrated), "metadata": metadata},
-        }
-        with timer.phase("write"):
-            written = write_checkpoint(merged, output, metadata=metadata, force=force, max_shard_size=max_shard_size,
-                                       hf_source_dir=cs.hf_dir)
-        report["outputs"] = [str(p) for p in written]
-        report["timings"] = timer.seconds
-        report["memory"] = {**peak_memory(), "basis_bytes": subspace.basis_bytes(),
-                            "flat_buffer_bytes": 3 * binding.flat.numel() * 4}
-        if comm is not None:
-            report["distributed"] = {"world_size": comm.world_size, "backend": torch.distributed.get_backend(),
-                                     "ranks": per_rank}
-        if report_path is not None:
-            from .report import write_report
-
-            write_report(report, Path(report_path), force)
-        if plot_path is not None:
-            from .plot import plot_report
-
-            plot_report(report, Path(plot_path), force)
-        return report
-
-    if comm is None:
-        return finish()
-    report = None
-    with _phase(comm, "write"):
+        parse_dtype(out.dtype)
         if comm.is_main:
-            report = finish()
-    return comm.broadcast_object(report)
+            check_output(out.path, force=out.force, hf_source_dir=cs.hf_dir)
+    except BaseException:
+        cs.close()
+        raise
+    return cs
 
 
-def _quantization_gap(layout, col_range: tuple[int, int], flat: torch.Tensor, trained: torch.Tensor,
-                      mean: torch.Tensor, comm: Comm | None) -> float:
-    """``|written - trained| / |trained - centre|`` over the merged tensors (padding excluded).
+def data_stage(val: DataConfig, model: ModelConfig, cfg: FitConfig) -> Splits:
+    """The validation data, its seeded split, and the objective its labels call for."""
+    data = load_data(val)
+    fit_idx, held_idx = split_holdout(data, cfg.holdout, cfg.seed)
+    return Splits(data, fit_idx, held_idx, resolve_objective(model.loss, data.is_classification))
 
-    ``flat`` is the full flat buffer holding what is written; ``trained`` and ``mean`` hold the
-    columns ``col_range`` (all of them in one process, a rank's slice in a distributed fit, whose
-    squared sums are then added over ranks). Sums run tensor by tensor, without copies.
+
+@dataclass
+class Network:
+    """The model the fit trains through, how the checkpoint keys map onto it, and its BatchNorm policy."""
+
+    model: nn.Module
+    keys: ModelKeys
+    spec: str
+    recalibrate: bool
+
+
+def model_stage(model_cfg: ModelConfig, cs: CheckpointSet, cfg: FitConfig, device: torch.device) -> Network:
+    model = build_model(model_cfg.spec, model_cfg.args, hf_dir=cs.hf_dir).to(device)
+    keys = ModelKeys(model, cs, model_cfg.spec)
+    bn = has_batchnorm(model)
+    recalibrate = cfg.bn_recalibrate == "on" or (cfg.bn_recalibrate == "auto" and bn)
+    if cfg.bn_recalibrate == "on" and not bn:
+        log.warning("--bn-recalibrate on: the model has no BatchNorm layer; nothing to recalibrate")
+    return Network(model, keys, model_cfg.spec or str(cs.hf_dir), recalibrate)
+
+
+@dataclass
+class Basis:
+    """The subspace this rank holds: the flat layout, its columns ``col_range`` of width ``chunk``."""
+
+    layout: FlatLayout
+    subspace: Subspace
+    chunk: int
+    col_range: tuple[int, int]
+
+
+def subspace_stage(cs: CheckpointSet, net: Network, cfg: FitConfig, device: torch.device, comm: Comm,
+                   progress: Progress | None) -> Basis:
+    """The two streaming passes: mean and Gram, then the quantized orthonormal basis (this rank's columns)."""
+    names = net.keys.merged
+    layout = make_layout(names, [tuple(cs.shape(n)) for n in names], cfg.blocks, cfg.group_size)
+    chunk, ranges = split_columns(layout.n_cols, layout.group_size, comm.world_size)
+    subspace = build_subspace(cs, layout, bits=cfg.bits, comm=comm, rank_rtol=cfg.rank_rtol, device=device,
+                              backend=cfg.backend, progress=progress)
+    return Basis(layout, subspace, chunk, ranges[comm.rank])
+
+
+def uniform_buffers(cs: CheckpointSet, keys: ModelKeys) -> dict[str, torch.Tensor]:
+    """The candidates' uniform average of every buffer (integer ones: the first candidate's)."""
+    out = {}
+    for key in keys.buffers:
+        x = cs.stack(key)
+        out[key] = x.double().mean(0).to(x.dtype) if x.is_floating_point() else x[0]
+    return out
+
+
+def load_point(binding: FlatBinding, basis: Basis, beta: torch.Tensor, comm: Comm) -> None:
+    """Make the model's merged parameters the subspace point ``mean + P~^T beta`` (every rank gets all of it)."""
+    local_w, _ = binding.local_buffers(comm)
+    own = basis.subspace.mean.numel()
+    basis.subspace.combine(beta.to(binding.flat.device), out=local_w[:own])
+    comm.all_gather(binding.flat, local_w)
+
+
+def baselines_stage(cs: CheckpointSet, net: Network, basis: Basis, binding: FlatBinding, scorer: Scorer,
+                    cfg: FitConfig, comm: Comm) -> list[MethodResult]:
+    """Every candidate, the uniform average and the greedy soup (ingredients chosen on the fit split).
+
+    Scoring a candidate reads that candidate alone; the uniform average is the subspace's mean
+    (``beta = 0``) with the candidates' mean buffers and reads no weights; a greedy trial reads its
+    ingredients.
     """
-    c0, c1 = col_range
-    sq = torch.zeros(2, dtype=torch.float64)
-    error = None
-    try:
-        for i, o in enumerate(layout.offsets):
-            lo, hi = max(o, c0), min(o + layout.numel(i), c1)
-            if lo >= hi:
-                continue
-            real, ref, centre = flat[lo:hi], trained[lo - c0:hi - c0], mean[lo - c0:hi - c0]
-            sq += torch.stack([(real - ref).double().square().sum(), (ref - centre).double().square().sum()]).cpu()
-    except Exception as exc:
-        if comm is None:
-            raise
-        error = exc
-    gap2, moved2 = (sq if comm is None else comm.sum(sq, error)).tolist()
-    return math.sqrt(gap2) / math.sqrt(moved2) if moved2 > 0 else 0.0
+    k, keys = len(cs), net.keys.model_keys()
+    higher = scorer.splits.objective.classification
+    candidates: list[MethodResult] = []
+    if METHODS["candidate"].enabled(cfg) or METHODS["greedy"].enabled(cfg):
+        for i in range(k):
+            scorer.load(lambda: {key: cs.get(i, key) for key in keys}, recalibrate=False)
+            candidates.append(MethodResult(Path(cs.paths[i]).name, "candidate", **scorer.score_both(),
+                                           detail={"path": str(cs.paths[i])}))
+    rows = list(candidates) if METHODS["candidate"].enabled(cfg) else []
+    with comm.phase("uniform"):
+        load_point(binding, basis, torch.zeros(basis.layout.n_blocks, basis.subspace.rows), comm)
+    scorer.load(uniform_buffers(cs, net.keys), recalibrate=True)
+    rows.append(MethodResult("uniform", "uniform", **scorer.score_both()))
+    if METHODS["greedy"].enabled(cfg):
+        rows.append(_greedy_row(cs, scorer, candidates, higher))
+    return rows
 
 
-def _start_point(init: str, rows: list[MethodResult], subspace, objective: Objective, k: int,
+def _greedy_row(cs: CheckpointSet, scorer: Scorer, candidates: list[MethodResult], higher: bool) -> MethodResult:
+    """Sort by fit-split metric, add each candidate to the running uniform soup if the fit metric strictly improves.
+
+    Each trial is scored on both splits (only the fit split decides), so the soup's row needs no
+    merge of its own unless no candidate was ever added to the first.
+    """
+    k = len(candidates)
+    sign = 1 if higher else -1
+    order = sorted(range(k), key=lambda i: -sign * candidates[i].fit["metric"])
+
+    def try_soup(weights: list[float]) -> dict:
+        scorer.load(lambda: linear_merge(cs, weights), recalibrate=True)
+        return scorer.score_both()
+
+    soup, accepted = greedy_soup(order, candidates[order[0]].fit, k, try_soup,
+                                 lambda a, b: is_better(a, b, higher))
+    scores = accepted if accepted is not None else try_soup(one_hot(k, soup))
+    return MethodResult("greedy", "greedy", **scores, detail={"ingredients": [candidates[j].name for j in sorted(soup)]})
+
+
+def _start_point(init: str, baselines: list[MethodResult], subspace: Subspace, k: int, higher: bool,
                  coordinates: str) -> torch.Tensor | None:
     """Coordinates ``theta`` [B, R] at which the fit starts: None for the uniform average (the paper's start).
 
@@ -417,15 +317,13 @@ def _start_point(init: str, rows: list[MethodResult], subspace, objective: Objec
     """
     if init == "uniform":
         return None
-    candidates = [r for r in rows if r.kind == "candidate"]
+    candidates = [r for r in baselines if r.kind == "candidate"]
+    names = [c.name for c in candidates]
     if init == "best":
-        best = max(range(k), key=lambda i: candidates[i].fit["metric"] * (1 if objective.classification else -1))
-        weights = [1.0 if i == best else 0.0 for i in range(k)]
+        weights = one_hot(k, [names.index(best_candidate(candidates, "fit", higher).name)])
     else:
-        greedy = next(r for r in rows if r.kind == "greedy")
-        names = [c.name for c in candidates]
-        chosen = [names.index(n) for n in greedy.detail["ingredients"]]
-        weights = [1.0 / len(chosen) if i in chosen else 0.0 for i in range(k)]
+        greedy = next(r for r in baselines if r.kind == "greedy")
+        weights = one_hot(k, [names.index(n) for n in greedy.detail["ingredients"]])
     target = torch.tensor(weights, dtype=torch.float64) - 1.0 / k
     beta = torch.stack([torch.linalg.pinv(t.T) @ target for t in subspace.transform])  # [B, R]
     scale = subspace.step_scale(coordinates)
@@ -433,46 +331,167 @@ def _start_point(init: str, rows: list[MethodResult], subspace, objective: Objec
     return theta.float()
 
 
-def _uniform(cs: CheckpointSet, key: str) -> torch.Tensor:
-    x = cs.stack(key)
-    return x.double().mean(0).to(x.dtype) if x.is_floating_point() else x[0]
+def train_stage(cs: CheckpointSet, net: Network, basis: Basis, binding: FlatBinding, splits: Splits,
+                baselines: list[MethodResult], cfg: FitConfig, device: torch.device, comm: Comm,
+                progress: Progress | None) -> FitOutcome:
+    """Learn the coefficients on the fit rows, from the start point ``cfg.init`` names."""
+    theta0 = _start_point(cfg.init, baselines, basis.subspace, len(cs), splits.objective.classification,
+                          cfg.coordinates)
+    # The fit runs with the candidates' uniform-average buffers, not those of the last baseline scored.
+    with torch.no_grad():
+        net.model.load_state_dict(uniform_buffers(cs, net.keys), strict=False)
+    return train_coefficients(binding, basis.subspace, splits.data, splits.fit, splits.objective, cfg, device,
+                              comm, progress, theta0=theta0)
 
 
-def _baselines(cs, mk: ModelKeys, ev: _Evaluator, objective: Objective, cfg: FitConfig, k: int) -> list[MethodResult]:
-    """Every candidate, the uniform average and the greedy soup (ingredients chosen on the fit split)."""
-    keys = mk.model_keys()
-    rows: list[MethodResult] = []
-    if cfg.eval_candidates or cfg.greedy:
-        for i in range(k):
-            ev.load_from(lambda: _candidate_state(cs, i, keys), recalibrate=False)
-            rows.append(MethodResult(Path(cs.paths[i]).name, "candidate", ev.score("fit"), ev.score("heldout"),
-                                     {"path": str(cs.paths[i])}))
-    ev.load_from(lambda: linear_merge(cs, uniform_weights(k)), recalibrate=True)
-    rows.append(MethodResult("uniform", "uniform", ev.score("fit"), ev.score("heldout")))
-    if cfg.greedy and rows:
-        rows.append(_greedy_soup(cs, ev, objective, rows[:k]))
-    if not cfg.eval_candidates:
-        rows = [r for r in rows if r.kind != "candidate"]
-    return rows
+@dataclass
+class Merged:
+    """The learned merge as written: ``sum_k alpha_k c_k`` per block, from the original files."""
+
+    tensors: dict[str, torch.Tensor]
+    alphas: torch.Tensor  # [B, K] float64
+    key_block: dict[str, int]  # merged keys and their tied aliases -> block
+    default_alphas: list[float]  # [K] for floating tensors outside every block (buffers)
+    out_dtype: torch.dtype | None
+    trained: torch.Tensor  # [own columns] float32, the quantized-subspace point that was trained
 
 
-def _greedy_soup(cs, ev: _Evaluator, objective: Objective, candidates: list[MethodResult]) -> MethodResult:
-    """Sort by fit-split metric, add each candidate to the running uniform soup if the fit metric strictly improves."""
-    k = len(candidates)
-    sign = 1 if objective.classification else -1
-    order = sorted(range(k), key=lambda i: -sign * candidates[i].fit["metric"])
-    soup, best = [order[0]], candidates[order[0]].fit
-    for i in order[1:]:
-        trial = soup + [i]
-        weights = [1.0 / len(trial) if j in trial else 0.0 for j in range(k)]
-        ev.load_from(lambda: linear_merge(cs, weights), recalibrate=True)
-        score = ev.score("fit")
-        if is_better(score, best, objective.classification):
-            soup, best = trial, score
-    weights = [1.0 / len(soup) if j in soup else 0.0 for j in range(k)]
-    ev.load_from(lambda: linear_merge(cs, weights), recalibrate=True)
-    return MethodResult("greedy", "greedy", ev.score("fit"), ev.score("heldout"),
-                        {"ingredients": [candidates[j].name for j in sorted(soup)]})
+def merge_stage(cs: CheckpointSet, net: Network, basis: Basis, trained: FitOutcome, out: OutputConfig,
+                progress: Progress | None) -> Merged:
+    layout, subspace = basis.layout, basis.subspace
+    point = subspace.combine(trained.beta, out=torch.empty(subspace.mean.numel(), dtype=torch.float32,
+                                                           device=subspace.mean.device))
+    alphas = subspace.alphas(trained.beta)  # [B, K] float64
+    # Tensors that are not merged parameters (floating buffers) take the size-weighted mean alphas.
+    sizes = torch.tensor([sum(layout.numel(i) for i in range(len(layout.names)) if layout.block_of[i] == b)
+                          for b in range(layout.n_blocks)], dtype=torch.float64)
+    default_alphas = ((alphas * sizes.unsqueeze(1)).sum(0) / sizes.sum()).tolist()
+    key_block = {name: layout.block_of[i] for i, name in enumerate(layout.names)}
+    key_block.update({alias: key_block[target] for alias, target in net.keys.alias_of.items()})
+    out_dtype = parse_dtype(out.dtype)
+    tensors = linear_merge(cs, _weights_of(alphas, key_block, default_alphas), out_dtype=out_dtype,
+                           progress=progress)
+    return Merged(tensors, alphas, key_block, default_alphas, out_dtype, point)
+
+
+def _weights_of(alphas: torch.Tensor, key_block: dict[str, int], default: list[float]) -> Callable[[str], list]:
+    rows = alphas.tolist()
+    return lambda key: rows[key_block[key]] if key in key_block else default
+
+
+@dataclass
+class Evaluated:
+    """The written merge's scores, the BatchNorm statistics re-estimated for it, and the quantization gap."""
+
+    row: MethodResult
+    recalibrated: dict[str, torch.Tensor]
+    quantization_gap: float
+
+
+def evaluate_stage(merged: Merged, net: Network, basis: Basis, binding: FlatBinding, scorer: Scorer, cfg: FitConfig,
+                   comm: Comm) -> Evaluated:
+    """Score exactly what is written (BatchNorm re-estimated for it, and written so)."""
+    scorer.load(merged.tensors, recalibrate=True)
+    recalibrated = {}
+    if net.recalibrate:
+        state = net.model.state_dict()
+        for key in net.keys.buffers:
+            if merged.tensors[key].is_floating_point():
+                merged.tensors[key] = state[key].detach().to("cpu", merged.tensors[key].dtype).clone()
+                recalibrated[key] = merged.tensors[key]
+    gap = _quantization_gap(basis, binding.flat, merged.trained, comm)
+    row = MethodResult("twa", "twa", **scorer.score_both(), detail={"init": cfg.init})
+    return Evaluated(row, recalibrated, gap)
+
+
+def _quantization_gap(basis: Basis, flat: torch.Tensor, trained: torch.Tensor, comm: Comm) -> float:
+    """``|written - trained| / |trained - centre|`` over the merged tensors (padding excluded).
+
+    ``flat`` is the full flat buffer holding what is written; ``trained`` and the subspace mean hold
+    this rank's columns, whose squared sums are added over ranks. Sums run tensor by tensor, without copies.
+    """
+    layout, mean = basis.layout, basis.subspace.mean
+    c0, c1 = basis.col_range
+    sq = torch.zeros(2, dtype=torch.float64)
+    error = None
+    try:
+        for i, o in enumerate(layout.offsets):
+            lo, hi = max(o, c0), min(o + layout.numel(i), c1)
+            if lo >= hi:
+                continue
+            real, ref, centre = flat[lo:hi], trained[lo - c0:hi - c0], mean[lo - c0:hi - c0]
+            sq += torch.stack([(real - ref).double().square().sum(), (ref - centre).double().square().sum()]).cpu()
+    except Exception as exc:
+        error = exc
+    gap2, moved2 = comm.sum(sq, error).tolist()
+    return math.sqrt(gap2) / math.sqrt(moved2) if moved2 > 0 else 0.0
+
+
+def describe_ranks(basis: Basis, comm: Comm) -> list[dict] | None:
+    """Each rank's columns, basis bytes and peak memory (a distributed fit's report); None in one process."""
+    if comm.world_size == 1:
+        return None
+    return comm.gather_objects({"col_range": list(basis.col_range), "basis_bytes": basis.subspace.basis_bytes(),
+                                **peak_memory()})
+
+
+def write_stage(cs: CheckpointSet, val: DataConfig, model_cfg: ModelConfig, cfg: FitConfig, out: OutputConfig,
+                splits: Splits, basis: Basis, binding: FlatBinding, baselines: list[MethodResult],
+                trained: FitOutcome, merged: Merged, twa: Evaluated, timer: Timer,
+                per_rank: list[dict] | None) -> dict:
+    """Write the merged checkpoint, then the report and the plot (rank 0 alone)."""
+    sources = cs.sources()
+    metadata = build_metadata("twa", [{"path": s["path"], "sha256": s["sha256"]} for s in sources],
+                              blocks=cfg.blocks, bits=cfg.bits, alphas=merged.alphas.tolist(),
+                              heldout=twa.row.heldout)
+    with timer.phase("write"):
+        written = write_checkpoint(merged.tensors, out.path, metadata=metadata, force=out.force,
+                                   max_shard_size=out.max_shard_size, hf_source_dir=cs.hf_dir)
+    layout, subspace = basis.layout, basis.subspace
+    data = splits.data
+    report = build_report(
+        settings=cfg,
+        data=DataSummary(str(val.path), data.n, int(splits.fit.numel()), int(splits.heldout.numel()),
+                         list(data.inputs), data.label),
+        model={"spec": model_cfg.spec or str(cs.hf_dir), "args": model_cfg.args, "loss": model_cfg.loss},
+        candidates=sources,
+        metric_name=splits.objective.metric_name,
+        higher_is_better=splits.objective.classification,
+        methods=[*baselines, twa.row],
+        basis=BasisSummary(layout.block_names(), subspace.ranks, subspace.dropped, subspace.spread.tolist(),
+                           layout.n_params, layout.n_cols, subspace.rows, cfg.bits, cfg.group_size,
+                           subspace.basis_bytes(), twa.quantization_gap),
+        curve=trained.curve,
+        merge=MergeRecord(merged.key_block, merged.alphas.tolist(), merged.default_alphas,
+                          dtype_name(merged.out_dtype) if merged.out_dtype else None,
+                          _encode_tensors(twa.recalibrated), metadata),
+        outputs=[str(p) for p in written],
+        timings=timer.seconds,
+        memory={**peak_memory(), "basis_bytes": subspace.basis_bytes(),
+                "flat_buffer_bytes": 3 * binding.flat.numel() * 4},
+        distributed=None if per_rank is None else {"world_size": len(per_rank),
+                                                   "backend": torch.distributed.get_backend(), "ranks": per_rank},
+    )
+    if out.report is not None:
+        from .report import write_report
+
+        write_report(report, out.report, out.force)
+    if out.plot is not None:
+        from .plot import plot_report
+
+        plot_report(report, out.plot, out.force)
+    return report
+
+
+def _encode_tensors(tensors: dict[str, torch.Tensor]) -> str:
+    return base64.b64encode(st_save({k: v.contiguous() for k, v in tensors.items()})).decode() if tensors else ""
+
+
+def _decode_tensors(blob: str) -> dict[str, torch.Tensor]:
+    return st_load(base64.b64decode(blob)) if blob else {}
+
+
+# -- eval and apply ---------------------------------------------------------------------------------
 
 
 def evaluate_checkpoints(
@@ -482,7 +501,7 @@ def evaluate_checkpoints(
     model: ModelConfig,
     batch_size: int = 64,
     device: str = "auto",
-    ema_key: str | None = None,
+    read: ReadConfig = ReadConfig(),
     bn_recalibrate: bool = False,
 ) -> dict:
     """Loss and metric of each checkpoint on all rows of ``val``.
@@ -493,36 +512,38 @@ def evaluate_checkpoints(
     dev = select_device(device)
     data = load_data(val)
     objective = resolve_objective(model.loss, data.is_classification)
-    cs = open_checkpoints(checkpoints, ema_key=ema_key, min_count=1)
+    cs = open_checkpoints(checkpoints, ema_key=read.ema_key, keys=read.keys, allow_nonfinite=read.allow_nonfinite,
+                          min_count=1)
     try:
         net = build_model(model.spec, model.args, hf_dir=cs.hf_dir).to(dev)
-        mk = ModelKeys(net, cs, model.spec)
+        keys = ModelKeys(net, cs, model.spec).model_keys()
         everything = torch.arange(data.n)
         results = []
         for i in range(len(cs)):
-            _load_state(net, _candidate_state(cs, i, mk.model_keys()))
+            with torch.no_grad():
+                net.load_state_dict({k: cs.get(i, k) for k in keys}, strict=False)
             if bn_recalibrate:
                 recalibrate_batchnorm(net, data, everything, batch_size, dev)
-            score = evaluate(net, data, everything, objective, batch_size, dev)
+            score = evaluate(net, data, everything, objective, batch_size, dev, SingleProcess(dev))
             results.append({"path": str(cs.paths[i]), **score})
     finally:
         cs.close()
     return {"metric_name": objective.metric_name, "rows": data.n, "checkpoints": results}
 
 
-def apply_report(report_path: str | Path, checkpoints: Sequence[str | Path], output: str | Path, *,
-                 force: bool = False, max_shard_size: int | None = None) -> dict:
+def apply_report(report_path: str | Path, checkpoints: Sequence[str | Path],
+                 output: OutputConfig | str | Path) -> dict:
     """Re-emit a fit's merge from its saved coefficients: no data and no model needed.
 
     The candidates must be the fit's (checked by SHA-256, in order); the output is bit-for-bit the
     fit's output (the same tensors, the same metadata).
     """
+    out = OutputConfig.of(output)
     report = read_report(Path(report_path))
-    output = Path(output)
     merge = report["merge"]
     cs = open_checkpoints(checkpoints, allow_nonfinite=True)
     try:
-        check_output(output, force=force, hf_source_dir=cs.hf_dir)
+        check_output(out.path, force=out.force, hf_source_dir=cs.hf_dir)
         expected = [c["sha256"] for c in report["candidates"]]
         got = [s["sha256"] for s in cs.sources()]
         if len(expected) != len(got):
@@ -532,14 +553,11 @@ def apply_report(report_path: str | Path, checkpoints: Sequence[str | Path], out
                 raise TwamergeError(f"{cs.paths[i]}: SHA-256 {g[:12]}... differs from the fit's candidate {i + 1} "
                                     f"({report['candidates'][i]['path']}, {e[:12]}...); pass the same files in the same order")
         alphas = torch.tensor(merge["block_alphas"], dtype=torch.float64)
-        out_dtype = parse_dtype(merge.get("out_dtype"))
-        merged = linear_merge(cs, _merged_weights(alphas, merge["key_block"], merge["default_alphas"]),
-                              out_dtype=out_dtype)
+        merged = linear_merge(cs, _weights_of(alphas, merge["key_block"], merge["default_alphas"]),
+                              out_dtype=parse_dtype(merge.get("out_dtype")))
         merged.update(_decode_tensors(merge.get("recalibrated_buffers", "")))
-        written = write_checkpoint(merged, output, metadata=merge["metadata"], force=force,
-                                   max_shard_size=max_shard_size,
-                                   hf_source_dir=cs.hf_dir)
+        written = write_checkpoint(merged, out.path, metadata=merge["metadata"], force=out.force,
+                                   max_shard_size=out.max_shard_size, hf_source_dir=cs.hf_dir)
     finally:
         cs.close()
     return {"outputs": [str(p) for p in written], "report": str(report_path), "candidates": len(expected)}
-

@@ -13,9 +13,9 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -62,17 +62,110 @@ def peak_memory() -> dict:
     return out
 
 
-def best_candidate(rows: list[MethodResult], split: str, classification: bool) -> MethodResult | None:
+def best_candidate(rows: list[MethodResult], split: str, higher_is_better: bool) -> MethodResult | None:
+    """The candidate row with the best metric on ``split`` (the first of equals); None without candidates."""
     cands = [r for r in rows if r.kind == "candidate" and getattr(r, split) is not None]
     if not cands:
         return None
-    key = (lambda r: getattr(r, split)["metric"]) if classification else (lambda r: -getattr(r, split)["metric"])
-    return max(cands, key=key)
+    sign = 1 if higher_is_better else -1
+    return max(cands, key=lambda r: sign * getattr(r, split)["metric"])
 
 
-def is_better(a: dict, b: dict, classification: bool) -> bool:
+def is_better(a: dict, b: dict, higher_is_better: bool) -> bool:
     """Whether metrics ``a`` are strictly better than ``b``."""
-    return a["metric"] > b["metric"] if classification else a["metric"] < b["metric"]
+    return a["metric"] > b["metric"] if higher_is_better else a["metric"] < b["metric"]
+
+
+@dataclass
+class DataSummary:
+    """The validation data of a fit and its split."""
+
+    path: str
+    rows: int
+    fit_rows: int
+    heldout_rows: int
+    inputs: list[str]
+    label: str | None
+
+
+@dataclass
+class BasisSummary:
+    """The subspace a fit trained in: per block its keys, rank, dropped directions and spread."""
+
+    block_keys: list[list[str]]
+    ranks: list[int]
+    dropped: list[int]
+    spread: list[float]
+    n_params: int
+    n_cols: int
+    rows: int
+    bits: int
+    group_size: int
+    basis_bytes: int
+    quantization_gap: float
+
+
+@dataclass
+class MergeRecord:
+    """What ``apply`` needs to write the fit's merge again: per-key blocks, alphas, dtype, buffers, metadata."""
+
+    key_block: dict[str, int]
+    block_alphas: list[list[float]]  # [B][K]
+    default_alphas: list[float]  # [K], for floating tensors outside every block (buffers)
+    out_dtype: str | None
+    recalibrated_buffers: str  # base64 safetensors of the re-estimated BatchNorm statistics, or ""
+    metadata: dict[str, str]
+
+
+def build_report(*, settings: Any, data: DataSummary, model: dict, candidates: list[dict], metric_name: str,
+                 higher_is_better: bool, methods: list[MethodResult], basis: BasisSummary, curve: list[float],
+                 merge: MergeRecord, outputs: list[str], timings: dict[str, float], memory: dict,
+                 distributed: dict | None = None) -> dict:
+    """The JSON-able report of a fit, from its stages' results (no I/O, no torch).
+
+    The comparison that CI gates on, ``twa_at_least_best``, is made on the held-out split when
+    there is one, else on the fit split (and the report then says ``heldout_rows: 0``).
+    """
+    split = "heldout" if data.heldout_rows else "fit"
+    best = best_candidate(methods, split, higher_is_better)
+    twa = next(r for r in methods if r.kind == "twa")
+    beats = None if best is None else not is_better(getattr(best, split), getattr(twa, split), higher_is_better)
+    report = {
+        "report_version": REPORT_VERSION,
+        "tool": "twamerge",
+        "version": _version(),
+        "settings": asdict(settings),
+        "data": asdict(data),
+        "heldout_rows": data.heldout_rows,
+        "model": model,
+        "candidates": candidates,
+        "metric_name": metric_name,
+        "methods": [r.to_dict() for r in methods],
+        "best_candidate": best.name if best else None,
+        "twa_at_least_best": beats,
+        "blocks": [
+            {"index": b, "keys": keys, "rank": basis.ranks[b], "dropped": basis.dropped[b],
+             "spread": float(basis.spread[b]), "alphas": merge.block_alphas[b]}
+            for b, keys in enumerate(basis.block_keys)
+        ],
+        "subspace": {"n_params": basis.n_params, "n_cols": basis.n_cols, "rows": basis.rows, "bits": basis.bits,
+                     "group_size": basis.group_size, "basis_bytes": basis.basis_bytes,
+                     "dropped_directions": sum(basis.dropped), "quantization_gap": basis.quantization_gap},
+        "fit": {"steps": len(curve), "curve": curve, "final_loss": curve[-1] if curve else None},
+        "merge": asdict(merge),
+        "outputs": outputs,
+        "timings": timings,
+        "memory": memory,
+    }
+    if distributed is not None:
+        report["distributed"] = distributed
+    return report
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 @contextmanager

@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 
 from . import kernels
+from .distributed import Comm, SingleProcess, split_columns
 from .kernels.layout import FLOAT_BITS, INPUT_DTYPES, codes_shape, storage_dtype
 
 log = logging.getLogger(__name__)
@@ -199,47 +200,64 @@ def _as_compute(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in INPUT_DTYPES else x.float()
 
 
+class CandidateColumns(Protocol):
+    """What the subspace passes read: ``K`` candidates, one flattened tensor slice at a time.
+
+    ``stack_slice(name, lo, hi)`` returns elements ``[lo, hi)`` of the flattened tensor ``name`` in
+    every candidate, ``[K, hi - lo]`` in the stored dtype. A ``CheckpointSet`` reads just those
+    bytes from safetensors files, which is how a rank of a distributed fit reads only its columns.
+    """
+
+    def __len__(self) -> int: ...
+
+    def stack_slice(self, name: str, lo: int, hi: int) -> torch.Tensor: ...
+
+
+class StackedCandidates:
+    """Candidates already in memory, ``{name: [K, *shape]}`` (tests, benchmarks, library users)."""
+
+    def __init__(self, stacks: dict[str, torch.Tensor]):
+        self.stacks = stacks
+        self.k = len(next(iter(stacks.values()))) if stacks else 0
+
+    def __len__(self) -> int:
+        return self.k
+
+    def stack_slice(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        return self.stacks[name].reshape(self.k, -1)[:, lo:hi]
+
+
 def build_subspace(
-    load_stack: Callable[[str], torch.Tensor],
+    candidates: CandidateColumns,
     layout: FlatLayout,
-    n_candidates: int,
     *,
     bits: int,
+    comm: Comm | None = None,
     rank_rtol: float = 1e-5,
     device: torch.device | str = "cpu",
     backend: str | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
-    col_range: tuple[int, int] | None = None,
-    load_slice: Callable[[str, int, int], torch.Tensor] | None = None,
-    reduce_gram: Callable[[torch.Tensor, BaseException | None], torch.Tensor] | None = None,
 ) -> Subspace:
     """Two streaming passes over the candidates, one tensor at a time.
 
     Args:
-        load_stack: name -> [K, *shape] tensor of that parameter in every candidate.
+        candidates: the K candidates (:class:`CandidateColumns`).
         layout: from :func:`make_layout`.
-        n_candidates: K.
         bits: basis storage (1, 2, 4, 8 packed; 16, 32 float).
+        comm: the ranks (default: one process). Rank ``r`` builds only its flat columns
+            (``distributed.split_columns``): Gram matrices are additive over columns, so the ranks'
+            partial Grams, summed, are the global ones; ``mean`` and the basis cover the slice only.
+            A failure on any rank while reading raises on every rank after the first pass.
         rank_rtol: eigenvalues of a block's Gram matrix at or below ``rank_rtol * max`` are dropped.
         device: where the basis and mean live (the fit device).
-        col_range: build only the flat columns ``[start, end)`` (group-aligned): one rank's slice of a
-            distributed fit. Gram matrices are additive over columns, so the ranks' partial Grams,
-            summed by ``reduce_gram``, are the global ones; ``mean`` and the basis cover the slice only.
-        load_slice: ``(name, lo, hi) -> [K, hi - lo]``, elements ``[lo, hi)`` of the flattened tensor in
-            every candidate; used instead of ``load_stack`` so a rank reads only its columns.
-        reduce_gram: ``(grams [B, K, K] float64, error) -> summed grams``, called on every rank after
-            pass 1 with this rank's failure (or None); it raises when any rank failed.
     """
     device = torch.device(device)
-    k, g = n_candidates, layout.group_size
+    comm = comm or SingleProcess()
+    k, g = len(candidates), layout.group_size
     progress = progress or (lambda it: it)
-    c0, c1 = col_range if col_range is not None else (0, layout.n_cols)
-    if c0 % g or (c1 % g and c1 != layout.n_cols) or not 0 <= c0 <= c1 <= layout.n_cols:
-        raise ValueError(f"col_range={col_range} must be group-aligned (group_size={g}) within [0, {layout.n_cols}]")
-    if load_slice is None:
-        def load_slice(name: str, lo: int, hi: int) -> torch.Tensor:
-            x = load_stack(name).reshape(k, -1)
-            return x if (lo, hi) == (0, x.shape[1]) else x[:, lo:hi]
+    _, ranges = split_columns(layout.n_cols, g, comm.world_size)
+    c0, c1 = ranges[comm.rank]
+    load_slice = candidates.stack_slice
 
     def owned(i: int) -> tuple[int, int]:
         """The part ``[lo, hi)`` of tensor ``i`` (flattened) that falls in ``[c0, c1)``; empty when lo >= hi."""
@@ -260,11 +278,8 @@ def build_subspace(
             o = layout.offsets[i] + lo - c0
             mean[o:o + x.shape[1]] = m
     except (Exception, KeyboardInterrupt) as exc:
-        if reduce_gram is None:
-            raise
         error = exc
-    if reduce_gram is not None:
-        grams = reduce_gram(grams, error)
+    grams = comm.sum(grams, error)
 
     transforms, ranks, spreads = [], [], []
     for b in range(layout.n_blocks):
@@ -322,7 +337,7 @@ def build_subspace(
                                             backend=backend)
             _store_columns(codes, scales, zeros, c, s, z, bits, g, w0 - c0, w1 - c0)
     return Subspace(layout, mean, codes, scales, zeros, transform, ranks, torch.tensor(spreads, dtype=torch.float64),
-                    bits, k, backend, col_range)
+                    bits, k, backend, (c0, c1))
 
 
 def _store_columns(codes, scales, zeros, c, s, z, bits, g, w0, w1) -> None:
