@@ -15,3 +15,11 @@ import torch  # noqa: E402
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory):
+    """The shared real training run: an MLP on scikit-learn's digits, one safetensors checkpoint per epoch (6)."""
+    from digits_run import make_digits_run
+
+    return make_digits_run(tmp_path_factory.mktemp("digits"))

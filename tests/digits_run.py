@@ -65,3 +65,17 @@ def make_digits_run(root: Path, *, epochs: int = 6, batchnorm: bool = False, see
         save_file(state, str(path))
         paths.append(path)
     return DigitsRun(paths, root / "val", root / "test", root)
+
+
+# Few epochs and large batches: the tests check behaviour, not the quality of the fit.
+FAST = dict(epochs=3, batch_size=64)
+
+
+def fit_digits(run: DigitsRun, out: Path, model_args: dict | None = None, checkpoints: list | None = None, **cfg):
+    """``twamerge.fit`` on ``run`` with the FAST settings, the report beside ``out`` (``.json``)."""
+    from twamerge.config import DataConfig, FitConfig, ModelConfig, OutputConfig
+    from twamerge.pipeline import fit
+
+    return fit(checkpoints or run.checkpoints, val=DataConfig(str(run.val)),
+               model=ModelConfig(MODEL_SPEC, model_args or {}), output=OutputConfig(out, report=out.with_suffix(".json")),
+               cfg=FitConfig(**{**FAST, **cfg}))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from digits_run import MODEL_SPEC, make_digits_run
+from digits_run import MODEL_SPEC
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -19,11 +19,6 @@ FAST = ["--epochs", "2", "--batch-size", "64"]
 
 def _run(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return make_digits_run(tmp_path_factory.mktemp("cli_digits"), epochs=4)
 
 
 def test_fit_json_report_plot_then_apply_and_eval(run, tmp_path):

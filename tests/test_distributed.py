@@ -205,3 +205,26 @@ def test_non_finite_loss_stops_both(outcome):
         res = ranks[r]["nan_loss"]
         assert res["error"] in ("FitError", "RankFailedError") and "loss became nan" in res["message"], res
     assert not Path(scenarios["nan_loss"]["output"]).exists()
+
+
+def test_single_process_is_a_world_of_one():
+    """One process runs the distributed code path with identity collectives and failures raised as they are."""
+    from twamerge.distributed import SingleProcess, init
+
+    comm = init(torch.device("cpu"))
+    assert isinstance(comm, SingleProcess) and comm.world_size == 1 and comm.is_main
+    assert comm.shard(10) == (0, 10)
+    x = torch.arange(6.0)
+    assert torch.equal(comm.sum(x), x) and comm.sum(x) is not x
+    out = torch.zeros(6)
+    comm.all_gather(out, x)
+    assert torch.equal(out, x)
+    comm.reduce_scatter(out, x * 2)
+    assert torch.equal(out, x * 2)
+    assert comm.broadcast_object({"a": (1, 2)}) == {"a": [1, 2]}  # the JSON round trip several ranks make
+    assert comm.gather_objects(3) == [3]
+    with pytest.raises(ValueError, match="mine"):
+        with comm.phase("x"):
+            raise ValueError("mine")
+    with pytest.raises(KeyError):
+        comm.sum(x, KeyError("k"))

@@ -1,305 +1,96 @@
-"""twamerge fit / eval / apply through the library, on a real training run (digits)."""
+"""The coefficient fit: parameters as views of one flat buffer, and the step every rank runs."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import gc
+import weakref
 
-import pytest
 import torch
-from digits_run import MODEL_SPEC, make_digits_run
 from helpers import assert_close
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from torch import nn
 
-from twamerge.config import DataConfig, FitConfig, ModelConfig, OutputConfig
-from twamerge.errors import DataError, FitError, ModelError, OutputError, TwamergeError
-from twamerge.pipeline import apply_report, evaluate_checkpoints, fit
-
-FAST = dict(epochs=3, batch_size=64)
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return make_digits_run(tmp_path_factory.mktemp("digits"))
+from twamerge.config import FitConfig
+from twamerge.data import TensorData
+from twamerge.distributed import SingleProcess
+from twamerge.fit import FlatBinding, _step, train_coefficients
+from twamerge.models import resolve_objective
+from twamerge.subspace import StackedCandidates, build_subspace, make_layout
 
 
-def _fit(run, out: Path, model_args=None, checkpoints=None, **cfg):
-    return fit(checkpoints or run.checkpoints, val=DataConfig(str(run.val)),
-               model=ModelConfig(MODEL_SPEC, model_args or {}), output=OutputConfig(out, report=out.with_suffix(".json")),
-               cfg=FitConfig(**{**FAST, **cfg}))
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=True)
+        self.head.weight = self.emb.weight  # tied, as language models do
+
+    def forward(self, x):
+        return self.head(self.emb(x).mean(1))
 
 
-def test_fit_writes_merge_and_report(run, tmp_path):
-    out = tmp_path / "merged.safetensors"
-    report = _fit(run, out)
-    assert out.exists() and (tmp_path / "merged.json").exists()
-    kinds = [m["kind"] for m in report["methods"]]
-    assert kinds.count("candidate") == 6 and {"uniform", "greedy", "twa"} <= set(kinds)
-    alphas = torch.tensor(report["merge"]["block_alphas"])
-    assert alphas.shape == (4, 6)  # layer blocks: fc1.weight, fc1.bias, fc2.weight, fc2.bias
-    assert torch.allclose(alphas.sum(1), torch.ones(4, dtype=alphas.dtype), atol=1e-9)
-    # The file holds exactly sum_k alpha_k c_k (per block), written from the original checkpoints.
-    merged = load_file(str(out))
-    cands = [load_file(str(p)) for p in run.checkpoints]
-    for block in report["blocks"]:
-        for key in block["keys"]:
-            expect = sum(a * c[key].double() for a, c in zip(block["alphas"], cands)).float()
-            assert torch.allclose(merged[key], expect, atol=1e-6)
-    with safe_open(str(out), "pt") as f:
-        meta = f.metadata()
-    assert meta["twamerge.method"] == "twa" and json.loads(meta["twamerge.alphas"]) == report["merge"]["block_alphas"]
-    assert len(json.loads(meta["twamerge.sources"])) == 6 and meta["format"] == "pt"
-    # The quantized subspace point that was trained and the exact merge are close at 8 bits.
-    assert report["subspace"]["quantization_gap"] < 0.05
-    # Held-out: the learned merge is no worse than the uniform average (small tolerance for noise).
-    held = {m["name"]: m["heldout"]["metric"] for m in report["methods"]}
-    assert held["twa"] >= held["uniform"] - 0.01
+def _setup(k=4, seed=0):
+    torch.manual_seed(seed)
+    model = Tied()
+    names = [n for n, _ in model.named_parameters()]  # tied weight listed once
+    stacks = {n: p.detach().unsqueeze(0) + 0.1 * torch.randn(k, *p.shape) for n, p in model.named_parameters()}
+    layout = make_layout(names, [tuple(p.shape) for _, p in model.named_parameters()], "layer", 8)
+    sub = build_subspace(StackedCandidates(stacks), layout, bits=32)
+    return model, layout, sub
 
 
-def test_fit_is_deterministic(run, tmp_path):
-    a = _fit(run, tmp_path / "a.safetensors", greedy=False, eval_candidates=False)
-    b = _fit(run, tmp_path / "b.safetensors", greedy=False, eval_candidates=False)
-    assert a["merge"]["block_alphas"] == b["merge"]["block_alphas"]
+def test_binding_makes_parameters_views_keeps_ties_and_drops_the_originals():
+    model, layout, _ = _setup()
+    old = weakref.ref(model.emb.weight)
+    binding = FlatBinding(model, layout, torch.device("cpu"))
+    gc.collect()
+    assert old() is None  # the flat buffer does not sit beside a second copy of the weights
+    assert model.head.weight is model.emb.weight
+    for i, name in enumerate(layout.names):
+        p = model.get_parameter(name)
+        assert p.data_ptr() == binding.flat[layout.offsets[i]:].data_ptr()
+        assert p.grad.data_ptr() == binding.grad[layout.offsets[i]:].data_ptr()
 
 
-def test_scale_free_defaults(tmp_path):
-    """Checkpoints multiplied by 100 (and a model that divides by 100) learn the same alphas."""
-    base = make_digits_run(tmp_path / "x1", epochs=4)
-    scaled = make_digits_run(tmp_path / "x100", epochs=4, scale=0.01)
-    ra = fit(base.checkpoints, val=DataConfig(str(base.val)), model=ModelConfig(MODEL_SPEC),
-             output=tmp_path / "a.safetensors", cfg=FitConfig(**FAST, greedy=False, eval_candidates=False))
-    rb = fit(scaled.checkpoints, val=DataConfig(str(scaled.val)), model=ModelConfig(MODEL_SPEC, {"scale": 0.01}),
-             output=tmp_path / "b.safetensors", cfg=FitConfig(**FAST, greedy=False, eval_candidates=False))
-    a = torch.tensor(ra["merge"]["block_alphas"])
-    b = torch.tensor(rb["merge"]["block_alphas"])
-    assert (a - 0.25).abs().max() > 1e-3  # something was learned
-    assert torch.allclose(a, b, atol=2e-3), (a - b).abs().max()
+def test_one_process_step_is_combine_forward_backward_project():
+    """The step a distributed rank runs, with one rank, is the textbook step on the whole batch."""
+    model, layout, sub = _setup()
+    binding = FlatBinding(model, layout, torch.device("cpu"))
+    objective = resolve_objective("ce", True)
+    x, y = torch.randint(0, 10, (8, 3)), torch.randint(0, 10, (8,))
+    beta = torch.randn(layout.n_blocks, sub.rows) * 0.1
+    comm = SingleProcess()
+    local_w, local_g = binding.local_buffers(comm)
+    assert local_w is binding.flat and local_g is binding.grad  # one rank: no copies
+    loss, grad = _step(binding, sub, objective, {"x": x}, y, beta, torch.device("cpu"), comm, local_w, local_g, (0, 1))
+
+    ref = Tied()
+    w = sub.combine(beta, out=torch.empty(layout.n_cols))
+    with torch.no_grad():
+        for i, name in enumerate(layout.names):
+            ref.get_parameter(name).copy_(w[layout.offsets[i]:layout.offsets[i] + layout.numel(i)].view(
+                layout.shapes[i]))
+    ref_loss = nn.functional.cross_entropy(ref(x), y)
+    ref_loss.backward()
+    g = torch.zeros(layout.n_cols)
+    for i, name in enumerate(layout.names):
+        g[layout.offsets[i]:layout.offsets[i] + layout.numel(i)] = ref.get_parameter(name).grad.reshape(-1)
+    assert loss == float(ref_loss.detach())
+    assert_close("dL/dbeta", sub.project(g), grad)
 
 
-@pytest.mark.parametrize("dtype", [None, "float64"])
-def test_apply_reproduces_the_output_bit_for_bit(run, tmp_path, dtype):
-    out = tmp_path / "fit.safetensors"
-    fit(run.checkpoints, val=DataConfig(str(run.val)), model=ModelConfig(MODEL_SPEC),
-        output=OutputConfig(out, report=tmp_path / "fit.json", dtype=dtype), cfg=FitConfig(**FAST, greedy=False))
-    assert load_file(str(out))["fc1.weight"].dtype == (torch.float64 if dtype else torch.float32)
-    again = tmp_path / "applied.safetensors"
-    apply_report(tmp_path / "fit.json", run.checkpoints, again)
-    assert out.read_bytes() == again.read_bytes()
-
-
-def test_apply_refuses_other_checkpoints(run, tmp_path):
-    _fit(run, tmp_path / "fit.safetensors", greedy=False, eval_candidates=False)
-    with pytest.raises(TwamergeError, match="SHA-256"):
-        apply_report(tmp_path / "fit.json", list(reversed(run.checkpoints)), tmp_path / "x.safetensors")
-    assert not (tmp_path / "x.safetensors").exists()
-
-
-@pytest.mark.parametrize("edit, match", [
-    (lambda r: "{not json", "not a readable JSON report"),
-    (lambda r: json.dumps({**r, "report_version": 0}), "not a twamerge fit report"),
-    (lambda r: json.dumps({k: v for k, v in r.items() if k != "candidates"}), "lacks candidates"),
-    (lambda r: json.dumps({**r, "merge": {k: v for k, v in r["merge"].items() if k != "key_block"}}),
-     "lacks merge.key_block"),
-])
-def test_apply_refuses_a_damaged_report(run, tmp_path, edit, match):
-    _fit(run, tmp_path / "fit.safetensors", greedy=False, eval_candidates=False)
-    report = json.loads((tmp_path / "fit.json").read_text())
-    (tmp_path / "bad.json").write_text(edit(report))
-    with pytest.raises(TwamergeError, match=match):
-        apply_report(tmp_path / "bad.json", run.checkpoints, tmp_path / "x.safetensors")
-    assert not (tmp_path / "x.safetensors").exists()
-
-
-def test_batchnorm_is_recalibrated_and_apply_keeps_it(tmp_path):
-    run = make_digits_run(tmp_path / "bn", epochs=4, batchnorm=True)
-    out = tmp_path / "bn.safetensors"
-    # No holdout and one batch: the re-estimated statistics are exactly those of fc1's output on all rows.
-    report = fit(run.checkpoints, val=DataConfig(str(run.val)), model=ModelConfig(MODEL_SPEC, {"batchnorm": True}),
-                 output=OutputConfig(out, report=tmp_path / "bn.json"), cfg=FitConfig(epochs=3, batch_size=1000, holdout=0.0))
-    merged = load_file(str(out))
-    import datasets
-
-    x = torch.tensor(datasets.load_from_disk(str(run.val))["x"])
-    h = x @ merged["fc1.weight"].T + merged["fc1.bias"]
-    assert_close("running_mean", h.mean(0), merged["bn.running_mean"], atol=1e-5, rtol=1e-5)
-    assert_close("running_var", h.var(0), merged["bn.running_var"], atol=1e-5, rtol=1e-5)
-    cands = [load_file(str(p)) for p in run.checkpoints]
-    plain_average = sum(c["bn.running_var"] for c in cands) / len(cands)
-    assert not torch.allclose(merged["bn.running_var"], plain_average)  # re-estimated, not averaged
-    assert merged["bn.num_batches_tracked"].dtype == torch.int64
-    assert report["merge"]["recalibrated_buffers"]
-    apply_report(tmp_path / "bn.json", run.checkpoints, tmp_path / "again.safetensors")
-    assert out.read_bytes() == (tmp_path / "again.safetensors").read_bytes()
-
-
-def test_eval_scores_each_checkpoint_on_all_rows(run):
-    res = evaluate_checkpoints(run.checkpoints[-2:], val=DataConfig(str(run.test)), model=ModelConfig(MODEL_SPEC))
-    assert res["metric_name"] == "accuracy" and len(res["checkpoints"]) == 2
-    assert all(c["n"] == res["rows"] and 0.5 < c["metric"] <= 1 for c in res["checkpoints"])
-
-
-@pytest.mark.parametrize("label_shape", [(), (12,)])
-def test_holdout_split_is_disjoint_and_stratified_when_one_label_per_row(label_shape):
-    from twamerge.data import TensorData, split_holdout
-
+def test_train_coefficients_lowers_the_loss_and_is_seeded():
+    model, layout, sub = _setup()
     gen = torch.Generator().manual_seed(0)
-    labels = torch.arange(100).remainder(4).reshape(100, *([1] * len(label_shape))).expand(100, *label_shape)
-    data = TensorData({"x": torch.randn(100, 3, generator=gen), "label": labels.contiguous()}, ("x",), "label", "t")
-    fit_idx, held_idx = split_holdout(data, 0.2, seed=0)
-    assert sorted(torch.cat([fit_idx, held_idx]).tolist()) == list(range(100)) and held_idx.numel() == 20
-    if not label_shape:  # one class label per row: each class keeps its share in the held-out rows
-        assert torch.bincount(labels[held_idx]).tolist() == [5, 5, 5, 5]
-
-
-def test_holdout_zero_says_so(run, tmp_path):
-    report = _fit(run, tmp_path / "h0.safetensors", holdout=0.0, greedy=False, eval_candidates=False)
-    assert report["heldout_rows"] == 0
-    assert all(m["heldout"] is None for m in report["methods"])
-
-
-# Bad input: each is a clear error, and nothing is written.
-
-@pytest.mark.parametrize("spec, match", [
-    ("no_such_module_xyz:build", "cannot import module"),
-    (str(Path(__file__).parent / "assets" / "mlp.py") + ":broken", "factory raised RuntimeError"),
-    (str(Path(__file__).parent / "assets" / "mlp.py") + ":nothing", "no callable 'nothing'"),
-    ("missing_file.py:build", "no such file"),
-])
-def test_bad_model_spec(run, tmp_path, spec, match):
-    out = tmp_path / "m.safetensors"
-    with pytest.raises(ModelError, match=match):
-        fit(run.checkpoints, val=DataConfig(str(run.val)), model=ModelConfig(spec), output=out, cfg=FitConfig(**FAST))
-    assert not out.exists()
-
-
-def test_bad_loss_spec_names_the_loss_option(run, tmp_path):
-    out = tmp_path / "m.safetensors"
-    with pytest.raises(ModelError, match="^--loss 'no_such_module_xyz:fn': cannot import module"):
-        fit(run.checkpoints, val=DataConfig(str(run.val)), model=ModelConfig(MODEL_SPEC, loss="no_such_module_xyz:fn"),
-            output=out, cfg=FitConfig(**FAST))
-    assert not out.exists()
-
-
-def test_unreadable_hf_config_is_a_model_error(tmp_path):
-    from twamerge.models import build_model
-
-    (tmp_path / "config.json").write_text('{"model_type": "no_such_architecture_xyz"}')
-    with pytest.raises(ModelError, match="config.json cannot be loaded"):
-        build_model(None, {}, hf_dir=tmp_path)
-
-
-def test_checkpoints_that_do_not_fit_the_model(run, tmp_path):
-    out = tmp_path / "m.safetensors"
-    with pytest.raises(ModelError, match=r"missing keys \['fc1.weight'.*unexpected keys \['fc1.kernel'"):
-        renamed = []
-        for i, p in enumerate(run.checkpoints[:2]):
-            sd = load_file(str(p))
-            sd["fc1.kernel"] = sd.pop("fc1.weight")
-            renamed.append(tmp_path / f"r{i}.safetensors")
-            save_file(sd, str(renamed[-1]))
-        _fit(run, out, checkpoints=renamed)
-    assert not out.exists()
-    with pytest.raises(ModelError, match="key fc1.weight: checkpoint shape"):
-        _fit(run, out, model_args={"hidden": 16})
-    assert not out.exists()
-
-
-def _write_val(path: Path, columns: dict):
-    import datasets
-
-    datasets.Dataset.from_dict(columns).save_to_disk(str(path))
-    return path
-
-
-@pytest.mark.parametrize("columns, match, error", [
-    ({"x": [[0.0] * 64] * 20}, "no label column", DataError),
-    ({"x": [[0.1] * 64] * 20, "label": [12] * 20}, "label 12 is out of range", DataError),
-    ({"x": [[0.1] * 64] * 6, "label": [1, 2] * 3}, "leaves .* each needs at least", DataError),
-    ({"x": [[float("nan")] * 64] * 40, "label": [1, 2] * 20}, "loss became nan at step 1", FitError),
-])
-def test_bad_validation_data(run, tmp_path, columns, match, error):
-    val = _write_val(tmp_path / "val", columns)
-    out = tmp_path / "m.safetensors"
-    with pytest.raises(error, match=match):
-        fit(run.checkpoints, val=DataConfig(str(val)), model=ModelConfig(MODEL_SPEC), output=out, cfg=FitConfig(**FAST))
-    assert not out.exists()
-
-
-def test_empty_validation_data(run, tmp_path):
-    import numpy as np
-
-    val = tmp_path / "empty.npz"
-    np.savez(val, x=np.zeros((0, 64), np.float32), label=np.zeros((0,), np.int64))
-    with pytest.raises(DataError, match="empty"):
-        fit(run.checkpoints, val=DataConfig(str(val)), model=ModelConfig(MODEL_SPEC), output=tmp_path / "m.safetensors",
-            cfg=FitConfig(**FAST))
-    assert not (tmp_path / "m.safetensors").exists()
-
-
-@pytest.mark.parametrize("calls, match", [(3, "interrupted before the output was written"),
-                                          (12, "interrupted at step")])
-def test_interrupt_writes_nothing(run, tmp_path, calls, match):
-    """Ctrl-C while scoring the baselines (call 3) or while training (call 12: scoring the uniform
-    average takes 8 calls, training starts after it) leaves no output."""
-    out = tmp_path / "m.safetensors"
-    with pytest.raises(FitError, match=match):
-        _fit(run, out, model_args={"interrupt_at": calls}, greedy=False, eval_candidates=False)
-    assert not out.exists() and not (tmp_path / "m.json").exists()
-
-
-def test_existing_output_needs_force(run, tmp_path):
-    out = tmp_path / "m.safetensors"
-    out.write_bytes(b"precious")
-    with pytest.raises(OutputError, match="--force"):
-        _fit(run, out)
-    assert out.read_bytes() == b"precious"
-
-
-def test_bits_3_is_rejected():
-    with pytest.raises(ValueError, match="bits=3"):
-        FitConfig(bits=3)
-
-
-def test_triton_interpreter_backend_gives_the_torch_alphas(run, tmp_path):
-    """The whole fit with every op on the Triton kernels (interpreted on CPU) matches the torch references."""
-    pytest.importorskip("triton")
-    import os
-
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
-    ckpts = run.checkpoints[-3:]
-    kw = dict(checkpoints=ckpts, epochs=1, greedy=False, eval_candidates=False, bits=4)
-    a = _fit(run, tmp_path / "torch.safetensors", backend="torch", **kw)
-    b = _fit(run, tmp_path / "triton.safetensors", backend="triton", **kw)
-    assert torch.allclose(torch.tensor(a["merge"]["block_alphas"]), torch.tensor(b["merge"]["block_alphas"]),
-                          atol=1e-4)
-
-
-@pytest.mark.parametrize("init", ["best", "greedy"])
-def test_init_starts_the_fit_at_a_baseline(run, tmp_path, init):
-    """With no training steps the merge is the start point itself: the best candidate or the greedy soup."""
-    report = _fit(run, tmp_path / f"{init}.safetensors", init=init, epochs=0, bits=32)
-    methods = {m["name"]: m for m in report["methods"]}
-    if init == "best":
-        best = max((m for m in report["methods"] if m["kind"] == "candidate"), key=lambda m: m["fit"]["metric"])
-        weights = [1.0 if m["name"] == best["name"] else 0.0 for m in report["methods"] if m["kind"] == "candidate"]
-    else:
-        chosen = methods["greedy"]["ingredients"]
-        names = [m["name"] for m in report["methods"] if m["kind"] == "candidate"]
-        weights = [1 / len(chosen) if n in chosen else 0.0 for n in names]
-    alphas = torch.tensor(report["merge"]["block_alphas"])
-    assert torch.allclose(alphas, torch.tensor(weights, dtype=alphas.dtype).expand_as(alphas), atol=1e-4)
-    assert methods["twa"]["heldout"]["metric"] == pytest.approx(
-        methods[best["name"]]["heldout"]["metric"] if init == "best" else methods["greedy"]["heldout"]["metric"])
-
-
-def test_forced_triton_without_a_gpu_is_a_typed_error(run, tmp_path, monkeypatch):
-    pytest.importorskip("triton")
-    from twamerge.errors import BackendUnavailableError
-
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    out = tmp_path / "m.safetensors"
-    with pytest.raises(BackendUnavailableError, match="--backend triton needs CUDA tensors"):
-        _fit(run, out, backend="triton", device="cpu")
-    assert not out.exists()
+    data = TensorData({"x": torch.randint(0, 10, (64, 3), generator=gen),
+                       "label": torch.randint(0, 10, (64,), generator=gen)}, ("x",), "label", "t")
+    cfg = FitConfig(epochs=5, batch_size=16, lr=0.1)
+    runs = []
+    for _ in range(2):
+        model, layout, sub = _setup()
+        binding = FlatBinding(model, layout, torch.device("cpu"))
+        runs.append(train_coefficients(binding, sub, data, torch.arange(64), resolve_objective("ce", True), cfg,
+                                       torch.device("cpu"), SingleProcess()))
+    a, b = runs
+    assert a.steps == 20 == len(a.curve)
+    assert torch.equal(a.beta, b.beta) and a.curve == b.curve
+    assert sum(a.curve[-4:]) < sum(a.curve[:4])

@@ -1,0 +1,58 @@
+"""Validation data: columns, the seeded stratified hold-out split, and bad data refused before any output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from digits_run import FAST, MODEL_SPEC
+
+from twamerge.config import DataConfig, FitConfig, ModelConfig
+from twamerge.errors import DataError, FitError
+from twamerge.pipeline import fit
+
+
+@pytest.mark.parametrize("label_shape", [(), (12,)])
+def test_holdout_split_is_disjoint_and_stratified_when_one_label_per_row(label_shape):
+    from twamerge.data import TensorData, split_holdout
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(100).remainder(4).reshape(100, *([1] * len(label_shape))).expand(100, *label_shape)
+    data = TensorData({"x": torch.randn(100, 3, generator=gen), "label": labels.contiguous()}, ("x",), "label", "t")
+    fit_idx, held_idx = split_holdout(data, 0.2, seed=0)
+    assert sorted(torch.cat([fit_idx, held_idx]).tolist()) == list(range(100)) and held_idx.numel() == 20
+    if not label_shape:  # one class label per row: each class keeps its share in the held-out rows
+        assert torch.bincount(labels[held_idx]).tolist() == [5, 5, 5, 5]
+
+
+def _write_val(path: Path, columns: dict):
+    import datasets
+
+    datasets.Dataset.from_dict(columns).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("columns, match, error", [
+    ({"x": [[0.0] * 64] * 20}, "no label column", DataError),
+    ({"x": [[0.1] * 64] * 20, "label": [12] * 20}, "label 12 is out of range", DataError),
+    ({"x": [[0.1] * 64] * 6, "label": [1, 2] * 3}, "leaves .* each needs at least", DataError),
+    ({"x": [[float("nan")] * 64] * 40, "label": [1, 2] * 20}, "loss became nan at step 1", FitError),
+])
+def test_bad_validation_data(run, tmp_path, columns, match, error):
+    val = _write_val(tmp_path / "val", columns)
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(error, match=match):
+        fit(run.checkpoints, val=DataConfig(str(val)), model=ModelConfig(MODEL_SPEC), output=out, cfg=FitConfig(**FAST))
+    assert not out.exists()
+
+
+def test_empty_validation_data(run, tmp_path):
+    import numpy as np
+
+    val = tmp_path / "empty.npz"
+    np.savez(val, x=np.zeros((0, 64), np.float32), label=np.zeros((0,), np.int64))
+    with pytest.raises(DataError, match="empty"):
+        fit(run.checkpoints, val=DataConfig(str(val)), model=ModelConfig(MODEL_SPEC), output=tmp_path / "m.safetensors",
+            cfg=FitConfig(**FAST))
+    assert not (tmp_path / "m.safetensors").exists()

@@ -1,0 +1,197 @@
+"""twamerge fit / eval / apply through the library, on a real training run (digits): the recipe end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from digits_run import FAST, MODEL_SPEC, fit_digits, make_digits_run
+from helpers import assert_close
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from twamerge.config import DataConfig, FitConfig, ModelConfig, OutputConfig
+from twamerge.errors import FitError, OutputError, TwamergeError
+from twamerge.pipeline import apply_report, evaluate_checkpoints, fit
+
+_fit = fit_digits
+
+
+def test_fit_writes_merge_and_report(run, tmp_path):
+    out = tmp_path / "merged.safetensors"
+    report = _fit(run, out)
+    assert out.exists() and (tmp_path / "merged.json").exists()
+    kinds = [m["kind"] for m in report["methods"]]
+    assert kinds.count("candidate") == 6 and {"uniform", "greedy", "twa"} <= set(kinds)
+    alphas = torch.tensor(report["merge"]["block_alphas"])
+    assert alphas.shape == (4, 6)  # layer blocks: fc1.weight, fc1.bias, fc2.weight, fc2.bias
+    assert torch.allclose(alphas.sum(1), torch.ones(4, dtype=alphas.dtype), atol=1e-9)
+    # The file holds exactly sum_k alpha_k c_k (per block), written from the original checkpoints.
+    merged = load_file(str(out))
+    cands = [load_file(str(p)) for p in run.checkpoints]
+    for block in report["blocks"]:
+        for key in block["keys"]:
+            expect = sum(a * c[key].double() for a, c in zip(block["alphas"], cands)).float()
+            assert torch.allclose(merged[key], expect, atol=1e-6)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["twamerge.method"] == "twa" and json.loads(meta["twamerge.alphas"]) == report["merge"]["block_alphas"]
+    assert len(json.loads(meta["twamerge.sources"])) == 6 and meta["format"] == "pt"
+    # The quantized subspace point that was trained and the exact merge are close at 8 bits.
+    assert report["subspace"]["quantization_gap"] < 0.05
+    # Held-out: the learned merge is no worse than the uniform average (small tolerance for noise).
+    held = {m["name"]: m["heldout"]["metric"] for m in report["methods"]}
+    assert held["twa"] >= held["uniform"] - 0.01
+
+
+def test_fit_is_deterministic(run, tmp_path):
+    a = _fit(run, tmp_path / "a.safetensors", greedy=False, eval_candidates=False)
+    b = _fit(run, tmp_path / "b.safetensors", greedy=False, eval_candidates=False)
+    assert a["merge"]["block_alphas"] == b["merge"]["block_alphas"]
+
+
+def test_scale_free_defaults(tmp_path):
+    """Checkpoints multiplied by 100 (and a model that divides by 100) learn the same alphas."""
+    base = make_digits_run(tmp_path / "x1", epochs=4)
+    scaled = make_digits_run(tmp_path / "x100", epochs=4, scale=0.01)
+    ra = fit(base.checkpoints, val=DataConfig(str(base.val)), model=ModelConfig(MODEL_SPEC),
+             output=tmp_path / "a.safetensors", cfg=FitConfig(**FAST, greedy=False, eval_candidates=False))
+    rb = fit(scaled.checkpoints, val=DataConfig(str(scaled.val)), model=ModelConfig(MODEL_SPEC, {"scale": 0.01}),
+             output=tmp_path / "b.safetensors", cfg=FitConfig(**FAST, greedy=False, eval_candidates=False))
+    a = torch.tensor(ra["merge"]["block_alphas"])
+    b = torch.tensor(rb["merge"]["block_alphas"])
+    assert (a - 0.25).abs().max() > 1e-3  # something was learned
+    assert torch.allclose(a, b, atol=2e-3), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [None, "float64"])
+def test_apply_reproduces_the_output_bit_for_bit(run, tmp_path, dtype):
+    out = tmp_path / "fit.safetensors"
+    fit(run.checkpoints, val=DataConfig(str(run.val)), model=ModelConfig(MODEL_SPEC),
+        output=OutputConfig(out, report=tmp_path / "fit.json", dtype=dtype), cfg=FitConfig(**FAST, greedy=False))
+    assert load_file(str(out))["fc1.weight"].dtype == (torch.float64 if dtype else torch.float32)
+    again = tmp_path / "applied.safetensors"
+    apply_report(tmp_path / "fit.json", run.checkpoints, again)
+    assert out.read_bytes() == again.read_bytes()
+
+
+def test_apply_refuses_other_checkpoints(run, tmp_path):
+    _fit(run, tmp_path / "fit.safetensors", greedy=False, eval_candidates=False)
+    with pytest.raises(TwamergeError, match="SHA-256"):
+        apply_report(tmp_path / "fit.json", list(reversed(run.checkpoints)), tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda r: "{not json", "not a readable JSON report"),
+    (lambda r: json.dumps({**r, "report_version": 0}), "not a twamerge fit report"),
+    (lambda r: json.dumps({k: v for k, v in r.items() if k != "candidates"}), "lacks candidates"),
+    (lambda r: json.dumps({**r, "merge": {k: v for k, v in r["merge"].items() if k != "key_block"}}),
+     "lacks merge.key_block"),
+])
+def test_apply_refuses_a_damaged_report(run, tmp_path, edit, match):
+    _fit(run, tmp_path / "fit.safetensors", greedy=False, eval_candidates=False)
+    report = json.loads((tmp_path / "fit.json").read_text())
+    (tmp_path / "bad.json").write_text(edit(report))
+    with pytest.raises(TwamergeError, match=match):
+        apply_report(tmp_path / "bad.json", run.checkpoints, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_batchnorm_is_recalibrated_and_apply_keeps_it(tmp_path):
+    run = make_digits_run(tmp_path / "bn", epochs=4, batchnorm=True)
+    out = tmp_path / "bn.safetensors"
+    # No holdout and one batch: the re-estimated statistics are exactly those of fc1's output on all rows.
+    report = fit(run.checkpoints, val=DataConfig(str(run.val)), model=ModelConfig(MODEL_SPEC, {"batchnorm": True}),
+                 output=OutputConfig(out, report=tmp_path / "bn.json"), cfg=FitConfig(epochs=3, batch_size=1000, holdout=0.0))
+    merged = load_file(str(out))
+    import datasets
+
+    x = torch.tensor(datasets.load_from_disk(str(run.val))["x"])
+    h = x @ merged["fc1.weight"].T + merged["fc1.bias"]
+    assert_close("running_mean", h.mean(0), merged["bn.running_mean"], atol=1e-5, rtol=1e-5)
+    assert_close("running_var", h.var(0), merged["bn.running_var"], atol=1e-5, rtol=1e-5)
+    cands = [load_file(str(p)) for p in run.checkpoints]
+    plain_average = sum(c["bn.running_var"] for c in cands) / len(cands)
+    assert not torch.allclose(merged["bn.running_var"], plain_average)  # re-estimated, not averaged
+    assert merged["bn.num_batches_tracked"].dtype == torch.int64
+    assert report["merge"]["recalibrated_buffers"]
+    apply_report(tmp_path / "bn.json", run.checkpoints, tmp_path / "again.safetensors")
+    assert out.read_bytes() == (tmp_path / "again.safetensors").read_bytes()
+
+
+def test_eval_scores_each_checkpoint_on_all_rows(run):
+    res = evaluate_checkpoints(run.checkpoints[-2:], val=DataConfig(str(run.test)), model=ModelConfig(MODEL_SPEC))
+    assert res["metric_name"] == "accuracy" and len(res["checkpoints"]) == 2
+    assert all(c["n"] == res["rows"] and 0.5 < c["metric"] <= 1 for c in res["checkpoints"])
+
+
+def test_holdout_zero_says_so(run, tmp_path):
+    report = _fit(run, tmp_path / "h0.safetensors", holdout=0.0, greedy=False, eval_candidates=False)
+    assert report["heldout_rows"] == 0
+    assert all(m["heldout"] is None for m in report["methods"])
+
+
+@pytest.mark.parametrize("calls, match", [(3, "interrupted before the output was written"),
+                                          (12, "interrupted at step")])
+def test_interrupt_writes_nothing(run, tmp_path, calls, match):
+    """Ctrl-C while scoring the baselines (call 3) or while training (call 12: scoring the uniform
+    average takes 8 calls, training starts after it) leaves no output."""
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(FitError, match=match):
+        _fit(run, out, model_args={"interrupt_at": calls}, greedy=False, eval_candidates=False)
+    assert not out.exists() and not (tmp_path / "m.json").exists()
+
+
+def test_existing_output_needs_force(run, tmp_path):
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"precious")
+    with pytest.raises(OutputError, match="--force"):
+        _fit(run, out)
+    assert out.read_bytes() == b"precious"
+
+
+def test_triton_interpreter_backend_gives_the_torch_alphas(run, tmp_path):
+    """The whole fit with every op on the Triton kernels (interpreted on CPU) matches the torch references."""
+    pytest.importorskip("triton")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    ckpts = run.checkpoints[-3:]
+    kw = dict(checkpoints=ckpts, epochs=1, greedy=False, eval_candidates=False, bits=4)
+    a = _fit(run, tmp_path / "torch.safetensors", backend="torch", **kw)
+    b = _fit(run, tmp_path / "triton.safetensors", backend="triton", **kw)
+    assert torch.allclose(torch.tensor(a["merge"]["block_alphas"]), torch.tensor(b["merge"]["block_alphas"]),
+                          atol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["best", "greedy"])
+def test_init_starts_the_fit_at_a_baseline(run, tmp_path, init):
+    """With no training steps the merge is the start point itself: the best candidate or the greedy soup."""
+    report = _fit(run, tmp_path / f"{init}.safetensors", init=init, epochs=0, bits=32)
+    methods = {m["name"]: m for m in report["methods"]}
+    if init == "best":
+        best = max((m for m in report["methods"] if m["kind"] == "candidate"), key=lambda m: m["fit"]["metric"])
+        weights = [1.0 if m["name"] == best["name"] else 0.0 for m in report["methods"] if m["kind"] == "candidate"]
+    else:
+        chosen = methods["greedy"]["ingredients"]
+        names = [m["name"] for m in report["methods"] if m["kind"] == "candidate"]
+        weights = [1 / len(chosen) if n in chosen else 0.0 for n in names]
+    alphas = torch.tensor(report["merge"]["block_alphas"])
+    assert torch.allclose(alphas, torch.tensor(weights, dtype=alphas.dtype).expand_as(alphas), atol=1e-4)
+    assert methods["twa"]["heldout"]["metric"] == pytest.approx(
+        methods[best["name"]]["heldout"]["metric"] if init == "best" else methods["greedy"]["heldout"]["metric"])
+
+
+def test_forced_triton_without_a_gpu_is_a_typed_error(run, tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    from twamerge.errors import BackendUnavailableError
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(BackendUnavailableError, match="--backend triton needs CUDA tensors"):
+        _fit(run, out, backend="triton", device="cpu")
+    assert not out.exists()
