@@ -51,8 +51,9 @@ def linear_merge(
 
     Floating tensors accumulate in float64 on CPU and are cast once to ``out_dtype`` (default: the
     stored dtype). Integer and bool tensors (e.g. ``num_batches_tracked``) are copied from candidate 0
-    and compared with the others; a difference is logged as a warning naming the key. At most one
-    tensor per candidate plus the float64 accumulator is live besides the result.
+    and compared with the others of nonzero weight; a difference is logged as a warning naming the key. At most one
+    tensor per candidate plus the float64 accumulator is live besides the result. Candidates with
+    weight 0 are not read (the source of integer tensors, candidate 0, excepted).
 
     Args:
         cs: the validated candidates (K of them).
@@ -96,15 +97,16 @@ def _merge_keys(
 ) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key in keys:
+        w = fixed if fixed is not None else check_weights(weights(key), k, key)  # type: ignore[operator]
         if not cs.is_float(key):
             first = cs.get(0, key)
-            if any(not torch.equal(first, cs.get(i, key)) for i in range(1, k)):
+            # Compared with the candidates this merge uses: a greedy-soup trial reads nothing of the others.
+            if any(not torch.equal(first, cs.get(i, key)) for i in range(1, k) if w[i] != 0.0):
                 log.warning("integer tensor %r differs across checkpoints; keeping the first checkpoint's value", key)
                 if on_int_mismatch is not None:
                     on_int_mismatch(key)
             out[key] = first
             continue
-        w = fixed if fixed is not None else check_weights(weights(key), k, key)  # type: ignore[operator]
         acc = torch.zeros(cs.shape(key), dtype=torch.float64)
         for i, wi in enumerate(w):
             if wi != 0.0:
