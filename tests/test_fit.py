@@ -58,10 +58,8 @@ def test_one_process_step_is_combine_forward_backward_project():
     objective = resolve_objective("ce", True)
     x, y = torch.randint(0, 10, (8, 3)), torch.randint(0, 10, (8,))
     beta = torch.randn(layout.n_blocks, sub.rows) * 0.1
-    comm = SingleProcess()
-    local_w, local_g = binding.local_buffers(comm)
-    assert local_w is binding.flat and local_g is binding.grad  # one rank: no copies
-    loss, grad = _step(binding, sub, objective, {"x": x}, y, beta, torch.device("cpu"), comm, local_w, local_g, (0, 1))
+    assert binding.local_w is binding.flat and binding.local_g is binding.grad  # one rank: no copies
+    loss, grad = _step(binding, sub, objective, {"x": x}, y, beta, torch.device("cpu"), SingleProcess(), (0, 1))
 
     ref = Tied()
     w = sub.combine(beta, out=torch.empty(layout.n_cols))

@@ -41,11 +41,21 @@ class FlatBinding:
     buffers at the end: a distributed fit needs ``world_size * chunk`` columns for its collectives.
     """
 
-    def __init__(self, model: nn.Module, layout: FlatLayout, device: torch.device, n_cols: int | None = None):
+    def __init__(self, model: nn.Module, layout: FlatLayout, device: torch.device, n_cols: int | None = None,
+                 world_size: int = 1):
         self.model = model
         self.layout = layout
         self.flat = torch.zeros(max(layout.n_cols, n_cols or 0), dtype=torch.float32, device=device)
         self.grad = torch.zeros_like(self.flat)
+        # This rank's [chunk] slices of the weights and gradients that the collectives gather and
+        # scatter. With one rank they are the flat buffers themselves (gather and scatter are then
+        # free); with several, separate buffers, since a collective's input may not alias its output.
+        if world_size == 1:
+            self.local_w, self.local_g = self.flat, self.grad
+        else:
+            chunk = self.flat.numel() // world_size
+            self.local_w = torch.zeros(chunk, dtype=torch.float32, device=device)
+            self.local_g = torch.zeros(chunk, dtype=torch.float32, device=device)
         slots: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
         for module in model.modules():
             for attr, p in module._parameters.items():
@@ -60,18 +70,6 @@ class FlatBinding:
             new.grad = self.grad[start:start + n].view(layout.shapes[i])
             for module, attr in slots[id(old)]:
                 module._parameters[attr] = new
-
-    def local_buffers(self, comm: Comm) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's ``[chunk]`` slices of the weights and gradients that collectives gather and scatter.
-
-        With one rank they are the flat buffers themselves (gather and scatter are then free); with
-        several, separate buffers, since a collective's input may not alias its output.
-        """
-        if comm.world_size == 1:
-            return self.flat, self.grad
-        chunk = self.flat.numel() // comm.world_size
-        return (torch.zeros(chunk, dtype=torch.float32, device=self.flat.device),
-                torch.zeros(chunk, dtype=torch.float32, device=self.flat.device))
 
     def check_grads_in_place(self) -> None:
         """Autograd must accumulate into the flat views; if it replaced a .grad, project would miss it."""
@@ -138,7 +136,6 @@ def train_coefficients(
     outcome = FitOutcome(beta=(theta.detach() * scale).float())
     epochs = range(cfg.epochs)
     step = 0
-    local_w, local_g = binding.local_buffers(comm)
     # Dropout draws from the global RNG: seed it for reproducibility, and restore it afterwards.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
@@ -147,8 +144,8 @@ def train_coefficients(
             for _ in (progress(epochs) if progress else epochs):
                 for inputs, label in iter_batches(data, fit_index, cfg.batch_size, gen):
                     beta = theta.detach() * scale
-                    value, grad = _step(binding, subspace, objective, inputs, label, beta, device, comm, local_w,
-                                        local_g, (step, total))
+                    value, grad = _step(binding, subspace, objective, inputs, label, beta, device, comm,
+                                        (step, total))
                     if not math.isfinite(value):
                         where = f" (summed over {comm.world_size} ranks)" if comm.world_size > 1 else ""
                         raise FitError(f"the loss became {value} at step {step + 1} of {total}{where}; nothing "
@@ -166,8 +163,7 @@ def train_coefficients(
 
 
 def _step(binding: FlatBinding, subspace: Subspace, objective: Objective, inputs: dict, label: torch.Tensor,
-          beta: torch.Tensor, device: torch.device, comm: Comm, local_w: torch.Tensor, local_g: torch.Tensor,
-          where: tuple[int, int]) -> tuple[float, torch.Tensor]:
+          beta: torch.Tensor, device: torch.device, comm: Comm, where: tuple[int, int]) -> tuple[float, torch.Tensor]:
     """One data-parallel step over this rank's shard of the global batch; returns (global loss, dL/dbeta [B, R]).
 
     combine on the own slice -> all-gather the weights -> forward/backward on the shard, with the
@@ -180,6 +176,7 @@ def _step(binding: FlatBinding, subspace: Subspace, objective: Objective, inputs
     The loss is read once, at the end: reading it before ``backward`` would make the host wait for
     the forward pass on a GPU. A non-finite loss gives a useless gradient, and the caller stops.
     """
+    local_w, local_g = binding.local_w, binding.local_g
     own = subspace.mean.numel()  # this rank's columns; local_w/local_g are padded to the common chunk
     subspace.combine(beta, out=local_w[:own])
     comm.all_gather(binding.flat, local_w)

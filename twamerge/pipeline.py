@@ -108,25 +108,25 @@ def fit(
                 splits = data_stage(val, model, cfg)
             with _stage(comm, timer, "model"):
                 net = model_stage(model, cs, cfg, device)
-            with _stage(comm, timer, "subspace"):
-                basis = subspace_stage(cs, net, cfg, device, comm, progress)
             with comm.phase("bind"):
-                binding = FlatBinding(net.model, basis.layout, device, n_cols=basis.chunk * comm.world_size)
+                flat = bind_stage(net, cs, cfg, device, comm)
+            with _stage(comm, timer, "subspace"):
+                subspace = subspace_stage(cs, flat, cfg, device, comm, progress)
             scorer = Scorer(net.model, splits, cfg.batch_size, device, net.recalibrate, comm)
             # The baselines come first: the greedy soup and the best candidate can be the fit's start point.
             with timer.phase("evaluate"):
-                baselines = baselines_stage(cs, net, basis, binding, scorer, cfg, comm)
+                baselines = baselines_stage(cs, net, flat, subspace, scorer, cfg, comm)
             with _stage(comm, timer, "fit"):
-                trained = train_stage(cs, net, basis, binding, splits, baselines, cfg, device, comm, progress)
+                trained = train_stage(cs, net, flat, subspace, splits, baselines, cfg, device, comm, progress)
             with _stage(comm, timer, "merge"):
-                merged = merge_stage(cs, net, basis, trained, out, progress)
+                merged = merge_stage(cs, net, flat, subspace, trained, out, progress)
             with timer.phase("evaluate"):
-                twa = evaluate_stage(merged, net, basis, binding, scorer, cfg, comm)
-            per_rank = describe_ranks(basis, comm)
+                twa = evaluate_stage(merged, net, flat, subspace, scorer, cfg, comm)
+            per_rank = describe_ranks(flat, subspace, comm)
             report = None
             with comm.phase("write"):
                 if comm.is_main:
-                    report = write_stage(cs, val, model, cfg, out, splits, basis, binding, baselines, trained,
+                    report = write_stage(cs, val, model, cfg, out, splits, flat, subspace, baselines, trained,
                                          merged, twa, timer, per_rank)
             return comm.broadcast_object(report)
         except KeyboardInterrupt:
@@ -223,24 +223,33 @@ def model_stage(model_cfg: ModelConfig, cs: CheckpointSet, cfg: FitConfig, devic
 
 
 @dataclass
-class Basis:
-    """The subspace this rank holds: the flat layout, its columns ``col_range`` of width ``chunk``."""
+class FlatSpace:
+    """Where the merged parameters live: the flat layout, this rank's columns, and the model bound to it.
+
+    The model's merged parameters are views of ``binding.flat`` (and their gradients of
+    ``binding.grad``). Binding comes before the subspace build, so the model's own parameters are
+    gone before the basis is allocated: the peak holds one copy of the weights, not two.
+    """
 
     layout: FlatLayout
-    subspace: Subspace
-    chunk: int
-    col_range: tuple[int, int]
+    chunk: int  # padded columns per rank
+    col_range: tuple[int, int]  # this rank's columns
+    binding: FlatBinding
 
 
-def subspace_stage(cs: CheckpointSet, net: Network, cfg: FitConfig, device: torch.device, comm: Comm,
-                   progress: Progress | None) -> Basis:
-    """The two streaming passes: mean and Gram, then the quantized orthonormal basis (this rank's columns)."""
+def bind_stage(net: Network, cs: CheckpointSet, cfg: FitConfig, device: torch.device, comm: Comm) -> FlatSpace:
     names = net.keys.merged
     layout = make_layout(names, [tuple(cs.shape(n)) for n in names], cfg.blocks, cfg.group_size)
     chunk, ranges = split_columns(layout.n_cols, layout.group_size, comm.world_size)
-    subspace = build_subspace(cs, layout, bits=cfg.bits, comm=comm, rank_rtol=cfg.rank_rtol, device=device,
-                              backend=cfg.backend, progress=progress)
-    return Basis(layout, subspace, chunk, ranges[comm.rank])
+    binding = FlatBinding(net.model, layout, device, n_cols=chunk * comm.world_size, world_size=comm.world_size)
+    return FlatSpace(layout, chunk, ranges[comm.rank], binding)
+
+
+def subspace_stage(cs: CheckpointSet, flat: FlatSpace, cfg: FitConfig, device: torch.device, comm: Comm,
+                   progress: Progress | None) -> Subspace:
+    """The two streaming passes: mean and Gram, then the quantized orthonormal basis (this rank's columns)."""
+    return build_subspace(cs, flat.layout, bits=cfg.bits, comm=comm, rank_rtol=cfg.rank_rtol, device=device,
+                          backend=cfg.backend, progress=progress)
 
 
 def uniform_buffers(cs: CheckpointSet, keys: ModelKeys) -> dict[str, torch.Tensor]:
@@ -252,15 +261,14 @@ def uniform_buffers(cs: CheckpointSet, keys: ModelKeys) -> dict[str, torch.Tenso
     return out
 
 
-def load_point(binding: FlatBinding, basis: Basis, beta: torch.Tensor, comm: Comm) -> None:
+def load_point(flat: FlatSpace, subspace: Subspace, beta: torch.Tensor, comm: Comm) -> None:
     """Make the model's merged parameters the subspace point ``mean + P~^T beta`` (every rank gets all of it)."""
-    local_w, _ = binding.local_buffers(comm)
-    own = basis.subspace.mean.numel()
-    basis.subspace.combine(beta.to(binding.flat.device), out=local_w[:own])
-    comm.all_gather(binding.flat, local_w)
+    local_w = flat.binding.local_w
+    subspace.combine(beta.to(local_w.device), out=local_w[:subspace.mean.numel()])
+    comm.all_gather(flat.binding.flat, local_w)
 
 
-def baselines_stage(cs: CheckpointSet, net: Network, basis: Basis, binding: FlatBinding, scorer: Scorer,
+def baselines_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: Subspace, scorer: Scorer,
                     cfg: FitConfig, comm: Comm) -> list[MethodResult]:
     """Every candidate, the uniform average and the greedy soup (ingredients chosen on the fit split).
 
@@ -278,7 +286,7 @@ def baselines_stage(cs: CheckpointSet, net: Network, basis: Basis, binding: Flat
                                            detail={"path": str(cs.paths[i])}))
     rows = list(candidates) if METHODS["candidate"].enabled(cfg) else []
     with comm.phase("uniform"):
-        load_point(binding, basis, torch.zeros(basis.layout.n_blocks, basis.subspace.rows), comm)
+        load_point(flat, subspace, torch.zeros(flat.layout.n_blocks, subspace.rows), comm)
     scorer.load(uniform_buffers(cs, net.keys), recalibrate=True)
     rows.append(MethodResult("uniform", "uniform", **scorer.score_both()))
     if METHODS["greedy"].enabled(cfg):
@@ -331,16 +339,16 @@ def _start_point(init: str, baselines: list[MethodResult], subspace: Subspace, k
     return theta.float()
 
 
-def train_stage(cs: CheckpointSet, net: Network, basis: Basis, binding: FlatBinding, splits: Splits,
+def train_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: Subspace, splits: Splits,
                 baselines: list[MethodResult], cfg: FitConfig, device: torch.device, comm: Comm,
                 progress: Progress | None) -> FitOutcome:
     """Learn the coefficients on the fit rows, from the start point ``cfg.init`` names."""
-    theta0 = _start_point(cfg.init, baselines, basis.subspace, len(cs), splits.objective.classification,
+    theta0 = _start_point(cfg.init, baselines, subspace, len(cs), splits.objective.classification,
                           cfg.coordinates)
     # The fit runs with the candidates' uniform-average buffers, not those of the last baseline scored.
     with torch.no_grad():
         net.model.load_state_dict(uniform_buffers(cs, net.keys), strict=False)
-    return train_coefficients(binding, basis.subspace, splits.data, splits.fit, splits.objective, cfg, device,
+    return train_coefficients(flat.binding, subspace, splits.data, splits.fit, splits.objective, cfg, device,
                               comm, progress, theta0=theta0)
 
 
@@ -356,11 +364,11 @@ class Merged:
     trained: torch.Tensor  # [own columns] float32, the quantized-subspace point that was trained
 
 
-def merge_stage(cs: CheckpointSet, net: Network, basis: Basis, trained: FitOutcome, out: OutputConfig,
-                progress: Progress | None) -> Merged:
-    layout, subspace = basis.layout, basis.subspace
-    point = subspace.combine(trained.beta, out=torch.empty(subspace.mean.numel(), dtype=torch.float32,
-                                                           device=subspace.mean.device))
+def merge_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: Subspace, trained: FitOutcome,
+                out: OutputConfig, progress: Progress | None) -> Merged:
+    layout = flat.layout
+    # The gradient buffer is free once training is over: it holds the trained point, not a new D floats.
+    point = subspace.combine(trained.beta, out=flat.binding.local_g[:subspace.mean.numel()])
     alphas = subspace.alphas(trained.beta)  # [B, K] float64
     # Tensors that are not merged parameters (floating buffers) take the size-weighted mean alphas.
     sizes = torch.tensor([sum(layout.numel(i) for i in range(len(layout.names)) if layout.block_of[i] == b)
@@ -388,8 +396,8 @@ class Evaluated:
     quantization_gap: float
 
 
-def evaluate_stage(merged: Merged, net: Network, basis: Basis, binding: FlatBinding, scorer: Scorer, cfg: FitConfig,
-                   comm: Comm) -> Evaluated:
+def evaluate_stage(merged: Merged, net: Network, flat: FlatSpace, subspace: Subspace, scorer: Scorer,
+                   cfg: FitConfig, comm: Comm) -> Evaluated:
     """Score exactly what is written (BatchNorm re-estimated for it, and written so)."""
     scorer.load(merged.tensors, recalibrate=True)
     recalibrated = {}
@@ -399,19 +407,19 @@ def evaluate_stage(merged: Merged, net: Network, basis: Basis, binding: FlatBind
             if merged.tensors[key].is_floating_point():
                 merged.tensors[key] = state[key].detach().to("cpu", merged.tensors[key].dtype).clone()
                 recalibrated[key] = merged.tensors[key]
-    gap = _quantization_gap(basis, binding.flat, merged.trained, comm)
+    gap = _quantization_gap(flat, subspace, merged.trained, comm)
     row = MethodResult("twa", "twa", **scorer.score_both(), detail={"init": cfg.init})
     return Evaluated(row, recalibrated, gap)
 
 
-def _quantization_gap(basis: Basis, flat: torch.Tensor, trained: torch.Tensor, comm: Comm) -> float:
+def _quantization_gap(flat: FlatSpace, subspace: Subspace, trained: torch.Tensor, comm: Comm) -> float:
     """``|written - trained| / |trained - centre|`` over the merged tensors (padding excluded).
 
-    ``flat`` is the full flat buffer holding what is written; ``trained`` and the subspace mean hold
+    ``flat.binding.flat`` holds what is written (all columns); ``trained`` and the subspace mean hold
     this rank's columns, whose squared sums are added over ranks. Sums run tensor by tensor, without copies.
     """
-    layout, mean = basis.layout, basis.subspace.mean
-    c0, c1 = basis.col_range
+    layout, mean, written = flat.layout, subspace.mean, flat.binding.flat
+    c0, c1 = flat.col_range
     sq = torch.zeros(2, dtype=torch.float64)
     error = None
     try:
@@ -419,7 +427,7 @@ def _quantization_gap(basis: Basis, flat: torch.Tensor, trained: torch.Tensor, c
             lo, hi = max(o, c0), min(o + layout.numel(i), c1)
             if lo >= hi:
                 continue
-            real, ref, centre = flat[lo:hi], trained[lo - c0:hi - c0], mean[lo - c0:hi - c0]
+            real, ref, centre = written[lo:hi], trained[lo - c0:hi - c0], mean[lo - c0:hi - c0]
             sq += torch.stack([(real - ref).double().square().sum(), (ref - centre).double().square().sum()]).cpu()
     except Exception as exc:
         error = exc
@@ -427,16 +435,16 @@ def _quantization_gap(basis: Basis, flat: torch.Tensor, trained: torch.Tensor, c
     return math.sqrt(gap2) / math.sqrt(moved2) if moved2 > 0 else 0.0
 
 
-def describe_ranks(basis: Basis, comm: Comm) -> list[dict] | None:
+def describe_ranks(flat: FlatSpace, subspace: Subspace, comm: Comm) -> list[dict] | None:
     """Each rank's columns, basis bytes and peak memory (a distributed fit's report); None in one process."""
     if comm.world_size == 1:
         return None
-    return comm.gather_objects({"col_range": list(basis.col_range), "basis_bytes": basis.subspace.basis_bytes(),
+    return comm.gather_objects({"col_range": list(flat.col_range), "basis_bytes": subspace.basis_bytes(),
                                 **peak_memory()})
 
 
 def write_stage(cs: CheckpointSet, val: DataConfig, model_cfg: ModelConfig, cfg: FitConfig, out: OutputConfig,
-                splits: Splits, basis: Basis, binding: FlatBinding, baselines: list[MethodResult],
+                splits: Splits, flat: FlatSpace, subspace: Subspace, baselines: list[MethodResult],
                 trained: FitOutcome, merged: Merged, twa: Evaluated, timer: Timer,
                 per_rank: list[dict] | None) -> dict:
     """Write the merged checkpoint, then the report and the plot (rank 0 alone)."""
@@ -447,7 +455,7 @@ def write_stage(cs: CheckpointSet, val: DataConfig, model_cfg: ModelConfig, cfg:
     with timer.phase("write"):
         written = write_checkpoint(merged.tensors, out.path, metadata=metadata, force=out.force,
                                    max_shard_size=out.max_shard_size, hf_source_dir=cs.hf_dir)
-    layout, subspace = basis.layout, basis.subspace
+    layout = flat.layout
     data = splits.data
     report = build_report(
         settings=cfg,
@@ -468,7 +476,7 @@ def write_stage(cs: CheckpointSet, val: DataConfig, model_cfg: ModelConfig, cfg:
         outputs=[str(p) for p in written],
         timings=timer.seconds,
         memory={**peak_memory(), "basis_bytes": subspace.basis_bytes(),
-                "flat_buffer_bytes": 3 * binding.flat.numel() * 4},
+                "flat_buffer_bytes": 2 * flat.binding.flat.numel() * flat.binding.flat.element_size()},
         distributed=None if per_rank is None else {"world_size": len(per_rank),
                                                    "backend": torch.distributed.get_backend(), "ranks": per_rank},
     )
