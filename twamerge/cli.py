@@ -489,7 +489,7 @@ def fit_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Learn the averaging coefficients on validation data (TWA) and write the merged checkpoint."""
-    from .checkpoints import parse_size
+    from .options import parse_size
     from .pipeline import fit
 
     with _fail_on_twamerge_error():
@@ -563,7 +563,7 @@ def apply_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Re-emit a fit's merge from its saved coefficients (no data or model needed)."""
-    from .checkpoints import parse_size
+    from .options import parse_size
     from .pipeline import apply_report
 
     with _fail_on_twamerge_error():

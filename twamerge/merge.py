@@ -13,17 +13,9 @@ from typing import Any, TypeVar
 import torch
 
 from . import __version__
-from .checkpoints import (
-    CheckpointSet,
-    check_output,
-    dtype_name,
-    open_checkpoints,
-    parse_dtype,
-    parse_size,
-    sha256_file,
-    write_checkpoint,
-)
 from .errors import InvalidArgumentError
+from .io import CheckpointSet, check_output, open_checkpoints, sha256_file, write_checkpoint
+from .options import dtype_name, parse_dtype, parse_size
 
 log = logging.getLogger(__name__)
 

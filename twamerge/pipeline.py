@@ -22,14 +22,15 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from . import __version__, distributed, kernels
-from .checkpoints import CheckpointSet, check_output, dtype_name, open_checkpoints, parse_dtype, write_checkpoint
 from .config import DataConfig, FitConfig, ModelConfig
 from .data import load_data, split_holdout
 from .distributed import Comm, split_columns
 from .errors import BackendUnavailableError, FitError, ModelError, OutputError, TwamergeError
 from .fit import FlatBinding, evaluate, has_batchnorm, recalibrate_batchnorm, train_coefficients
+from .io import CheckpointSet, check_output, open_checkpoints, write_checkpoint
 from .merge import build_metadata, linear_merge, uniform_weights
 from .models import Objective, build_model, resolve_objective
+from .options import dtype_name, parse_dtype
 from .report import REPORT_VERSION, MethodResult, Timer, best_candidate, is_better, peak_memory, read_report
 from .subspace import build_subspace, make_layout
 

@@ -12,13 +12,13 @@ from ckpt_fixtures import small_state_dict, write_variants
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from twamerge.checkpoints import (
+from twamerge.io import (
     expand_paths,
     open_checkpoints,
-    parse_size,
     unwrap_state_dict,
     write_checkpoint,
 )
+from twamerge.options import parse_size
 from twamerge.errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -256,7 +256,7 @@ def test_write_torch_and_sharded(tmp_path):
 
 
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
-    import twamerge.checkpoints as ck
+    import twamerge.io.writer as ck
 
     calls = []
     real = ck._save
