@@ -46,6 +46,21 @@ def test_out_of_order_and_partial_reads_still_give_the_file_hash(tmp_path):
     assert reads.hash_bytes_read[path.resolve()] == 5000 + 2000 + 500
 
 
+def test_a_large_jump_is_left_to_finish(tmp_path):
+    """Gaps larger than both ``small_gap`` and the data read are not read at update time."""
+    path, data = _file(tmp_path)
+    with count_reads() as reads:
+        h = StreamingHasher(path, small_gap=100)
+        h.update(0, data[:1000])
+        h.update(1050, data[1050:1100])  # 50-byte gap: bridged
+        assert h.pos == 1100 and reads.hash_bytes_read[path.resolve()] == 50
+        h.update(8000, data[8000:8100])  # 6900-byte gap: left for finish
+        h.update(9000, data[9000:9100])
+        assert h.pos == 1100 and reads.hash_bytes_read[path.resolve()] == 50
+        assert h.finish() == _plain_sha(path)
+    assert reads.hash_bytes_read[path.resolve()] == 50 + len(data) - 1100
+
+
 def test_finish_without_reads_and_the_cache(tmp_path):
     path, _ = _file(tmp_path)
     assert StreamingHasher(path).finish() == _plain_sha(path)

@@ -54,10 +54,17 @@ class StreamingHasher:
     ``data``; with ``start > pos`` the gap ``[pos, start)`` is read from the file first (counted as
     ``hash_bytes_read``); bytes before ``pos`` are already in the hash and skipped. ``finish`` reads
     ``[pos, EOF)`` and returns the digest: no extra read when the file was read front to back.
+
+    A gap is read at ``update`` time only when it is small: at most ``small_gap`` bytes or the size of
+    the data just read. A larger jump (a distributed rank reading its column slice, an inspection
+    reading one tensor) leaves ``pos`` where it is, so callers that never ask for the hash (``eval``,
+    ``inspect``, the other ranks) do not pay a read of everything in between; ``finish`` reads it.
+    Either way each byte is read for hashing at most once.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, small_gap: int = 1 << 16):
         self.path = Path(path)
+        self.small_gap = small_gap
         self.pos = 0
         self._h = hashlib.sha256()
         self._digest: str | None = None
@@ -77,6 +84,8 @@ class StreamingHasher:
             return
         end = start + len(data)
         if start > self.pos:
+            if start - self.pos > max(self.small_gap, len(data)):
+                return
             self._read_gap(start)
         if end > self.pos:
             view = memoryview(data).cast("B")
