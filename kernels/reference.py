@@ -242,12 +242,3 @@ def reduce_groups(partial: torch.Tensor, group_block: torch.Tensor, n_blocks: in
             out[b] = partial[:, start:start + n].sum(dim=1, dtype=torch.float64)
         start += n
     return out
-    csum = torch.cat(
-        [torch.zeros(rows, 1, dtype=torch.float64, device=partial.device), partial.double().cumsum(dim=1)], dim=1
-    )
-    gb = group_block.long()
-    counts = torch.bincount(gb, minlength=n_blocks)
-    ends = counts.cumsum(0)
-    starts = ends - counts
-    out[:] = (csum[:, ends] - csum[:, starts]).T.float()
-    return out

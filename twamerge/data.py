@@ -18,6 +18,9 @@ import torch
 
 from .config import DataConfig
 from .errors import DataError
+from .io.formats import Reader
+from .io.formats.safetensors import SafetensorsReader
+from .io.formats.torch_pickle import NotATensorMapping, TorchReader
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +108,26 @@ def _load_files(path: Path, split: str | None):
         raise DataError(f"{path}: cannot be read by datasets.load_dataset ({exc})") from exc
 
 
+def _read_with(reader: Reader) -> dict[str, torch.Tensor]:
+    try:
+        return {k: reader.read(k) for k in reader.entries()}
+    finally:
+        reader.close()
+
+
 def _load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    # The checkpoint readers, so a data file gets the same safety (weights-only unpickling) as a
+    # candidate; but never their container unwrapping: a data file is a flat {column: tensor}.
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path))
+            obj = _read_with(SafetensorsReader(path))
         elif path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
                 obj = {k: torch.from_numpy(z[k]) for k in z.files}
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _read_with(TorchReader(path, unwrap=False))
+    except NotATensorMapping:
+        raise DataError(f"{path}: expected a mapping of column name -> tensor") from None
     except Exception as exc:
         raise DataError(f"{path}: cannot be read as a tensor file ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from .checkpoints import CheckpointSet, _Candidate, _open_candidates, _validate, dtype_name, expand_paths
 from .errors import CheckpointMismatchError, InvalidArgumentError, NonFiniteError
+from .io import Candidate, CheckpointSet, expand_paths, open_candidates, validate_candidates
+from .options import dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def centred_gram(
     return gram
 
 
-def _file_info(c: _Candidate) -> dict[str, Any]:
+def _file_info(c: Candidate) -> dict[str, Any]:
     dtypes = Counter(dtype_name(e[1]) for e in c.entries.values())
     params = sum(math.prod(e[0]) for e in c.entries.values())
     float_params = sum(math.prod(e[0]) for e in c.entries.values() if e[1].is_floating_point)
@@ -127,7 +128,7 @@ def inspect_checkpoints(
     t0 = time.perf_counter()
     if keys not in ("strict", "intersection"):
         raise InvalidArgumentError(f"keys={keys!r}; expected 'strict' or 'intersection'")
-    cands = _open_candidates(expand_paths(paths), ema_key)
+    cands = open_candidates(expand_paths(paths), ema_key)
     try:
         files = [_file_info(c) for c in cands]
         k = len(cands)
@@ -138,7 +139,7 @@ def inspect_checkpoints(
             mergeable, reason = False, f"need at least 2 checkpoints to merge, got {k}"
         else:
             try:
-                common, dropped = _validate(cands, keys)
+                common, dropped = validate_candidates(cands, keys)
             except CheckpointMismatchError as e:
                 mergeable, reason = False, str(e)
         sim = None
@@ -183,4 +184,4 @@ def inspect_checkpoints(
         }
     finally:
         for c in cands:
-            c.reader.close()
+            c.close()

@@ -17,18 +17,11 @@ from typing import Any, TypeVar
 import torch
 
 from . import __version__
-from .checkpoints import (
-    CheckpointSet,
-    check_output,
-    dtype_name,
-    open_checkpoints,
-    parse_dtype,
-    sha256_file,
-    write_checkpoint,
-)
 from .config import OutputConfig, ReadConfig
 from .errors import InvalidArgumentError
+from .io import CheckpointSet, check_output, open_checkpoints, sha256_file, write_checkpoint
 from .methods import check_weights, data_free_weights
+from .options import dtype_name, parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +56,8 @@ def linear_merge(
         on_int_mismatch: called with each integer/bool key whose values differ across candidates.
 
     Returns:
-        ``{key: Tensor}`` in ``cs.keys`` order, on CPU.
+        ``{key: Tensor}`` in ``cs.keys`` order, on CPU. The tensors are read in file order, which
+        lets ``cs.sources()`` finish the candidates' SHA-256 without reading them again.
 
     Raises:
         InvalidArgumentError: a weight vector has the wrong length or non-finite entries.
@@ -76,9 +70,13 @@ def linear_merge(
     fixed = None if callable(weights) else check_weights(weights, k)
     if out_dtype is not None and not out_dtype.is_floating_point:
         raise InvalidArgumentError(f"out_dtype {dtype_name(out_dtype)} is not a floating dtype")
-    keys: Iterable[str] = progress(cs.keys) if progress is not None else cs.keys
+    # Read in file order (each candidate's safetensors file front to back, so ``cs.sources()`` hashes
+    # it from these reads); return in the candidates' key order.
+    order = cs.keys_in_file_order()
+    keys: Iterable[str] = progress(order) if progress is not None else order
     try:
-        return _merge_keys(cs, keys, fixed, weights, k, out_dtype, on_int_mismatch)
+        merged = _merge_keys(cs, keys, fixed, weights, k, out_dtype, on_int_mismatch)
+        return {key: merged[key] for key in cs.keys}
     finally:
         # A generator-based progress bar must stop now, not when it is garbage-collected after an error.
         close = getattr(keys, "close", None)

@@ -27,16 +27,17 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from . import distributed, kernels
-from .checkpoints import CheckpointSet, check_output, dtype_name, open_checkpoints, parse_dtype, write_checkpoint
 from .config import DataConfig, FitConfig, ModelConfig, OutputConfig, ReadConfig
 from .data import load_data, split_holdout
 from .distributed import Comm, SingleProcess, split_columns
 from .errors import BackendUnavailableError, FitError, OutputError, TwamergeError
 from .evaluation import Scorer, Splits, evaluate, has_batchnorm, recalibrate_batchnorm
 from .fit import FitOutcome, FlatBinding, train_coefficients
+from .io import CheckpointSet, check_output, open_checkpoints, refuse_existing, write_checkpoint
 from .merge import build_metadata, linear_merge
 from .methods import METHODS, greedy_soup, one_hot
 from .models import ModelKeys, build_model, resolve_objective
+from .options import dtype_name, parse_dtype
 from .report import (
     BasisSummary,
     DataSummary,
@@ -171,8 +172,7 @@ def check_side_outputs(out: OutputConfig) -> None:
     for path, what in ((out.report, "report"), (out.plot, "plot")):
         if path is None:
             continue
-        if path.exists() and not out.force:
-            raise OutputError(f"{path}: {what} exists; pass --force to overwrite it")
+        refuse_existing(path, what, force=out.force)
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.is_dir():
             raise OutputError(f"{path}: the folder {parent} does not exist")
@@ -553,16 +553,17 @@ def apply_report(report_path: str | Path, checkpoints: Sequence[str | Path],
     try:
         check_output(out.path, force=out.force, hf_source_dir=cs.hf_dir)
         expected = [c["sha256"] for c in report["candidates"]]
+        if len(expected) != len(cs):
+            raise TwamergeError(f"{report_path}: the fit used {len(expected)} candidates; {len(cs)} were given")
+        alphas = torch.tensor(merge["block_alphas"], dtype=torch.float64)
+        # The merge reads every candidate once and hashes it on that read; the check comes after it.
+        merged = linear_merge(cs, _weights_of(alphas, merge["key_block"], merge["default_alphas"]),
+                              out_dtype=parse_dtype(merge.get("out_dtype")))
         got = [s["sha256"] for s in cs.sources()]
-        if len(expected) != len(got):
-            raise TwamergeError(f"{report_path}: the fit used {len(expected)} candidates; {len(got)} were given")
         for i, (e, g) in enumerate(zip(expected, got)):
             if e != g:
                 raise TwamergeError(f"{cs.paths[i]}: SHA-256 {g[:12]}... differs from the fit's candidate {i + 1} "
                                     f"({report['candidates'][i]['path']}, {e[:12]}...); pass the same files in the same order")
-        alphas = torch.tensor(merge["block_alphas"], dtype=torch.float64)
-        merged = linear_merge(cs, _weights_of(alphas, merge["key_block"], merge["default_alphas"]),
-                              out_dtype=parse_dtype(merge.get("out_dtype")))
         merged.update(_decode_tensors(merge.get("recalibrated_buffers", "")))
         written = write_checkpoint(merged, out.path, metadata=merge["metadata"], force=out.force,
                                    max_shard_size=out.max_shard_size, hf_source_dir=cs.hf_dir)
