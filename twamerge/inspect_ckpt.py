@@ -17,13 +17,15 @@ import torch
 
 from .errors import CheckpointMismatchError, InvalidArgumentError, NonFiniteError
 from .io import Candidate, CheckpointSet, expand_paths, open_candidates, validate_candidates
+from .kernels.layout import FLOAT_BITS, PACKED_BITS, SUPPORTED_BITS
 from .options import dtype_name
 
 log = logging.getLogger(__name__)
 
 __all__ = ["basis_memory_bytes", "centred_gram", "inspect_checkpoints"]
 
-DEFAULT_BITS = (1, 2, 4, 8)
+# The packed widths: those whose memory is worth comparing (16/32-bit floats are K x D x 2 or 4 bytes).
+DEFAULT_BITS = PACKED_BITS
 # Columns per float64 chunk when forming the Gram matrix: bounds the temporary to K x 4M doubles.
 _CHUNK = 1 << 22
 
@@ -38,10 +40,11 @@ def basis_memory_bytes(k: int, d: int, bits: int, group_size: int = 128) -> int:
     if group_size <= 0:
         raise InvalidArgumentError(f"group_size={group_size} must be positive")
     rows = max(k - 1, 0)
-    if bits in (16, 32):
+    if bits in FLOAT_BITS:
         return rows * d * bits // 8
-    if bits not in DEFAULT_BITS:
-        raise InvalidArgumentError(f"bits={bits} is not supported; expected one of 1, 2, 4, 8, 16, 32")
+    if bits not in PACKED_BITS:
+        raise InvalidArgumentError(f"bits={bits} is not supported; expected one of "
+                                   + ", ".join(map(str, SUPPORTED_BITS)))
     groups = -(-d // group_size)
     d_pad = groups * group_size
     return rows * (d_pad * bits // 8 + groups * 8)
