@@ -8,7 +8,7 @@ model, re-estimates BatchNorm statistics on the fit rows when asked, and scores 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +19,9 @@ from .data import TensorData, iter_batches
 from .distributed import Comm
 from .models import Objective, call_model
 
-State = Mapping[str, torch.Tensor]
+# A state to load: a mapping, or (key, tensor) pairs produced one at a time so that a whole
+# candidate never sits in memory beside the model.
+State = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
 
 @dataclass
@@ -30,6 +32,19 @@ class Splits:
     fit: torch.Tensor  # row indices, int64
     heldout: torch.Tensor  # row indices, int64 (empty with --holdout 0)
     objective: Objective
+
+
+@torch.no_grad()
+def load_state(model: nn.Module, state: State) -> None:
+    """Copy ``state`` into the model's parameters and buffers, one tensor at a time (unknown keys ignored).
+
+    A tensor that already is the model's (a view of the fit's flat buffer) is left as it is.
+    """
+    targets = model.state_dict(keep_vars=True)
+    for key, value in state.items() if isinstance(state, Mapping) else state:
+        target = targets.get(key)
+        if target is not None and not (target.data_ptr() == value.data_ptr() and target.dtype == value.dtype):
+            target.copy_(value)
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -110,10 +125,10 @@ class Scorer:
         self.comm = comm
 
     def load(self, state: State | Callable[[], State], *, recalibrate: bool) -> None:
-        """Load ``state`` (or what ``state()`` returns) into the model; a missing key keeps its value."""
+        """Load ``state`` (or what ``state()`` returns, e.g. a generator of pairs) into the model; a missing key
+        keeps its value."""
         with self.comm.phase("load"):
-            with torch.no_grad():
-                self.model.load_state_dict(state() if callable(state) else state, strict=False)
+            load_state(self.model, state() if callable(state) else state)
             if recalibrate:
                 self.recalibrate_now()
 

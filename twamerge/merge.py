@@ -39,6 +39,7 @@ def linear_merge(
     out_dtype: torch.dtype | None = None,
     progress: Progress | None = None,
     on_int_mismatch: Callable[[str], None] | None = None,
+    into: Callable[[str], torch.Tensor | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge ``sum_k w_k c_k`` key by key.
 
@@ -54,6 +55,9 @@ def linear_merge(
         out_dtype: floating dtype of the merged floating tensors, or None to keep each stored dtype.
         progress: optional wrapper around the key iterable (e.g. a progress bar).
         on_int_mismatch: called with each integer/bool key whose values differ across candidates.
+        into: ``key -> tensor or None``: where to put a floating result instead of a new tensor (e.g.
+            the model's parameter, a view of the fit's flat buffer), used when its shape and dtype are
+            the result's; the returned dict then holds that tensor.
 
     Returns:
         ``{key: Tensor}`` in ``cs.keys`` order, on CPU. The tensors are read in file order, which
@@ -75,7 +79,7 @@ def linear_merge(
     order = cs.keys_in_file_order()
     keys: Iterable[str] = progress(order) if progress is not None else order
     try:
-        merged = _merge_keys(cs, keys, fixed, weights, k, out_dtype, on_int_mismatch)
+        merged = _merge_keys(cs, keys, fixed, weights, k, out_dtype, on_int_mismatch, into)
         return {key: merged[key] for key in cs.keys}
     finally:
         # A generator-based progress bar must stop now, not when it is garbage-collected after an error.
@@ -92,6 +96,7 @@ def _merge_keys(
     k: int,
     out_dtype: torch.dtype | None,
     on_int_mismatch: Callable[[str], None] | None,
+    into: Callable[[str], torch.Tensor | None] | None,
 ) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key in keys:
@@ -118,7 +123,13 @@ def _merge_keys(
             for i, wi in enumerate(w):
                 if wi != 0.0:
                     cs.get(i, key)  # raises NonFiniteError naming the file and key
-        out[key] = acc.to(out_dtype or cs.dtype(key))
+        dtype = out_dtype or cs.dtype(key)
+        dest = into(key) if into is not None else None
+        if dest is not None and dest.dtype == dtype and dest.shape == acc.shape:
+            dest.copy_(acc)  # the same rounding as .to(dtype)
+            out[key] = dest
+        else:
+            out[key] = acc.to(dtype)
         del acc
     return out
 

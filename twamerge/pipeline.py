@@ -236,6 +236,17 @@ class FlatSpace:
     col_range: tuple[int, int]  # this rank's columns
     binding: FlatBinding
 
+    def __post_init__(self) -> None:
+        self._index = {name: i for i, name in enumerate(self.layout.names)}
+
+    def param_view(self, key: str) -> torch.Tensor | None:
+        """The slice of the flat buffer that merged parameter ``key`` is a view of (None for other keys)."""
+        i = self._index.get(key)
+        if i is None:
+            return None
+        start = self.layout.offsets[i]
+        return self.binding.flat[start:start + self.layout.numel(i)].view(self.layout.shapes[i])
+
 
 def bind_stage(net: Network, cs: CheckpointSet, cfg: FitConfig, device: torch.device, comm: Comm) -> FlatSpace:
     names = net.keys.merged
@@ -281,7 +292,7 @@ def baselines_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: 
     candidates: list[MethodResult] = []
     if METHODS["candidate"].enabled(cfg) or METHODS["greedy"].enabled(cfg):
         for i in range(k):
-            scorer.load(lambda: {key: cs.get(i, key) for key in keys}, recalibrate=False)
+            scorer.load(lambda: ((key, cs.get(i, key)) for key in keys), recalibrate=False)
             candidates.append(MethodResult(Path(cs.paths[i]).name, "candidate", **scorer.score_both(),
                                            detail={"path": str(cs.paths[i])}))
     rows = list(candidates) if METHODS["candidate"].enabled(cfg) else []
@@ -290,11 +301,12 @@ def baselines_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: 
     scorer.load(uniform_buffers(cs, net.keys), recalibrate=True)
     rows.append(MethodResult("uniform", "uniform", **scorer.score_both()))
     if METHODS["greedy"].enabled(cfg):
-        rows.append(_greedy_row(cs, scorer, candidates, higher))
+        rows.append(_greedy_row(cs, flat, scorer, candidates, higher))
     return rows
 
 
-def _greedy_row(cs: CheckpointSet, scorer: Scorer, candidates: list[MethodResult], higher: bool) -> MethodResult:
+def _greedy_row(cs: CheckpointSet, flat: FlatSpace, scorer: Scorer, candidates: list[MethodResult],
+                higher: bool) -> MethodResult:
     """Sort by fit-split metric, add each candidate to the running uniform soup if the fit metric strictly improves.
 
     Each trial is scored on both splits (only the fit split decides), so the soup's row needs no
@@ -305,7 +317,7 @@ def _greedy_row(cs: CheckpointSet, scorer: Scorer, candidates: list[MethodResult
     order = sorted(range(k), key=lambda i: -sign * candidates[i].fit["metric"])
 
     def try_soup(weights: list[float]) -> dict:
-        scorer.load(lambda: linear_merge(cs, weights), recalibrate=True)
+        scorer.load(lambda: linear_merge(cs, weights, into=flat.param_view), recalibrate=True)
         return scorer.score_both()
 
     soup, accepted = greedy_soup(order, candidates[order[0]].fit, k, try_soup,
@@ -377,8 +389,10 @@ def merge_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: Subs
     key_block = {name: layout.block_of[i] for i, name in enumerate(layout.names)}
     key_block.update({alias: key_block[target] for alias, target in net.keys.alias_of.items()})
     out_dtype = parse_dtype(out.dtype)
+    # Float32 results go straight into the flat buffer the model's parameters view: the merge is
+    # then loaded (and written from there) without a second D floats.
     tensors = linear_merge(cs, _weights_of(alphas, key_block, default_alphas), out_dtype=out_dtype,
-                           progress=progress)
+                           progress=progress, into=flat.param_view)
     return Merged(tensors, alphas, key_block, default_alphas, out_dtype, point)
 
 

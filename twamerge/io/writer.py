@@ -65,22 +65,23 @@ def check_output(out: str | Path, *, force: bool = False, hf_source_dir: Path | 
         raise OutputError(f"cannot write {out}: folder {ancestor} is not writable")
 
 
-def _prepare_tensors(tensors: Mapping[str, torch.Tensor], clone_shared: bool) -> dict[str, torch.Tensor]:
+def _prepare_tensors(tensors: Mapping[str, torch.Tensor], clone_views: bool) -> dict[str, torch.Tensor]:
+    """The tensors on CPU, contiguous; with ``clone_views`` a view into a larger storage gets its own copy.
+
+    The safetensors serializer writes each tensor's bytes on their own, so tensors may share memory
+    (tied weights, or views of one flat buffer holding a whole merge) and nothing is copied.
+    ``torch.save`` writes whole storages: a view of a larger buffer would drag all of it into the file.
+    """
     out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
     for k, t in tensors.items():
         if not isinstance(k, str):
             raise TypeError(f"tensor names must be str, got {type(k).__name__} {k!r}")
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{k!r} is a {type(t).__name__}, expected a torch.Tensor")
         t = t.detach().to("cpu")
-        ptr = t.untyped_storage().data_ptr() if t.numel() else None
-        # safetensors refuses tensors that share memory (tied weights): give each its own copy.
-        if not t.is_contiguous() or (clone_shared and ptr is not None and ptr in seen):
+        partial = t.untyped_storage().nbytes() != t.numel() * t.element_size()
+        if not t.is_contiguous() or (clone_views and partial):
             t = t.contiguous().clone()
-            ptr = t.untyped_storage().data_ptr()
-        if ptr is not None:
-            seen.add(ptr)
         out[k] = t
     return out
 
@@ -232,7 +233,7 @@ def write_checkpoint(
     check_output(out, force=force, hf_source_dir=hf_source_dir)
     is_dir = _is_dir_output(out, hf_source_dir)
     fmt = "safetensors" if is_dir or out.suffix.lower() == ".safetensors" else "torch"
-    prepared = _prepare_tensors(tensors, clone_shared=fmt == "safetensors")
+    prepared = _prepare_tensors(tensors, clone_views=fmt != "safetensors")
     shards = _plan_shards(prepared, max_shard_size)
     base = Path("model.safetensors") if is_dir else Path(out.name)
     stem, suffix = base.stem, base.suffix
