@@ -163,3 +163,16 @@ def test_refuse_existing_and_atomic_file(tmp_path):
         assert tmp.parent == tmp_path and tmp.suffix == ".json"
         tmp.write_text("plot")
     assert p.read_text() == "plot" and sorted(x.name for x in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_the_output_hash_comes_from_the_bytes_written(tmp_path):
+    """The writer hashes what it writes; the cached hash is the file's real SHA-256 and survives the rename."""
+    import hashlib
+
+    from twamerge.io import sha256_file, stats, write_checkpoint
+
+    tensors = {"w": torch.randn(300, 7), "flag": torch.tensor([True, False]), "h": torch.randn(5).half()}
+    [out] = write_checkpoint(tensors, tmp_path / "o.safetensors", metadata={"a": "b"})
+    before = dict(stats.hash_bytes_read)
+    assert sha256_file(out) == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert dict(stats.hash_bytes_read) == before

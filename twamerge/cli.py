@@ -422,7 +422,10 @@ def fit_cmd(
     epochs: Annotated[int, typer.Option("--epochs", min=0, help="Passes over the fit split.")] = _D.epochs,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate, in units of the candidates' spread.")] = _D.lr,
     optimizer: Annotated[Optimizer, typer.Option("--optimizer")] = Optimizer(_D.optimizer),
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = _D.batch_size,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per fit step (and per "
+                                            "BatchNorm recalibration batch).")] = _D.batch_size,
+    eval_batch_size: Annotated[int, typer.Option("--eval-batch-size", min=1, help="Rows per batch when scoring "
+                                                 "(inference mode).")] = _D.eval_batch_size,
     seed: Annotated[int, typer.Option("--seed")] = _D.seed,
     device: Annotated[Device, typer.Option("--device")] = Device(_D.device),
     backend: Annotated[Optional[Backend], typer.Option("--backend", help="Kernels: auto (Triton on CUDA), triton, "
@@ -465,7 +468,8 @@ def fit_cmd(
     with _fail_on_twamerge_error():
         try:
             cfg = FitConfig(blocks=blocks, bits=int(bits.value), group_size=group_size, epochs=epochs, lr=lr,
-                            optimizer=optimizer.value, batch_size=batch_size, holdout=holdout, seed=seed,
+                            optimizer=optimizer.value, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                            holdout=holdout, seed=seed,
                             device=device.value, backend=backend.value if backend else None,
                             bn_recalibrate=bn_recalibrate.value, init=init.value, coordinates=coordinates.value,
                             greedy=greedy and candidates, eval_candidates=candidates)

@@ -127,6 +127,8 @@ class FitConfig:
     momentum: float = 0.9
     warmup: float = 0.2
     batch_size: int = 32
+    # Scoring only reads the model (inference mode): larger batches cost no gradient memory.
+    eval_batch_size: int = 256
     holdout: float = 0.2
     seed: int = 0
     device: str = "auto"
@@ -152,6 +154,7 @@ class FitConfig:
         _check(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
         _check(0 <= self.warmup < 1, "warmup", self.warmup, "a fraction in [0, 1)")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "an integer >= 1")
         _check(0 <= self.holdout < 1, "holdout", self.holdout, "a fraction in [0, 1)")
         _check(self.device in typing.get_args(Device) or self.device.startswith("cuda:"), "device", self.device,
                "auto, cpu, cuda or cuda:N")

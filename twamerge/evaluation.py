@@ -72,7 +72,7 @@ def recalibrate_batchnorm(model: nn.Module, data: TensorData, index: torch.Tenso
     return True
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: nn.Module, data: TensorData, index: torch.Tensor, objective: Objective, batch_size: int,
              device: torch.device, comm: Comm) -> dict:
     """Mean loss and metric of ``model`` over the rows ``index`` (eval mode): ``{"loss", "metric", "n"}``.
@@ -114,14 +114,16 @@ def _sums(model: nn.Module, data: TensorData, index: torch.Tensor, objective: Ob
 class Scorer:
     """Loads states into the fit's model, recalibrates BatchNorm when asked, and scores both splits.
 
-    Every rank loads the whole state (the forward needs every weight) and recalibrates BatchNorm on
+    BatchNorm statistics are re-estimated in batches of the fit's ``batch_size`` (the batches the
+    model trains with); scoring runs in batches of ``eval_batch_size``. Every rank loads the whole state (the forward needs every weight) and recalibrates BatchNorm on
     the whole fit split, identically; scoring is split across ranks and summed.
     """
 
     def __init__(self, model: nn.Module, splits: Splits, batch_size: int, device: torch.device,
-                 recalibrate: bool, comm: Comm):
+                 recalibrate: bool, comm: Comm, eval_batch_size: int | None = None):
         self.model, self.splits = model, splits
         self.batch_size, self.device, self.recalibrate = batch_size, device, recalibrate
+        self.eval_batch_size = eval_batch_size or batch_size
         self.comm = comm
 
     def load(self, state: State | Callable[[], State], *, recalibrate: bool) -> None:
@@ -142,7 +144,7 @@ class Scorer:
         idx = self.splits.fit if split == "fit" else self.splits.heldout
         if idx.numel() == 0:
             return None
-        return evaluate(self.model, self.splits.data, idx, self.splits.objective, self.batch_size, self.device,
+        return evaluate(self.model, self.splits.data, idx, self.splits.objective, self.eval_batch_size, self.device,
                         self.comm)
 
     def score_both(self) -> dict:

@@ -113,7 +113,7 @@ def fit(
                 flat = bind_stage(net, cs, cfg, device, comm)
             with _stage(comm, timer, "subspace"):
                 subspace = subspace_stage(cs, flat, cfg, device, comm, progress)
-            scorer = Scorer(net.model, splits, cfg.batch_size, device, net.recalibrate, comm)
+            scorer = Scorer(net.model, splits, cfg.batch_size, device, net.recalibrate, comm, cfg.eval_batch_size)
             # The baselines come first: the greedy soup and the best candidate can be the fit's start point.
             with timer.phase("evaluate"):
                 baselines = baselines_stage(cs, net, flat, subspace, scorer, cfg, comm)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .stats import stats
 
-__all__ = ["StreamingHasher", "sha256_file"]
+__all__ = ["StreamingHasher", "remember_sha256", "sha256_file"]
 
 _CHUNK = 1 << 22
 _SHA_CACHE: dict[tuple[int, int, int, int], str] = {}
@@ -28,6 +28,12 @@ def _remember(key: tuple[int, int, int, int], digest: str) -> None:
     if len(_SHA_CACHE) > 4096:
         _SHA_CACHE.clear()
     _SHA_CACHE[key] = digest
+
+
+def remember_sha256(path: Path, digest: str) -> None:
+    """Record the SHA-256 of a file just written (hashed from the bytes as they were written), so that
+    ``sha256_file`` on it, or on its name after a rename, does not read it back."""
+    _remember(_stat_key(os.stat(path)), digest)
 
 
 def sha256_file(path: Path, *, chunk: int = _CHUNK) -> str:

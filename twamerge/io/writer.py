@@ -7,6 +7,7 @@ temporary sibling directory and renamed as a whole.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from ..errors import OutputError, one_line
 from ..options import dtype_name
 from .atomic import AtomicWrite, refuse_existing
 from .formats.safetensors import ST_DTYPES
-from .hashing import sha256_file
+from .hashing import remember_sha256, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +124,20 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: 
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
+    # The output's SHA-256 (logged, and in `average`'s summary) is computed from the bytes as they are
+    # written, instead of reading the file back.
+    sha = hashlib.sha256()
     with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
+        for part in (len(blob).to_bytes(8, "little"), blob):
+            f.write(part)
+            sha.update(part)
         for name in names:
             t = tensors[name].detach().to("cpu").contiguous()
             if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool
-                        else t.numpy().tobytes())
+                data = memoryview(t.reshape(-1).view(torch.uint8).numpy() if t.dtype != torch.bool else t.numpy())
+                f.write(data)
+                sha.update(data)
+    remember_sha256(path, sha.hexdigest())
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, fmt: str, metadata: dict[str, str]) -> None:
