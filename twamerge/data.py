@@ -152,12 +152,11 @@ def _read_hf(ds, source: str) -> RawTable:
             continue
         try:
             array = np.asarray(ds.with_format("numpy", columns=[name])[name])
-        except Exception as exc:  # nested structures datasets cannot turn into arrays
-            table.dropped[name] = f"not an array ({type(exc).__name__})"
-            continue
-        if array.dtype.kind in "biuf":
+        except Exception:  # lists of different lengths per row (token ids), nested structures
+            array = None
+        if array is not None and array.dtype.kind in "biuf":
             table.columns[name] = torch.from_numpy(np.ascontiguousarray(array))
-        elif array.dtype == object:
+        elif array is None or array.dtype == object:
             ragged = _ragged(list(ds[name]))
             if ragged is None:
                 table.dropped[name] = "neither numbers, a list of numbers per row, text nor an image"

@@ -175,15 +175,16 @@ class _Builder:
                 self._take(name)
         else:
             self._choose_inputs()
+        if not self.inputs:
+            kinds = ", ".join(f"{c} ({table.kind(c)})" for c in table.columns)
+            raise DataError(f"--val {table.source}: no input columns for the model (columns: {kinds}); text is "
+                            f"found by name ({', '.join(textmod.TEXT_COLUMNS[:4])}, ...) or --text COL, numeric "
+                            "inputs by --inputs, anything else through --preprocess")
         label_name = self._labels()
         self._truncate()
         for name in table.columns:
             if name not in self.used and name != label_name:
                 log.info("column %s of %s dropped: %s", name, table.source, self._why_unused(name))
-        if not self.inputs:
-            kinds = ", ".join(f"{c} ({table.kind(c)})" for c in table.columns)
-            raise DataError(f"--val {table.source}: no input columns for the model (columns: {kinds}); "
-                            "name text with --text, numeric inputs with --inputs, or map the columns with --preprocess")
         return TensorData(self.columns, tuple(self.inputs), label_name, table.source, self.pad)
 
     # -- inputs ------------------------------------------------------------------------------------
