@@ -228,3 +228,77 @@ def test_bad_inputs_fail_in_one_line_before_the_basis(lm, clf, tmp_path, name):
     assert len(errors) == 1 and expected in errors[0], r.stderr
     assert "Traceback" not in r.stderr and "basis:" not in r.stderr
     assert not out.exists() and not (tmp_path / "r.json").exists()
+
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+def test_an_image_column_reaches_the_model_as_float_nchw(tmp_path):
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    sys_path = str(ASSETS)
+    import sys
+
+    sys.path.insert(0, sys_path)
+    from tiny_vision import build
+
+    sys.path.remove(sys_path)
+    ckpts = []
+    for i in range(3):
+        torch.manual_seed(i)
+        save_file(build().state_dict(), str(tmp_path / f"c{i}.safetensors"))
+        ckpts.append(tmp_path / f"c{i}.safetensors")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(20)]
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(20)]},
+                               features=feats).save_to_disk(str(tmp_path / "val"))
+    r = _run("fit", *ckpts, "--val", tmp_path / "val", "--model", f"{ASSETS / 'tiny_vision.py'}:build",
+             "-o", tmp_path / "m.safetensors", "--json", *FAST)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["metric_name"] == "accuracy"
+    assert "20 images as float32 [20, 3, 8, 8] in [0, 1]" in r.stderr
+
+
+def test_preprocess_maps_raw_columns_to_inputs(run, tmp_path):
+    import datasets
+
+    from digits_run import MODEL_SPEC
+
+    ds = datasets.load_from_disk(str(run.val))
+    rows = [{"pixels": " ".join(str(round(v * 16)) for v in x), "label": y} for x, y in zip(ds["x"], ds["label"])]
+    val = write_jsonl(tmp_path / "pixels.jsonl", rows)
+    r = _run("eval", run.checkpoints[-1], "--val", val, "--model", MODEL_SPEC, "--json",
+             "--preprocess", f"{ASSETS / 'tiny_vision.py'}:pixels_from_text")
+    assert r.exit_code == 0, r.output
+    via_text = json.loads(r.stdout)["checkpoints"][0]
+    r = _run("eval", run.checkpoints[-1], "--val", run.val, "--model", MODEL_SPEC, "--json")
+    direct = json.loads(r.stdout)["checkpoints"][0]
+    assert via_text["metric"] == pytest.approx(direct["metric"]) and via_text["loss"] == pytest.approx(direct["loss"])
+
+
+def test_entropy_fits_without_labels(run, tmp_path, lm):
+    import datasets
+
+    from digits_run import MODEL_SPEC
+
+    x = datasets.load_from_disk(str(run.val))["x"]
+    datasets.Dataset.from_dict({"x": x}).save_to_disk(str(tmp_path / "unlabeled"))
+    report = tmp_path / "r.json"
+    r = _run("fit", *run.checkpoints, "--val", tmp_path / "unlabeled", "--model", MODEL_SPEC, "--loss", "entropy",
+             "-o", tmp_path / "m.safetensors", "--report", report, "--epochs", "2", "--batch-size", "64")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(report.read_text())
+    assert rep["metric_name"] == "entropy" and rep["higher_is_better"] is False
+    twa, uniform = (next(m for m in rep["methods"] if m["kind"] == k) for k in ("twa", "uniform"))
+    assert twa["fit"]["metric"] < uniform["fit"]["metric"]  # the objective went down
+    assert all(m["fit"]["metric"] == m["fit"]["loss"] for m in rep["methods"])  # no accuracy exists
+    # A causal LM: the entropy of the next-token distribution at every real (unpadded) position.
+    dirs, val, _ = lm
+    r = _run("eval", dirs[0], "--val", val, "--loss", "entropy", "--json")
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    assert got["metric_name"] == "entropy" and 0 < got["checkpoints"][0]["metric"] <= math.log(30522) + 1e-6
