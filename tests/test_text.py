@@ -302,3 +302,16 @@ def test_entropy_fits_without_labels(run, tmp_path, lm):
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout)
     assert got["metric_name"] == "entropy" and 0 < got["checkpoints"][0]["metric"] <= math.log(30522) + 1e-6
+
+
+def test_precision_bf16_autocasts_the_forward_and_learns_nearly_the_same_merge(run, tmp_path):
+    from digits_run import fit_digits
+
+    from twamerge.precision import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu"), torch.bfloat16) is None  # fp32 on a CPU
+    a = fit_digits(run, tmp_path / "a.safetensors", greedy=False, eval_candidates=False, epochs=1)
+    b = fit_digits(run, tmp_path / "b.safetensors", greedy=False, eval_candidates=False, epochs=1, precision="bf16")
+    alphas_a, alphas_b = torch.tensor(a["merge"]["block_alphas"]), torch.tensor(b["merge"]["block_alphas"])
+    assert not torch.equal(alphas_a, alphas_b)  # a bf16 forward gives slightly other gradients ...
+    assert torch.allclose(alphas_a, alphas_b, atol=0.05)  # ... and nearly the same merge
