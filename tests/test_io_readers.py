@@ -204,22 +204,22 @@ def test_read_counter_counts_tensor_bytes_per_file(tmp_path):
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".pth"])
 def test_data_tensor_files_are_read_through_the_io_readers(tmp_path, suffix):
     from twamerge.config import DataConfig
-    from twamerge.data import load_data
+    from twamerge.data import read_table
     from twamerge.io import count_reads
 
     cols = {"x": torch.randn(12, 3), "label": torch.arange(12) % 3}
     path = tmp_path / f"val{suffix}"
     save_file(cols, str(path)) if suffix == ".safetensors" else torch.save(cols, path)
     with count_reads() as reads:
-        data = load_data(DataConfig(str(path)))
-    assert data.inputs == ("x",) and data.label == "label" and data.is_classification
+        data = read_table(DataConfig(str(path)))
+    assert set(data.columns) == {"x", "label"} and data.n == 12
     assert torch.equal(data.columns["x"], cols["x"]) and torch.equal(data.columns["label"], cols["label"])
     assert reads.bytes_read[path.resolve()] == 12 * 3 * 4 + 12 * 8
 
 
 def test_data_tensor_files_keep_the_pickle_safety_and_messages(tmp_path):
     from twamerge.config import DataConfig
-    from twamerge.data import load_data
+    from twamerge.data import read_table as load_data
     from twamerge.errors import DataError
 
     marker = tmp_path / "pwned"

@@ -137,8 +137,9 @@ def test_holdout_zero_says_so(run, tmp_path):
 @pytest.mark.parametrize("calls, match", [(3, "interrupted before the output was written"),
                                           (12, "interrupted at step")])
 def test_interrupt_writes_nothing(run, tmp_path, calls, match):
-    """Ctrl-C while scoring the baselines (call 3) or while training (call 12: scoring the uniform
-    average takes 8 calls, training starts after it) leaves no output."""
+    """Ctrl-C while scoring the baselines (call 3) or while training (call 12: the probe batch takes 1
+    call and scoring the uniform average 3 (360 + 90 rows in eval batches of 256), training starts after
+    them) leaves no output."""
     out = tmp_path / "m.safetensors"
     with pytest.raises(FitError, match=match):
         _fit(run, out, model_args={"interrupt_at": calls}, greedy=False, eval_candidates=False)

@@ -23,10 +23,12 @@ import torch
 from torch import nn
 
 from .config import FitConfig
-from .data import TensorData, iter_batches, steps_per_epoch
+from .data import Batch, TensorData, iter_batches, steps_per_epoch
 from .distributed import Comm
 from .errors import FitError
-from .models import Objective, call_model
+from .models import call_model
+from .precision import autocast
+from .tasks import Task
 from .subspace import FlatLayout, Subspace
 
 log = logging.getLogger(__name__)
@@ -104,18 +106,20 @@ def train_coefficients(
     subspace: Subspace,
     data: TensorData,
     fit_index: torch.Tensor,
-    objective: Objective,
+    task: Task,
     cfg: FitConfig,
     device: torch.device,
     comm: Comm,
     progress: Callable[[Iterable], Iterable] | None = None,
     theta0: torch.Tensor | None = None,
+    amp: torch.dtype | None = None,
 ) -> FitOutcome:
     """Learn the coefficients by gradient descent on the fit rows (DESIGN section 2, steps 4-7).
 
     ``subspace`` holds this rank's column slice (all columns in one process) and ``binding``
     buffers of ``world_size * chunk`` columns; every global batch (the same shuffle on every rank)
-    is split into contiguous shards, one per rank. See :func:`_step`.
+    is split into contiguous shards, one per rank. See :func:`_step`. ``amp``: the autocast dtype
+    of forward and backward (None: float32).
 
     Raises:
         FitError: a non-finite loss (naming the step) or an interrupt; nothing is written by the caller.
@@ -142,10 +146,9 @@ def train_coefficients(
         binding.model.train()
         try:
             for _ in (progress(epochs) if progress else epochs):
-                for inputs, label in iter_batches(data, fit_index, cfg.batch_size, gen):
+                for batch in iter_batches(data, fit_index, cfg.batch_size, gen):
                     beta = theta.detach() * scale
-                    value, grad = _step(binding, subspace, objective, inputs, label, beta, device, comm,
-                                        (step, total))
+                    value, grad = _step(binding, subspace, task, batch, beta, device, comm, (step, total), amp)
                     if not math.isfinite(value):
                         where = f" (summed over {comm.world_size} ranks)" if comm.world_size > 1 else ""
                         raise FitError(f"the loss became {value} at step {step + 1} of {total}{where}; nothing "
@@ -162,16 +165,20 @@ def train_coefficients(
     return outcome
 
 
-def _step(binding: FlatBinding, subspace: Subspace, objective: Objective, inputs: dict, label: torch.Tensor,
-          beta: torch.Tensor, device: torch.device, comm: Comm, where: tuple[int, int]) -> tuple[float, torch.Tensor]:
+def _step(binding: FlatBinding, subspace: Subspace, task: Task, batch: Batch, beta: torch.Tensor,
+          device: torch.device, comm: Comm, where: tuple[int, int], amp: torch.dtype | None = None
+          ) -> tuple[float, torch.Tensor]:
     """One data-parallel step over this rank's shard of the global batch; returns (global loss, dL/dbeta [B, R]).
 
-    combine on the own slice -> all-gather the weights -> forward/backward on the shard, with the
-    loss scaled by ``shard_rows / batch_rows`` so the ranks' gradients sum to the full-batch gradient
-    of a mean-reduced loss -> reduce-scatter the flat gradient -> project the own slice -> all-reduce
-    ``[dL/dbeta, loss]`` with the error flag. A rank that fails keeps taking part in the collectives
-    and raises with the others at the final all-reduce. In one process every collective is the
-    identity and the own slice is the whole flat buffer.
+    combine on the own slice -> all-gather the weights -> forward/backward on the shard -> reduce-scatter
+    the flat gradient -> project the own slice -> all-reduce ``[dL/dbeta, loss]`` with the error flag.
+
+    The loss is the mean over the global batch's items (rows, or tokens for a language model): each
+    rank divides its shard's loss SUM by the item count of the whole batch (``task.count``, which
+    every rank computes from the same global batch), so the ranks' losses and gradients add up to
+    those of the full batch; in one process it is the plain mean. A rank that fails keeps taking part
+    in the collectives and raises with the others at the final all-reduce. In one process every
+    collective is the identity and the own slice is the whole flat buffer.
 
     The loss is read once, at the end: reading it before ``backward`` would make the host wait for
     the forward pass on a GPU. A non-finite loss gives a useless gradient, and the caller stops.
@@ -184,11 +191,14 @@ def _step(binding: FlatBinding, subspace: Subspace, objective: Objective, inputs
     error: BaseException | None = None
     loss = torch.zeros((), device=device)
     try:
-        n = label.shape[0]
-        lo, hi = comm.shard(n)
-        if hi > lo:
-            out = call_model(binding.model, {k: v[lo:hi].to(device) for k, v in inputs.items()})
-            loss = objective.loss_fn(out, label[lo:hi].to(device)) * ((hi - lo) / n)
+        items = task.count(batch)  # the global batch's items: the same number on every rank
+        lo, hi = comm.shard(batch.rows)
+        if hi > lo and items > 0:
+            shard = batch.shard(lo, hi).to(device)
+            with autocast(device, amp):
+                out = call_model(binding.model, shard.inputs)
+            loss_sum, _ = task.loss(out, shard)
+            loss = loss_sum / items
             loss.backward()
             if where[0] == 0:
                 binding.check_grads_in_place()

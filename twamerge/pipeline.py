@@ -28,16 +28,18 @@ from torch import nn
 
 from . import distributed, kernels
 from .config import DataConfig, FitConfig, ModelConfig, OutputConfig, ReadConfig
-from .data import load_data, split_holdout
+from .data import split_holdout
 from .distributed import Comm, SingleProcess, split_columns
 from .errors import BackendUnavailableError, FitError, OutputError, TwamergeError
-from .evaluation import Scorer, Splits, evaluate, has_batchnorm, recalibrate_batchnorm
+from .evaluation import Scorer, Splits, evaluate, has_batchnorm, probe, recalibrate_batchnorm
 from .fit import FitOutcome, FlatBinding, train_coefficients
 from .io import CheckpointSet, check_output, open_checkpoints, refuse_existing, write_checkpoint
 from .merge import build_metadata, linear_merge
 from .methods import METHODS, greedy_soup, one_hot
-from .models import ModelKeys, build_model, resolve_objective
+from .models import ModelKeys, build_model
 from .options import dtype_name, parse_dtype
+from .precision import resolve_precision
+from .prepare import ModelContext, hf_dirs, load_inputs
 from .report import (
     BasisSummary,
     DataSummary,
@@ -105,15 +107,18 @@ def fit(
         with _stage(comm, timer, "open"):
             cs = open_stage(checkpoints, read, out, comm)
         try:
-            with _stage(comm, timer, "data"):
-                splits = data_stage(val, model, cfg)
             with _stage(comm, timer, "model"):
                 net = model_stage(model, cs, cfg, device)
+            with _stage(comm, timer, "data"):
+                splits = data_stage(val, model, cfg, cs, net)
+            with _stage(comm, timer, "probe"):
+                probe(net.model, splits.data, splits.fit, splits.task, cfg.batch_size, device, net.amp)
             with comm.phase("bind"):
                 flat = bind_stage(net, cs, cfg, device, comm)
             with _stage(comm, timer, "subspace"):
                 subspace = subspace_stage(cs, flat, cfg, device, comm, progress)
-            scorer = Scorer(net.model, splits, cfg.batch_size, device, net.recalibrate, comm, cfg.eval_batch_size)
+            scorer = Scorer(net.model, splits, cfg.batch_size, device, net.recalibrate, comm, net.amp,
+                            cfg.eval_batch_size)
             # The baselines come first: the greedy soup and the best candidate can be the fit's start point.
             with timer.phase("evaluate"):
                 baselines = baselines_stage(cs, net, flat, subspace, scorer, cfg, comm)
@@ -195,13 +200,6 @@ def open_stage(checkpoints: Sequence[str | Path], read: ReadConfig, out: OutputC
     return cs
 
 
-def data_stage(val: DataConfig, model: ModelConfig, cfg: FitConfig) -> Splits:
-    """The validation data, its seeded split, and the objective its labels call for."""
-    data = load_data(val)
-    fit_idx, held_idx = split_holdout(data, cfg.holdout, cfg.seed)
-    return Splits(data, fit_idx, held_idx, resolve_objective(model.loss, data.is_classification))
-
-
 @dataclass
 class Network:
     """The model the fit trains through, how the checkpoint keys map onto it, and its BatchNorm policy."""
@@ -210,6 +208,7 @@ class Network:
     keys: ModelKeys
     spec: str
     recalibrate: bool
+    amp: torch.dtype | None = None  # the autocast dtype of forward and backward (--precision); None: float32
 
 
 def model_stage(model_cfg: ModelConfig, cs: CheckpointSet, cfg: FitConfig, device: torch.device) -> Network:
@@ -219,7 +218,18 @@ def model_stage(model_cfg: ModelConfig, cs: CheckpointSet, cfg: FitConfig, devic
     recalibrate = cfg.bn_recalibrate == "on" or (cfg.bn_recalibrate == "auto" and bn)
     if cfg.bn_recalibrate == "on" and not bn:
         log.warning("--bn-recalibrate on: the model has no BatchNorm layer; nothing to recalibrate")
-    return Network(model, keys, model_cfg.spec or str(cs.hf_dir), recalibrate)
+    amp = resolve_precision(cfg.precision, device, cs.dtype(keys.merged[0]) if keys.merged else None)
+    return Network(model, keys, model_cfg.spec or str(cs.hf_dir), recalibrate, amp)
+
+
+def data_stage(val: DataConfig, model: ModelConfig, cfg: FitConfig, cs: CheckpointSet, net: Network) -> Splits:
+    """The validation data as the model takes it (text tokenized with the candidates' tokenizer), the
+    task (its loss and metric), and the seeded split."""
+    data, task = load_inputs(val, model, ModelContext(net.model, hf_dirs(cs.paths)))
+    log.info("task %s: loss %s, metric %s (%s is better)", task.name, type(task).__name__, task.metric_name,
+             "higher" if task.higher_is_better else "lower")
+    fit_idx, held_idx = split_holdout(data, cfg.holdout, cfg.seed)
+    return Splits(data, fit_idx, held_idx, task)
 
 
 @dataclass
@@ -288,7 +298,7 @@ def baselines_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: 
     ingredients.
     """
     k, keys = len(cs), net.keys.model_keys()
-    higher = scorer.splits.objective.classification
+    higher = scorer.splits.task.higher_is_better
     candidates: list[MethodResult] = []
     if METHODS["candidate"].enabled(cfg) or METHODS["greedy"].enabled(cfg):
         for i in range(k):
@@ -355,13 +365,13 @@ def train_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: Subs
                 baselines: list[MethodResult], cfg: FitConfig, device: torch.device, comm: Comm,
                 progress: Progress | None) -> FitOutcome:
     """Learn the coefficients on the fit rows, from the start point ``cfg.init`` names."""
-    theta0 = _start_point(cfg.init, baselines, subspace, len(cs), splits.objective.classification,
+    theta0 = _start_point(cfg.init, baselines, subspace, len(cs), splits.task.higher_is_better,
                           cfg.coordinates)
     # The fit runs with the candidates' uniform-average buffers, not those of the last baseline scored.
     with torch.no_grad():
         net.model.load_state_dict(uniform_buffers(cs, net.keys), strict=False)
-    return train_coefficients(flat.binding, subspace, splits.data, splits.fit, splits.objective, cfg, device,
-                              comm, progress, theta0=theta0)
+    return train_coefficients(flat.binding, subspace, splits.data, splits.fit, splits.task, cfg, device,
+                              comm, progress, theta0=theta0, amp=net.amp)
 
 
 @dataclass
@@ -465,7 +475,8 @@ def write_stage(cs: CheckpointSet, val: DataConfig, model_cfg: ModelConfig, cfg:
     sources = cs.sources()
     metadata = build_metadata("twa", [{"path": s["path"], "sha256": s["sha256"]} for s in sources],
                               blocks=cfg.blocks, bits=cfg.bits, alphas=merged.alphas.tolist(),
-                              heldout=twa.row.heldout)
+                              heldout=twa.row.heldout, metric_name=splits.task.metric_name,
+                              higher_is_better=splits.task.higher_is_better)
     with timer.phase("write"):
         written = write_checkpoint(merged.tensors, out.path, metadata=metadata, force=out.force,
                                    max_shard_size=out.max_shard_size, hf_source_dir=cs.hf_dir)
@@ -475,10 +486,11 @@ def write_stage(cs: CheckpointSet, val: DataConfig, model_cfg: ModelConfig, cfg:
         settings=cfg,
         data=DataSummary(str(val.path), data.n, int(splits.fit.numel()), int(splits.heldout.numel()),
                          list(data.inputs), data.label),
-        model={"spec": model_cfg.spec or str(cs.hf_dir), "args": model_cfg.args, "loss": model_cfg.loss},
+        model={"spec": model_cfg.spec or str(cs.hf_dir), "args": model_cfg.args, "loss": model_cfg.loss,
+               "task": splits.task.name},
         candidates=sources,
-        metric_name=splits.objective.metric_name,
-        higher_is_better=splits.objective.classification,
+        metric_name=splits.task.metric_name,
+        higher_is_better=splits.task.higher_is_better,
         methods=[*baselines, twa.row],
         basis=BasisSummary(layout.block_names(), subspace.ranks, subspace.dropped, subspace.spread.tolist(),
                            layout.n_params, layout.n_cols, subspace.rows, cfg.bits, cfg.group_size,
@@ -529,28 +541,30 @@ def evaluate_checkpoints(
     """Loss and metric of each checkpoint on all rows of ``val``.
 
     Returns:
-        ``{"metric_name", "rows", "checkpoints": [{"path", "loss", "metric", "n"}]}``.
+        ``{"metric_name", "higher_is_better", "task", "rows", "checkpoints": [{"path", "loss", "metric", "n"}]}``
+        (``n``: the task's items, e.g. tokens for a language model).
     """
     dev = select_device(device)
-    data = load_data(val)
-    objective = resolve_objective(model.loss, data.is_classification)
     cs = open_checkpoints(checkpoints, ema_key=read.ema_key, keys=read.keys, allow_nonfinite=read.allow_nonfinite,
                           min_count=1)
     try:
         net = build_model(model.spec, model.args, hf_dir=cs.hf_dir).to(dev)
         keys = ModelKeys(net, cs, model.spec).model_keys()
+        data, task = load_inputs(val, model, ModelContext(net, hf_dirs(cs.paths)))
         everything = torch.arange(data.n)
+        probe(net, data, everything, task, batch_size, dev)
         results = []
         for i in range(len(cs)):
             with torch.no_grad():
                 net.load_state_dict({k: cs.get(i, k) for k in keys}, strict=False)
             if bn_recalibrate:
                 recalibrate_batchnorm(net, data, everything, batch_size, dev)
-            score = evaluate(net, data, everything, objective, batch_size, dev, SingleProcess(dev))
+            score = evaluate(net, data, everything, task, batch_size, dev, SingleProcess(dev))
             results.append({"path": str(cs.paths[i]), **score})
     finally:
         cs.close()
-    return {"metric_name": objective.metric_name, "rows": data.n, "checkpoints": results}
+    return {"metric_name": task.metric_name, "higher_is_better": task.higher_is_better, "task": task.name,
+            "rows": data.n, "checkpoints": results}
 
 
 def apply_report(report_path: str | Path, checkpoints: Sequence[str | Path],

@@ -139,6 +139,7 @@ def build_report(*, settings: Any, data: DataSummary, model: dict, candidates: l
         "model": model,
         "candidates": candidates,
         "metric_name": metric_name,
+        "higher_is_better": higher_is_better,
         "methods": [r.to_dict() for r in methods],
         "best_candidate": best.name if best else None,
         "twa_at_least_best": beats,
