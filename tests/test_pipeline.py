@@ -10,7 +10,7 @@ import torch
 from digits_run import FAST, MODEL_SPEC, fit_digits, make_digits_run
 from helpers import assert_close
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from twamerge.config import DataConfig, FitConfig, ModelConfig, OutputConfig
 from twamerge.errors import FitError, OutputError, TwamergeError
@@ -237,3 +237,37 @@ def test_greedy_trials_read_only_their_ingredients(run, tmp_path):
     for path in run.checkpoints:
         data_bytes = sum(t.numel() * t.element_size() for t in load_file(str(path)).values())
         assert counts.bytes_read[path.resolve()] == expected[path.name] * data_bytes, path.name
+
+
+def test_bf16_candidates_fit_with_bf16_flat_buffers(run, tmp_path):
+    """bf16 candidates with --precision bf16: the model's weights and gradients live in bf16 flat buffers
+    (2 + 2 bytes per parameter instead of 4 + 4), the merge is written in bf16, and it still learns."""
+    from twamerge.fit import FlatBinding
+
+    bf16 = []
+    for i, p in enumerate(run.checkpoints):
+        sd = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(str(p)).items()}
+        bf16.append(tmp_path / f"b{i}.safetensors")
+        save_file(sd, str(bf16[-1]))
+    seen = {}
+    original = FlatBinding.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen["flat"], seen["grad"] = self.flat.dtype, self.grad.dtype
+        seen["params"] = {p.dtype for p in self.model.parameters()}
+
+    FlatBinding.__init__ = spy
+    try:
+        out = tmp_path / "m.safetensors"
+        report = _fit(run, out, checkpoints=bf16, greedy=False, eval_candidates=False, precision="bf16")
+    finally:
+        FlatBinding.__init__ = original
+    assert seen == {"flat": torch.bfloat16, "grad": torch.bfloat16, "params": {torch.bfloat16}}
+    assert report["memory"]["flat_buffer_bytes"] == 2 * 2 * report["subspace"]["n_cols"]
+    merged = load_file(str(out))
+    assert merged["fc1.weight"].dtype == torch.bfloat16
+    alphas = torch.tensor(report["merge"]["block_alphas"])
+    assert (alphas - 1 / len(bf16)).abs().max() > 1e-3  # the coefficients moved
+    held = {m["name"]: m["heldout"]["metric"] for m in report["methods"]}
+    assert held["twa"] >= held["uniform"] - 0.03

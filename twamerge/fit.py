@@ -35,7 +35,11 @@ log = logging.getLogger(__name__)
 
 
 class FlatBinding:
-    """Replace the model's merged parameters by views of ``flat`` (float32 [D]); their grads by views of ``grad``.
+    """Replace the model's merged parameters by views of ``flat`` ([D], ``dtype``); their grads by views of ``grad``.
+
+    ``dtype`` is float32, or bfloat16 when the candidates are stored and the model computes in
+    bfloat16 (``--precision bf16``): weights and gradients then take 2 bytes each per parameter,
+    while combine and project still accumulate in float32.
 
     ``layout.names`` are the parameters' names in the model. The original parameters are dropped
     once their values are copied in, so the flat buffer does not sit beside a second copy. Tied parameters (one ``Parameter`` reachable under several names) stay tied: every slot that
@@ -44,10 +48,10 @@ class FlatBinding:
     """
 
     def __init__(self, model: nn.Module, layout: FlatLayout, device: torch.device, n_cols: int | None = None,
-                 world_size: int = 1):
+                 world_size: int = 1, dtype: torch.dtype = torch.float32):
         self.model = model
         self.layout = layout
-        self.flat = torch.zeros(max(layout.n_cols, n_cols or 0), dtype=torch.float32, device=device)
+        self.flat = torch.zeros(max(layout.n_cols, n_cols or 0), dtype=dtype, device=device)
         self.grad = torch.zeros_like(self.flat)
         # This rank's [chunk] slices of the weights and gradients that the collectives gather and
         # scatter. With one rank they are the flat buffers themselves (gather and scatter are then
@@ -56,8 +60,8 @@ class FlatBinding:
             self.local_w, self.local_g = self.flat, self.grad
         else:
             chunk = self.flat.numel() // world_size
-            self.local_w = torch.zeros(chunk, dtype=torch.float32, device=device)
-            self.local_g = torch.zeros(chunk, dtype=torch.float32, device=device)
+            self.local_w = torch.zeros(chunk, dtype=dtype, device=device)
+            self.local_g = torch.zeros(chunk, dtype=dtype, device=device)
         slots: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
         for module in model.modules():
             for attr, p in module._parameters.items():
@@ -75,7 +79,7 @@ class FlatBinding:
 
     def check_grads_in_place(self) -> None:
         """Autograd must accumulate into the flat views; if it replaced a .grad, project would miss it."""
-        grad_range = range(self.grad.data_ptr(), self.grad.data_ptr() + self.grad.numel() * 4)
+        grad_range = range(self.grad.data_ptr(), self.grad.data_ptr() + self.grad.numel() * self.grad.element_size())
         for name, p in self.model.named_parameters():
             if p.requires_grad and (p.grad is None or p.grad.data_ptr() not in grad_range):
                 raise FitError(f"parameter {name}: its gradient left the flat buffer; this torch version breaks "

@@ -262,8 +262,17 @@ def bind_stage(net: Network, cs: CheckpointSet, cfg: FitConfig, device: torch.de
     names = net.keys.merged
     layout = make_layout(names, [tuple(cs.shape(n)) for n in names], cfg.blocks, cfg.group_size)
     chunk, ranges = split_columns(layout.n_cols, layout.group_size, comm.world_size)
-    binding = FlatBinding(net.model, layout, device, n_cols=chunk * comm.world_size, world_size=comm.world_size)
+    binding = FlatBinding(net.model, layout, device, n_cols=chunk * comm.world_size, world_size=comm.world_size,
+                          dtype=flat_dtype(cs, names, net.amp))
     return FlatSpace(layout, chunk, ranges[comm.rank], binding)
+
+
+def flat_dtype(cs: CheckpointSet, names: list[str], amp: torch.dtype | None) -> torch.dtype:
+    """bfloat16 when every merged tensor is stored in bfloat16 and the model computes in it (autocast),
+    else float32: bf16 weights and gradients halve the flat buffers without changing what the model computes."""
+    if amp == torch.bfloat16 and names and all(cs.dtype(n) == torch.bfloat16 for n in names):
+        return torch.bfloat16
+    return torch.float32
 
 
 def subspace_stage(cs: CheckpointSet, flat: FlatSpace, cfg: FitConfig, device: torch.device, comm: Comm,
