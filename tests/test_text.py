@@ -315,3 +315,27 @@ def test_precision_bf16_autocasts_the_forward_and_learns_nearly_the_same_merge(r
     alphas_a, alphas_b = torch.tensor(a["merge"]["block_alphas"]), torch.tensor(b["merge"]["block_alphas"])
     assert not torch.equal(alphas_a, alphas_b)  # a bf16 forward gives slightly other gradients ...
     assert torch.allclose(alphas_a, alphas_b, atol=0.05)  # ... and nearly the same merge
+
+
+def test_gradient_checkpointing_learns_the_same_merge(lm, tmp_path):
+    """--gradient-checkpointing recomputes activations: the same gradients, so the same alphas (to float
+    rounding), and a clear error for a model that cannot do it."""
+    dirs, val, _ = lm
+    reports = []
+    for flag in ([], ["--gradient-checkpointing"]):
+        out = tmp_path / f"m{len(flag)}"
+        r = _run("fit", *dirs, "--val", val, "-o", out, "--epochs", "1", "--no-greedy", "--no-candidates",
+                 "--report", tmp_path / f"r{len(flag)}.json", "-q", *flag)
+        assert r.exit_code == 0, r.output
+        reports.append(json.loads((tmp_path / f"r{len(flag)}.json").read_text()))
+    a, b = (torch.tensor(r["merge"]["block_alphas"]) for r in reports)
+    assert (a - 1 / 3).abs().max() > 1e-4 and torch.allclose(a, b, atol=1e-5)
+    assert reports[1]["settings"]["gradient_checkpointing"] is True
+
+    from digits_run import MODEL_SPEC, make_digits_run
+
+    run = make_digits_run(tmp_path / "digits", epochs=2)
+    r = _run("fit", *run.checkpoints, "--val", run.val, "--model", MODEL_SPEC, "-o", tmp_path / "x.safetensors",
+             "--gradient-checkpointing")
+    assert r.exit_code == 1 and "--gradient-checkpointing" in r.output and "gradient_checkpointing_enable" in r.output
+    assert not (tmp_path / "x.safetensors").exists()

@@ -157,6 +157,8 @@ class FitConfig:
     # The optional baselines of the report (methods.BASELINES): the greedy soup and every candidate.
     greedy: bool = True
     eval_candidates: bool = True
+    # Recompute activations in the backward pass (Hugging Face models and modules with the same method).
+    gradient_checkpointing: bool = False
     # auto: bf16 on a GPU that supports it when the candidates are stored in 16 bits, else fp32.
     precision: Precision = "auto"
 

@@ -30,7 +30,7 @@ from . import distributed, kernels
 from .config import DataConfig, FitConfig, ModelConfig, OutputConfig, ReadConfig
 from .data import split_holdout
 from .distributed import Comm, SingleProcess, split_columns
-from .errors import BackendUnavailableError, FitError, OutputError, TwamergeError
+from .errors import BackendUnavailableError, FitError, ModelError, OutputError, TwamergeError
 from .evaluation import Scorer, Splits, evaluate, has_batchnorm, probe, recalibrate_batchnorm
 from .fit import FitOutcome, FlatBinding, train_coefficients
 from .io import CheckpointSet, check_output, open_checkpoints, refuse_existing, write_checkpoint
@@ -219,7 +219,32 @@ def model_stage(model_cfg: ModelConfig, cs: CheckpointSet, cfg: FitConfig, devic
     if cfg.bn_recalibrate == "on" and not bn:
         log.warning("--bn-recalibrate on: the model has no BatchNorm layer; nothing to recalibrate")
     amp = resolve_precision(cfg.precision, device, cs.dtype(keys.merged[0]) if keys.merged else None)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model, model_cfg.spec or str(cs.hf_dir))
     return Network(model, keys, model_cfg.spec or str(cs.hf_dir), recalibrate, amp)
+
+
+def enable_gradient_checkpointing(model: nn.Module, spec: str) -> None:
+    """Recompute activations in the backward pass instead of keeping them (``--gradient-checkpointing``).
+
+    Hugging Face models (and any module with the same method) switch it on themselves; the
+    non-reentrant form is asked for because the fit's inputs never require gradients.
+    """
+    # transformers 5 renamed the method (the old name still works, with a deprecation warning).
+    for name, kwargs in (("activation_checkpointing_enable", "activation_checkpointing_kwargs"),
+                         ("gradient_checkpointing_enable", "gradient_checkpointing_kwargs")):
+        enable = getattr(model, name, None)
+        if callable(enable):
+            break
+    else:
+        raise ModelError(f"--gradient-checkpointing: the model of {spec} ({type(model).__name__}) has no "
+                         "gradient_checkpointing_enable(); drop the flag or add the method to the model")
+    try:
+        enable(**{kwargs: {"use_reentrant": False}})
+    except TypeError:  # a module whose method takes no such argument
+        enable()
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        model.config.use_cache = False  # a cache is useless in training and clashes with checkpointing
 
 
 def data_stage(val: DataConfig, model: ModelConfig, cfg: FitConfig, cs: CheckpointSet, net: Network) -> Splits:
