@@ -108,9 +108,9 @@ def gram(x, *, backend: str | None = None):
     return _impl("gram", x.device, backend)(x)
 
 
-def orth_quantize(x, mean, transform, bits, group_size, *, backend: str | None = None):
+def orth_quantize(x, mean, transform, bits, group_size, out=None, *, backend: str | None = None):
     """Dispatching :func:`reference.orth_quantize_torch`."""
-    return _impl("orth_quantize", x.device, backend)(x, mean, transform, bits, group_size)
+    return _impl("orth_quantize", x.device, backend)(x, mean, transform, bits, group_size, out)
 
 
 def combine(mean, codes, scales, zeros, beta, group_block, bits, group_size, out=None, *, backend: str | None = None):

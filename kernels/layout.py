@@ -156,6 +156,27 @@ def check_orth_quantize_args(x: torch.Tensor, mean: torch.Tensor, transform: tor
     return k, n, transform.shape[0]
 
 
+def check_orth_quantize_out(out, rows: int, n: int, bits: int, group_size: int, device: torch.device):
+    """Validate optional ``out = (codes, scales, zeros)`` for ``orth_quantize``: the layout's dtypes and
+    shapes for ``rows`` x ``n``, each contiguous along its rows (column slices of a whole basis are
+    fine), on ``device``. Returns ``out`` as a tuple, or None."""
+    if out is None:
+        return None
+    codes, scales, zeros = out
+    n_groups = 0 if bits in FLOAT_BITS else n // group_size
+    check_dtype("out codes", codes, (storage_dtype(bits),))
+    for name, t, shape in (("out codes", codes, codes_shape(rows, n, bits)), ("out scales", scales, (rows, n_groups)),
+                           ("out zeros", zeros, (rows, n_groups))):
+        if name != "out codes":
+            check_dtype(name, t, (torch.float32,))
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(shape)}")
+        check_rows_contiguous(name, t)
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but x is on {device}; move them to one device")
+    return codes, scales, zeros
+
+
 def check_combine_args(mean: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                        beta: torch.Tensor, group_block: torch.Tensor, bits: int, group_size: int,
                        out: torch.Tensor | None) -> tuple[int, int]:

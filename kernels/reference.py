@@ -15,6 +15,7 @@ from .layout import (
     check_combine_args,
     check_gram_args,
     check_orth_quantize_args,
+    check_orth_quantize_out,
     check_project_args,
     codes_shape,
     storage_dtype,
@@ -203,7 +204,8 @@ def gram_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def orth_quantize_torch(
-    x: torch.Tensor, mean: torch.Tensor, transform: torch.Tensor, bits: int, group_size: int
+    x: torch.Tensor, mean: torch.Tensor, transform: torch.Tensor, bits: int, group_size: int,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Basis rows of a chunk, quantized: ``P = transform @ (x - mean)`` then per-group min/max codes.
 
@@ -213,15 +215,21 @@ def orth_quantize_torch(
         transform: [R, K] float32, the Gram-Schmidt coefficients (``P = T D``).
         bits: 1, 2, 4, 8 (packed codes) or 16, 32 (float storage).
         group_size: elements per quantization group (multiple of 8).
+        out: optional ``(codes, scales, zeros)`` written in place, e.g. column slices of a whole basis
+            (rows may be strided; see ``layout.check_orth_quantize_out``).
 
     Returns:
-        (codes, scales, zeros) in the layout of ``layout.py``.
+        (codes, scales, zeros) in the layout of ``layout.py`` (``out`` when given).
     """
     k, n, rows = check_orth_quantize_args(x, mean, transform, bits, group_size)
+    out = check_orth_quantize_out(out, rows, n, bits, group_size, x.device)
     n_groups = 0 if bits in FLOAT_BITS else n // group_size
-    codes = torch.empty(codes_shape(rows, n, bits), dtype=storage_dtype(bits), device=x.device)
-    scales = torch.empty(rows, n_groups, dtype=torch.float32, device=x.device)
-    zeros = torch.empty(rows, n_groups, dtype=torch.float32, device=x.device)
+    if out is not None:
+        codes, scales, zeros = out
+    else:
+        codes = torch.empty(codes_shape(rows, n, bits), dtype=storage_dtype(bits), device=x.device)
+        scales = torch.empty(rows, n_groups, dtype=torch.float32, device=x.device)
+        zeros = torch.empty(rows, n_groups, dtype=torch.float32, device=x.device)
     if rows == 0 or n == 0:
         return codes, scales, zeros
     step = min(n, chunk_cols(max(k, rows), group_size))

@@ -466,8 +466,15 @@ class _BasisWriter:
             else:
                 window = self._staged(w0, w1, k, members, source)
             m = self.mean[w0 - self.c0: w1 - self.c0]
-            c, s, z = kernels.orth_quantize(window, m, t32, self.bits, g, backend=self.backend)
-            _store_columns(self.codes, self.scales, self.zeros, c, s, z, self.bits, g, w0 - self.c0, w1 - self.c0)
+            kernels.orth_quantize(window, m, t32, self.bits, g, self._columns(w0 - self.c0, w1 - self.c0),
+                                  backend=self.backend)
+
+    def _columns(self, w0: int, w1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of columns ``[w0, w1)`` of the basis being written."""
+        bits, g = self.bits, self.layout.group_size
+        if bits in FLOAT_BITS:
+            return self.codes[:, w0:w1], self.scales, self.zeros
+        return self.codes[:, w0 * bits // 8: w1 * bits // 8], self.scales[:, w0 // g: w1 // g], self.zeros[:, w0 // g: w1 // g]
 
     def _staged(self, w0, w1, k, members, source) -> torch.Tensor:
         lay = self.layout
@@ -483,12 +490,3 @@ class _BasisWriter:
             base = o0 + max(0, self.c0 - o0)
             window[:, lo - w0: hi - w0] = source(i)[:, lo - base: hi - base]
         return window
-
-
-def _store_columns(codes, scales, zeros, c, s, z, bits, g, w0, w1) -> None:
-    if bits in FLOAT_BITS:
-        codes[:, w0:w1] = c
-        return
-    codes[:, w0 * bits // 8: w1 * bits // 8] = c
-    scales[:, w0 // g: w1 // g] = s
-    zeros[:, w0 // g: w1 // g] = z
