@@ -27,9 +27,15 @@ from .layout import (
 CHUNK_ELEMS = 1 << 19
 
 
-def chunk_cols(rows: int, group_size: int) -> int:
-    """Columns per step for ``rows``-row temporaries: whole groups, about ``CHUNK_ELEMS`` elements."""
-    return max(group_size, CHUNK_ELEMS // max(rows, 1) // group_size * group_size)
+# combine and project: elements of the decoded codes per step (1 MiB of float32).
+STEP_ELEMS = 1 << 18
+
+
+def chunk_cols(rows: int, group_size: int, elems: int | None = None) -> int:
+    """Columns per step for ``rows``-row temporaries: whole groups, about ``elems`` (default
+    ``CHUNK_ELEMS``) elements."""
+    elems = CHUNK_ELEMS if elems is None else elems
+    return max(group_size, elems // max(rows, 1) // group_size * group_size)
 
 
 def pack_codes_torch(q: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -271,23 +277,24 @@ def combine_torch(
         out = torch.empty(cols, dtype=torch.float32, device=mean.device)
     if cols == 0:
         return out
-    step = min(cols, chunk_cols(rows, group_size))
+    step = min(cols, chunk_cols(rows, group_size, STEP_ELEMS))
     q_buf = torch.empty(rows, step, dtype=torch.float32, device=mean.device)
     blocks = group_block.long()
     for c0 in range(0, cols, step):
         c1 = min(cols, c0 + step)
         c, s, z = _slice_basis(codes, scales, zeros, bits, group_size, c0, c1)
         g0, g1 = c0 // group_size, c1 // group_size
-        coef = beta.index_select(0, blocks[g0:g1])  # [n_groups, R]
-        q = codes_to_float(c, bits, q_buf[:, : c1 - c0]).view(rows, g1 - g0, group_size).transpose(0, 1)
+        coef = beta.index_select(0, blocks[g0:g1]).T  # [R, n_groups]
+        q = codes_to_float(c, bits, q_buf[:, : c1 - c0])
         if bits in FLOAT_BITS:
-            delta = torch.bmm(coef.unsqueeze(1), q).squeeze(1)
+            q.view(rows, g1 - g0, group_size).mul_(coef.unsqueeze(2))
+            delta = q.sum(dim=0)
         else:
             # sum_i beta_i (zero_i + scale_i q_i) = sum_i (beta_i scale_i) q_i + sum_i beta_i zero_i: the
-            # dequantized basis is never formed, one batched matmul per chunk does the work.
-            delta = torch.bmm((coef * s.T).unsqueeze(1), q).squeeze(1)
-            delta += (coef * z.T).sum(dim=1).unsqueeze(1)
-        delta = delta.view(-1)
+            # dequantized basis is never formed; the codes of a chunk are converted once, in cache.
+            q.view(rows, g1 - g0, group_size).mul_((coef * s).unsqueeze(2))
+            delta = q.sum(dim=0)
+            delta.view(g1 - g0, group_size).add_((coef * z).sum(dim=0).unsqueeze(1))
         delta += mean[c0:c1]
         out[c0:c1] = delta
     return out
@@ -319,21 +326,22 @@ def project_torch(
     """
     rows, cols = check_project_args(grad, codes, scales, zeros, group_block, bits, group_size)
     partial = torch.empty(rows, cols // group_size, dtype=torch.float32, device=grad.device)
-    step = min(cols, chunk_cols(rows, group_size))
+    step = min(cols, chunk_cols(rows, group_size, STEP_ELEMS))
     q_buf = torch.empty(rows, step, dtype=torch.float32, device=grad.device)
     for c0 in range(0, cols, step):
         c1 = min(cols, c0 + step)
         c, s, z = _slice_basis(codes, scales, zeros, bits, group_size, c0, c1)
         g0, g1 = c0 // group_size, c1 // group_size
-        g = grad[c0:c1].float().view(g1 - g0, group_size)
-        q = codes_to_float(c, bits, q_buf[:, : c1 - c0]).view(rows, g1 - g0, group_size).transpose(0, 1)
-        dots = torch.bmm(q, g.unsqueeze(2)).squeeze(2).T  # [R, n_groups]
+        g = grad[c0:c1].view(g1 - g0, group_size)
+        q = codes_to_float(c, bits, q_buf[:, : c1 - c0]).view(rows, g1 - g0, group_size)
+        q.mul_(g)  # g is float32, or converted on the fly
+        dots = q.sum(dim=2)  # [R, n_groups]
         # sum_j (zero + scale q_j) g_j = scale * (q . g) + zero * sum_j g_j
         if bits in FLOAT_BITS:
             partial[:, g0:g1] = dots
         else:
             torch.mul(dots, s, out=partial[:, g0:g1])
-            partial[:, g0:g1] += z * g.sum(dim=1)
+            partial[:, g0:g1] += z * g.sum(dim=1, dtype=torch.float32)
     return reduce_groups(partial, group_block, n_blocks)
 
 
