@@ -11,11 +11,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import ORTH_QUANTIZE_MAX_TILE
 from .layout import FLOAT_BITS, check_orth_quantize_args, check_orth_quantize_out, codes_shape, storage_dtype
 
 # The [K_PAD, BLOCK_G, GROUP_PAD] candidate tile is held in registers; past this it would spill
 # far enough to be slower than the reference, so larger problems must be split by the caller.
-MAX_TILE = 1 << 16
+MAX_TILE = ORTH_QUANTIZE_MAX_TILE
 
 
 def _configs() -> dict[str, int]:

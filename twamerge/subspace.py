@@ -312,6 +312,14 @@ def build_subspace(
     basis = _BasisWriter(layout, codes, scales, zeros, mean, bits, c0, c1, backend)
 
     def finish(b: int) -> None:
+        if not bool(torch.isfinite(grams[b]).all()):
+            from .errors import NonFiniteError
+
+            raise NonFiniteError(
+                f"the candidates hold NaN/Inf in block {b} ({', '.join(by_block[b][:3])}"
+                f"{', ...' if len(by_block[b]) > 3 else ''}): no subspace can be built through them; "
+                "drop that checkpoint"
+            )
         ranks[b], spreads[b], t = _transform(grams[b], k, rank_rtol)
         transform[b, : t.shape[0]] = t
 
