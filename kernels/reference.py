@@ -277,24 +277,27 @@ def combine_torch(
         out = torch.empty(cols, dtype=torch.float32, device=mean.device)
     if cols == 0:
         return out
+    # Per-group weights of the codes, for all groups at once (R x D / group_size: small):
+    # sum_i beta_i (zero_i + scale_i q_i) = sum_i (beta_i scale_i) q_i + sum_i beta_i zero_i, so the
+    # dequantized basis is never formed and each chunk's codes are converted to float once, in cache.
+    coef = beta.index_select(0, group_block.long()).T  # [R, n_groups]
+    if bits in FLOAT_BITS:
+        weight, offset = coef.contiguous(), None
+    else:
+        weight, offset = coef * scales, (coef * zeros).sum(dim=0)
+    ones = torch.ones(1, rows, dtype=torch.float32, device=mean.device)
     step = min(cols, chunk_cols(rows, group_size, STEP_ELEMS))
     q_buf = torch.empty(rows, step, dtype=torch.float32, device=mean.device)
-    blocks = group_block.long()
     for c0 in range(0, cols, step):
         c1 = min(cols, c0 + step)
-        c, s, z = _slice_basis(codes, scales, zeros, bits, group_size, c0, c1)
+        c = _slice_basis(codes, scales, zeros, bits, group_size, c0, c1)[0]
         g0, g1 = c0 // group_size, c1 // group_size
-        coef = beta.index_select(0, blocks[g0:g1]).T  # [R, n_groups]
         q = codes_to_float(c, bits, q_buf[:, : c1 - c0])
-        if bits in FLOAT_BITS:
-            q.view(rows, g1 - g0, group_size).mul_(coef.unsqueeze(2))
-            delta = q.sum(dim=0)
-        else:
-            # sum_i beta_i (zero_i + scale_i q_i) = sum_i (beta_i scale_i) q_i + sum_i beta_i zero_i: the
-            # dequantized basis is never formed; the codes of a chunk are converted once, in cache.
-            q.view(rows, g1 - g0, group_size).mul_((coef * s).unsqueeze(2))
-            delta = q.sum(dim=0)
-            delta.view(g1 - g0, group_size).add_((coef * z).sum(dim=0).unsqueeze(1))
+        q.view(rows, g1 - g0, group_size).mul_(weight[:, g0:g1].unsqueeze(2))
+        delta = torch.matmul(ones, q).view(g1 - g0, group_size)  # the sum over rows, as one GEMV
+        if offset is not None:
+            delta += offset[g0:g1].unsqueeze(1)
+        delta = delta.view(-1)
         delta += mean[c0:c1]
         out[c0:c1] = delta
     return out
@@ -325,23 +328,24 @@ def project_torch(
         [B, R] float32.
     """
     rows, cols = check_project_args(grad, codes, scales, zeros, group_block, bits, group_size)
-    partial = torch.empty(rows, cols // group_size, dtype=torch.float32, device=grad.device)
+    n_groups = cols // group_size
+    partial = torch.empty(rows, n_groups, dtype=torch.float32, device=grad.device)  # per-group dots q . g
+    grad_sums = torch.empty(n_groups, dtype=torch.float32, device=grad.device)
     step = min(cols, chunk_cols(rows, group_size, STEP_ELEMS))
     q_buf = torch.empty(rows, step, dtype=torch.float32, device=grad.device)
     for c0 in range(0, cols, step):
         c1 = min(cols, c0 + step)
-        c, s, z = _slice_basis(codes, scales, zeros, bits, group_size, c0, c1)
+        c = _slice_basis(codes, scales, zeros, bits, group_size, c0, c1)[0]
         g0, g1 = c0 // group_size, c1 // group_size
         g = grad[c0:c1].view(g1 - g0, group_size)
         q = codes_to_float(c, bits, q_buf[:, : c1 - c0]).view(rows, g1 - g0, group_size)
         q.mul_(g)  # g is float32, or converted on the fly
-        dots = q.sum(dim=2)  # [R, n_groups]
-        # sum_j (zero + scale q_j) g_j = scale * (q . g) + zero * sum_j g_j
-        if bits in FLOAT_BITS:
-            partial[:, g0:g1] = dots
-        else:
-            torch.mul(dots, s, out=partial[:, g0:g1])
-            partial[:, g0:g1] += z * g.sum(dim=1, dtype=torch.float32)
+        torch.sum(q, dim=2, out=partial[:, g0:g1])
+        if bits not in FLOAT_BITS:
+            torch.sum(g, dim=1, dtype=torch.float32, out=grad_sums[g0:g1])
+    if bits not in FLOAT_BITS:
+        # sum_j (zero + scale q_j) g_j = scale * (q . g) + zero * sum_j g_j, for every group at once
+        partial.mul_(scales).add_(zeros * grad_sums)
     return reduce_groups(partial, group_block, n_blocks)
 
 
