@@ -21,10 +21,10 @@ from .layout import (
     storage_dtype,
 )
 
-# Elements (rows x columns) of the float32 temporaries of one step: about 2 MiB, so a chunk's
+# Elements (rows x columns) of the float32 temporaries of one step: about 1 MiB, so a chunk's
 # dequantized codes, centred candidates and basis rows stay in a core's L2 cache between the ops
 # that use them, and no temporary ever scales with D.
-CHUNK_ELEMS = 1 << 19
+CHUNK_ELEMS = 1 << 18
 
 
 # combine and project: elements of the decoded codes per step (1 MiB of float32).

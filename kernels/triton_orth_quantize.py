@@ -71,14 +71,19 @@ def _orth_quantize_kernel(
             safe = tl.where(positive, scale, 1.0)
             inv = tl.where(positive, tl.math.div_rn(tl.full([BLOCK_G], 1.0, tl.float32), safe), 0.0)
             q = tl.floor((p - lo[:, None]) * inv[:, None] + 0.5)
-            q = tl.minimum(tl.maximum(q, 0.0), levels[:, None]).to(tl.int32)  # [BLOCK_G, GROUP_PAD]
-            q3 = tl.reshape(q, [BLOCK_G, GROUP_PAD // PER_BYTE, PER_BYTE])
-            shifts = tl.arange(0, PER_BYTE) * BITS  # [PER_BYTE]
-            packed = tl.sum(q3 << shifts[None, None, :], axis=2)  # [BLOCK_G, GROUP_PAD // PER_BYTE]
-            offs_b = tl.arange(0, GROUP_PAD // PER_BYTE)
-            b_mask = g_mask[:, None] & (offs_b[None, :] < GROUP_SIZE // PER_BYTE)
-            b_offs = offs_g[:, None] * (GROUP_SIZE // PER_BYTE) + offs_b[None, :]
-            tl.store(codes_row + b_offs, packed.to(tl.uint8), mask=b_mask)
+            q = tl.minimum(tl.maximum(q, 0.0), levels[:, None])  # [BLOCK_G, GROUP_PAD]
+            if BITS == 8:
+                # 8-bit codes are the bytes: no shifts, no sum.
+                tl.store(codes_row + cols, q.to(tl.uint8), mask=c_mask)
+            else:
+                q3 = tl.reshape(q.to(tl.uint8), [BLOCK_G, GROUP_PAD // PER_BYTE, PER_BYTE])
+                shifts = (tl.arange(0, PER_BYTE) * BITS).to(tl.uint8)  # [PER_BYTE]
+                # The codes of one byte occupy disjoint bits, so their sum is their OR (and fits a byte).
+                packed = tl.sum(q3 << shifts[None, None, :], axis=2).to(tl.uint8)  # [BLOCK_G, GROUP_PAD // PER_BYTE]
+                offs_b = tl.arange(0, GROUP_PAD // PER_BYTE)
+                b_mask = g_mask[:, None] & (offs_b[None, :] < GROUP_SIZE // PER_BYTE)
+                b_offs = offs_g[:, None] * (GROUP_SIZE // PER_BYTE) + offs_b[None, :]
+                tl.store(codes_row + b_offs, packed, mask=b_mask)
             tl.store(scales_row + offs_g, scale, mask=g_mask)
             tl.store(zeros_row + offs_g, lo, mask=g_mask)
         t_row += stride_tr
