@@ -84,7 +84,7 @@ def quantize_into(p: torch.Tensor, bits: int, group_size: int, codes: torch.Tens
     # A tensor divisor, not a Python float: with a scalar divisor CUDA torch multiplies by the
     # rounded reciprocal, which is off by one ulp for most groups and breaks exact code parity.
     scale = (hi - lo) / torch.full_like(hi, levels)
-    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    inv = torch.where(scale > 0, scale.reciprocal(), 0.0)
     grouped.sub_(lo.unsqueeze(2)).mul_(inv.unsqueeze(2)).add_(0.5).clamp_(0.0, levels)
     if bits == 8:
         codes.copy_(p)  # 8-bit codes are the bytes: one converting copy, no packing

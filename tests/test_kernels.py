@@ -652,3 +652,26 @@ def test_gram_is_not_finite_when_an_input_is_not():
                 x[row, 613] = bad
                 g, _ = reference.gram_torch(x)
                 assert not bool(torch.isfinite(g).all()), (bad, k, row)
+
+
+@pytest.mark.parametrize("bits", (1, 2, 4, 8))
+@pytest.mark.parametrize("group_size", (8, 24, 128))
+def test_quantize_reference_follows_the_layout_expressions(bits, group_size):
+    """The reference computes codes in place and lets the float -> uint8 conversion do the floor; its
+    codes must be those of layout.py's expressions written plainly (floor, clamp, shift and sum)."""
+    gen = _gen(bits * 1000 + group_size)
+    p = torch.randn(5, group_size * 37, generator=gen) * torch.logspace(-6, 3, 5).unsqueeze(1)
+    p[1, :group_size] = 0.25  # a constant group: scale 0, codes 0
+    codes, scales, zeros = reference.quantize_torch(p, bits, group_size)
+    grouped = p.view(5, -1, group_size)
+    lo, hi = grouped.amin(dim=2), grouped.amax(dim=2)
+    levels = float((1 << bits) - 1)
+    scale = (hi - lo) / torch.full_like(hi, levels)
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    q = torch.floor((grouped - lo.unsqueeze(2)) * inv.unsqueeze(2) + 0.5).clamp_(0, levels).to(torch.int32)
+    per_byte = 8 // bits
+    q = q.view(5, -1, per_byte)
+    packed = (q << (torch.arange(per_byte, dtype=torch.int32) * bits)).sum(dim=2).to(torch.uint8)
+    assert torch.equal(codes, packed)
+    assert torch.equal(scales, scale) and torch.equal(zeros, lo)
+    assert torch.equal(reference.unpack_codes_torch(codes, bits).view(5, -1, per_byte).int(), q)
