@@ -8,6 +8,9 @@ For each block ``b`` with centred directions ``D_b = [c_k - m_b]`` (K x n_b):
 3. a second streaming pass forms ``P_b = T_b D_b`` (orthonormal rows: classical Gram-Schmidt through
    inner products) and quantizes it to ``bits`` in groups of ``group_size`` columns.
 
+In one process a block whose candidates fit in ``CACHE_BYTES`` (every one-tensor block, the default
+``layer`` blocks) is read once: steps 1-3 run on the same read before the next block is read.
+
 Every block's columns are padded to a multiple of ``group_size`` in the flat space, so a
 quantization group never mixes two blocks (their directions are normalised separately and can
 differ in scale by orders of magnitude).
