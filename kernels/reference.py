@@ -288,18 +288,22 @@ def combine_torch(
     ones = torch.ones(1, rows, dtype=torch.float32, device=mean.device)
     step = min(cols, chunk_cols(rows, group_size, STEP_ELEMS))
     q_buf = torch.empty(rows, step, dtype=torch.float32, device=mean.device)
+    direct = out.dtype == torch.float32
+    d_buf = None if direct else torch.empty(step, dtype=torch.float32, device=mean.device)
     for c0 in range(0, cols, step):
         c1 = min(cols, c0 + step)
         c = _slice_basis(codes, scales, zeros, bits, group_size, c0, c1)[0]
         g0, g1 = c0 // group_size, c1 // group_size
         q = codes_to_float(c, bits, q_buf[:, : c1 - c0])
         q.view(rows, g1 - g0, group_size).mul_(weight[:, g0:g1].unsqueeze(2))
-        delta = torch.matmul(ones, q).view(g1 - g0, group_size)  # the sum over rows, as one GEMV
+        # The sum over rows as one GEMV, straight into a float32 out (else into a temporary, cast once).
+        delta = out[c0:c1] if direct else d_buf[: c1 - c0]
+        torch.matmul(ones, q, out=delta.view(1, -1))
         if offset is not None:
-            delta += offset[g0:g1].unsqueeze(1)
-        delta = delta.view(-1)
+            delta.view(g1 - g0, group_size).add_(offset[g0:g1].unsqueeze(1))
         delta += mean[c0:c1]
-        out[c0:c1] = delta
+        if not direct:
+            out[c0:c1] = delta
     return out
 
 
