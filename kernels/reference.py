@@ -23,7 +23,7 @@ from .layout import (
 
 # Elements (rows x columns) of the float32 temporaries of one step: about 1 MiB, so a chunk's
 # dequantized codes, centred candidates and basis rows stay in a core's L2 cache between the ops
-# that use them, and no temporary ever scales with D.
+# that use them; beyond per-group vectors (D / group_size elements), no temporary scales with D.
 CHUNK_ELEMS = 1 << 18
 
 
