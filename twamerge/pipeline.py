@@ -302,9 +302,18 @@ def flat_dtype(cs: CheckpointSet, names: list[str], amp: torch.dtype | None) -> 
 
 def subspace_stage(cs: CheckpointSet, flat: FlatSpace, cfg: FitConfig, device: torch.device, comm: Comm,
                    progress: Progress | None) -> Subspace:
-    """The two streaming passes: mean and Gram, then the quantized orthonormal basis (this rank's columns)."""
-    return build_subspace(cs, flat.layout, bits=cfg.bits, comm=comm, rank_rtol=cfg.rank_rtol, device=device,
-                          backend=cfg.backend, progress=progress)
+    """Mean and Gram, then the quantized orthonormal basis (this rank's columns), streaming over the candidates.
+
+    The build checks the candidates for NaN/Inf itself, from each tensor's Gram matrix (a non-finite
+    value makes it non-finite), so the reader's own scan of every tensor is switched off meanwhile.
+    """
+    scan = not cs.allow_nonfinite
+    cs.allow_nonfinite = True
+    try:
+        return build_subspace(cs, flat.layout, bits=cfg.bits, comm=comm, rank_rtol=cfg.rank_rtol, device=device,
+                              backend=cfg.backend, progress=progress, check_finite=scan)
+    finally:
+        cs.allow_nonfinite = not scan
 
 
 def uniform_buffers(cs: CheckpointSet, keys: ModelKeys) -> dict[str, torch.Tensor]:
