@@ -6,9 +6,10 @@ distributed fit: one process is a :class:`~twamerge.distributed.SingleProcess` w
 stage ends at a point where every rank agrees on success (``comm.phase``), so a failure anywhere
 stops every rank with the error. Nothing is written until every figure is computed.
 
-Reads of the candidate files (README, "How it works"): the two subspace passes, one read of each
-candidate to score it, the greedy soup's trials (each reads only its ingredients), and the written
-merge. The uniform average is the subspace's mean and reads nothing.
+Reads of the candidate files (README, "How it works"): the subspace build (one read per block when
+its K copies fit in memory), one read of each candidate to score it, the greedy soup's trials (each
+reads only its ingredients), and the written merge, which also hashes every input. The uniform
+average is the subspace's mean and reads nothing.
 """
 
 from __future__ import annotations
