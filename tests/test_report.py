@@ -65,7 +65,7 @@ def test_blocks_fit_curve_and_merge_sections():
     assert [b["keys"] for b in report["blocks"]] == [["a.weight"], ["a.bias"]]
     assert report["blocks"][0]["alphas"] == [0.2, 0.3, 0.5] and report["blocks"][1]["dropped"] == 1
     assert report["subspace"]["dropped_directions"] == 1 and report["subspace"]["quantization_gap"] == 1e-3
-    assert report["fit"] == {"steps": 3, "curve": [2.0, 1.5, 1.25], "final_loss": 1.25}
+    assert report["fit"] == {"steps": 3, "curve": [2.0, 1.5, 1.25], "final_loss": 1.25, "seconds_per_step": None}
     assert set(report["merge"]) == {"key_block", "block_alphas", "default_alphas", "out_dtype",
                                     "recalibrated_buffers", "metadata"}
     assert report["settings"]["blocks"] == "layer" and report["data"]["fit_rows"] == 40

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -91,6 +92,8 @@ class FitOutcome:
     beta: torch.Tensor  # [B, R] float32
     curve: list[float] = field(default_factory=list)  # training loss per step
     steps: int = 0
+    # Wall time of the steps alone (not the optimizer's set-up: torch's first AdamW costs ~2 s once).
+    seconds_per_step: float | None = None
 
 
 def _lr_lambda(total: int, warmup: float) -> Callable[[int], float]:
@@ -148,6 +151,7 @@ def train_coefficients(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         binding.model.train()
+        start_time = time.perf_counter()
         try:
             for _ in (progress(epochs) if progress else epochs):
                 for batch in iter_batches(data, fit_index, cfg.batch_size, gen):
@@ -166,6 +170,8 @@ def train_coefficients(
             raise FitError(f"interrupted at step {step} of {total}; nothing was written") from None
     outcome.beta = (theta.detach() * scale).float()
     outcome.steps = step
+    if step:
+        outcome.seconds_per_step = (time.perf_counter() - start_time) / step
     return outcome
 
 

@@ -540,6 +540,7 @@ def write_stage(cs: CheckpointSet, val: DataConfig, model_cfg: ModelConfig, cfg:
                            layout.n_params, layout.n_cols, subspace.rows, cfg.bits, cfg.group_size,
                            subspace.basis_bytes(), twa.quantization_gap),
         curve=trained.curve,
+        seconds_per_step=trained.seconds_per_step,
         merge=MergeRecord(merged.key_block, merged.alphas.tolist(), merged.default_alphas,
                           dtype_name(merged.out_dtype) if merged.out_dtype else None,
                           _encode_tensors(twa.recalibrated), metadata),

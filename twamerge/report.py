@@ -118,6 +118,7 @@ class MergeRecord:
 
 def build_report(*, settings: Any, data: DataSummary, model: dict, candidates: list[dict], metric_name: str,
                  higher_is_better: bool, methods: list[MethodResult], basis: BasisSummary, curve: list[float],
+                 seconds_per_step: float | None = None,
                  merge: MergeRecord, outputs: list[str], timings: dict[str, float], memory: dict,
                  distributed: dict | None = None) -> dict:
     """The JSON-able report of a fit, from its stages' results (no I/O, no torch).
@@ -151,7 +152,8 @@ def build_report(*, settings: Any, data: DataSummary, model: dict, candidates: l
         "subspace": {"n_params": basis.n_params, "n_cols": basis.n_cols, "rows": basis.rows, "bits": basis.bits,
                      "group_size": basis.group_size, "basis_bytes": basis.basis_bytes,
                      "dropped_directions": sum(basis.dropped), "quantization_gap": basis.quantization_gap},
-        "fit": {"steps": len(curve), "curve": curve, "final_loss": curve[-1] if curve else None},
+        "fit": {"steps": len(curve), "curve": curve, "final_loss": curve[-1] if curve else None,
+                "seconds_per_step": seconds_per_step},
         "merge": asdict(merge),
         "outputs": outputs,
         "timings": timings,
