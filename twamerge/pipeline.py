@@ -30,9 +30,10 @@ from . import distributed, kernels
 from .config import DataConfig, FitConfig, ModelConfig, OutputConfig, ReadConfig
 from .data import load_data, split_holdout
 from .distributed import Comm, SingleProcess, split_columns
-from .errors import BackendUnavailableError, FitError, OutputError, TwamergeError
+from .errors import BackendUnavailableError, FitError, OutputError, TwamergeError, one_line
 from .evaluation import Scorer, Splits, evaluate, has_batchnorm, recalibrate_batchnorm
 from .fit import FitOutcome, FlatBinding, train_coefficients
+from .io.formats.checks import check_tensor
 from .io import CheckpointSet, check_output, open_checkpoints, refuse_existing, write_checkpoint
 from .merge import build_metadata, linear_merge
 from .methods import METHODS, greedy_soup, one_hot
@@ -495,8 +496,29 @@ def _encode_tensors(tensors: dict[str, torch.Tensor]) -> str:
     return base64.b64encode(st_save({k: v.contiguous() for k, v in tensors.items()})).decode() if tensors else ""
 
 
-def _decode_tensors(blob: str) -> dict[str, torch.Tensor]:
-    return st_load(base64.b64decode(blob)) if blob else {}
+def _decode_tensors(blob: str, source: str | Path = "report") -> dict[str, torch.Tensor]:
+    if not blob:
+        return {}
+    try:
+        return st_load(base64.b64decode(blob, validate=True))
+    except Exception as exc:  # noqa: BLE001 - binascii, safetensors and torch errors alike
+        raise TwamergeError(f"{source}: merge.recalibrated_buffers: not base64 of a safetensors blob "
+                            f"({one_line(exc)[:200]})") from None
+
+
+def _recalibrated(report_path: str | Path, blob: str, merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The report's recalibrated buffers, each checked against the merged tensor it replaces."""
+    buffers = _decode_tensors(blob, report_path)
+    for key, t in buffers.items():
+        field = f"{report_path}: merge.recalibrated_buffers[{key!r}]"
+        check_tensor(t, report_path, f"merge.recalibrated_buffers[{key!r}]")
+        if key not in merged:
+            raise TwamergeError(f"{field}: not a tensor of the merge")
+        ref = merged[key]
+        if t.shape != ref.shape or t.dtype != ref.dtype:
+            raise TwamergeError(f"{field}: {list(t.shape)} {dtype_name(t.dtype)} does not match the merged "
+                                f"{list(ref.shape)} {dtype_name(ref.dtype)}")
+    return buffers
 
 
 # -- eval and apply ---------------------------------------------------------------------------------
@@ -564,7 +586,7 @@ def apply_report(report_path: str | Path, checkpoints: Sequence[str | Path],
             if e != g:
                 raise TwamergeError(f"{cs.paths[i]}: SHA-256 {g[:12]}... differs from the fit's candidate {i + 1} "
                                     f"({report['candidates'][i]['path']}, {e[:12]}...); pass the same files in the same order")
-        merged.update(_decode_tensors(merge.get("recalibrated_buffers", "")))
+        merged.update(_recalibrated(report_path, merge.get("recalibrated_buffers", ""), merged))
         written = write_checkpoint(merged, out.path, metadata=merge["metadata"], force=out.force,
                                    max_shard_size=out.max_shard_size, hf_source_dir=cs.hf_dir)
     finally:

@@ -20,6 +20,7 @@ from ..errors import OutputError, one_line
 from ..options import dtype_name
 from .atomic import AtomicWrite, refuse_existing
 from .formats.safetensors import ST_DTYPES
+from .formats.sharded import indexed_shards
 from .hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -185,12 +186,7 @@ def _previous_output_files(out: Path, base_name: str) -> list[Path]:
              if p.is_file()]
     index = folder / f"{base_name}.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-        except (OSError, ValueError, AttributeError):
-            weight_map = {}
-        found += [folder / name for name in set(weight_map.values())
-                  if isinstance(name, str) and Path(name).name == name and (folder / name).is_file()]
+        found += [p for p in indexed_shards(index) or [] if p.parent == folder and p.is_file()]
     return found
 
 
