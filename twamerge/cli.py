@@ -360,12 +360,17 @@ SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Split of a Dat
                                                  "val, valid, test, or the only one).")]
 
 
-def _data_model(val, model, model_arg, loss, inputs, label, split):
+AllowNonfiniteDataOpt = Annotated[bool, typer.Option("--allow-nonfinite-data", help="Accept NaN/Inf in --val "
+                                                   "inputs and labels.")]
+
+
+def _data_model(val, model, model_arg, loss, inputs, label, split, allow_nonfinite_data=False):
     from .config import DataConfig, ModelConfig
     from .models import parse_model_args
 
     data = DataConfig(str(val), split=split, label=label,
-                      inputs=tuple(c for c in inputs.split(",") if c) if inputs else None)
+                      inputs=tuple(c for c in inputs.split(",") if c) if inputs else None,
+                      allow_nonfinite_data=allow_nonfinite_data)
     return data, ModelConfig(model, parse_model_args(model_arg), loss)
 
 
@@ -453,6 +458,7 @@ def fit_cmd(
                                ] = False,
     max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Shard the output, e.g. 2GB.")
                               ] = None,
+    allow_nonfinite_data: AllowNonfiniteDataOpt = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")] = False,
     json_out: JsonOpt = False,
     verbose: VerboseOpt = 0,
@@ -471,7 +477,7 @@ def fit_cmd(
                             greedy=greedy and candidates, eval_candidates=candidates)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
-        data_cfg, model_cfg = _data_model(val, model, model_arg, loss, inputs, label, split)
+        data_cfg, model_cfg = _data_model(val, model, model_arg, loss, inputs, label, split, allow_nonfinite_data)
         out = OutputConfig(output, force=force, dtype=_dtype(dtype), max_shard_size=parse_size(max_shard_size),
                            report=report, plot=plot)
         result = fit(checkpoints, val=data_cfg, model=model_cfg, output=out, cfg=cfg,
@@ -508,6 +514,7 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     device: Annotated[Device, typer.Option("--device")] = Device(_D.device),
     key: KeyOpt = None,
+    allow_nonfinite_data: AllowNonfiniteDataOpt = False,
     json_out: JsonOpt = False,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
@@ -516,7 +523,7 @@ def eval_cmd(
     from .pipeline import evaluate_checkpoints
 
     with _fail_on_twamerge_error():
-        data_cfg, model_cfg = _data_model(val, model, model_arg, loss, inputs, label, split)
+        data_cfg, model_cfg = _data_model(val, model, model_arg, loss, inputs, label, split, allow_nonfinite_data)
         result = evaluate_checkpoints(checkpoints, val=data_cfg, model=model_cfg, batch_size=batch_size,
                                       device=device.value, read=ReadConfig(ema_key=key))
     _emit(result, json_out, _render_eval)

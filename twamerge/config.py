@@ -52,6 +52,7 @@ class DataConfig:
     split: str | None = None
     inputs: tuple[str, ...] | None = None
     label: str | None = None
+    allow_nonfinite_data: bool = False  # accept NaN/Inf in the inputs and labels
 
 
 @dataclass(frozen=True)

@@ -183,7 +183,22 @@ def load_data(cfg: DataConfig) -> TensorData:
     for name in inputs:
         if keep[name].dtype == torch.float64:
             keep[name] = keep[name].float()
+    check_finite_columns(keep, path, allow=cfg.allow_nonfinite_data)
     return TensorData(keep, inputs, label, str(path))
+
+
+def check_finite_columns(columns: dict[str, torch.Tensor], path: Path, *, allow: bool = False) -> None:
+    """Refuse NaN/Inf anywhere in the columns (unless ``allow``), naming the first column and row holding one."""
+    if allow:
+        return
+    for name, col in columns.items():
+        if not col.is_floating_point() and not col.is_complex():
+            continue
+        bad = ~torch.isfinite(col.float() if col.dtype.itemsize == 1 else col)
+        if bool(bad.any()):
+            rows = bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten()
+            raise DataError(f"--val {path}: column {name!r} holds NaN or Inf in {rows.numel()} rows, first row "
+                            f"{int(rows[0])}; clean the data or pass --allow-nonfinite-data")
 
 
 def split_holdout(data: TensorData, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
