@@ -431,7 +431,7 @@ def test_fit_commit_failure_restores_every_old_file(run, tmp_path, monkeypatch):
     real_replace = os.replace
 
     def replace(src, dst, *a, **kw):
-        if Path(dst) == report and ".tmp" in str(src):
+        if Path(dst) == report and Path(src).name.startswith(".r.json.") and not str(src).endswith(".old"):
             raise OSError(28, "No space left on device")
         return real_replace(src, dst, *a, **kw)
 

@@ -127,14 +127,24 @@ QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", callback=_quiet_callbac
 @contextlib.contextmanager
 def _fail_on_twamerge_error() -> Iterator[None]:
     """Turn a ``TwamergeError`` into one ``error: ...`` line on stderr and exit 1 (2 for an
-    ``InvalidArgumentError``, which is a usage error); with ``-v`` the traceback comes first."""
+    ``InvalidArgumentError``, which is a usage error); with ``-v`` the traceback comes first.
+
+    SIGTERM and SIGHUP are handled like Ctrl-C inside: the command's cleanup runs (nothing partial is
+    left) and the interrupt is reported as one ``error:`` line, exit 1."""
+    from .io.atomic import signals_as_interrupt
+
     try:
-        yield
+        with signals_as_interrupt():
+            yield
     except TwamergeError as err:
         if STATE.verbose:
             traceback.print_exc(file=sys.stderr)
         typer.echo(f"error: {one_line(err)}", err=True)
         raise typer.Exit(2 if isinstance(err, InvalidArgumentError) else 1) from None
+    except KeyboardInterrupt as err:
+        what = f" ({err.args[0]})" if err.args and isinstance(err.args[0], str) else ""
+        typer.echo(f"error: interrupted{what}; nothing was written", err=True)
+        raise typer.Exit(1) from None
 
 
 def _jsonable(obj: Any) -> Any:

@@ -17,6 +17,7 @@ import base64
 import contextlib
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,8 @@ from .errors import BackendUnavailableError, FitError, OutputError, TwamergeErro
 from .evaluation import Scorer, Splits, evaluate, has_batchnorm, recalibrate_batchnorm
 from .fit import FitOutcome, FlatBinding, train_coefficients
 from .io.formats.checks import check_tensor
-from .io import CheckpointSet, check_output, open_checkpoints, refuse_existing, write_checkpoint
+from .io import AtomicWrite, CheckpointSet, check_output, open_checkpoints, refuse_existing, write_checkpoint
+from .io.atomic import check_name_length
 from .merge import build_metadata, linear_merge
 from .methods import METHODS, greedy_soup, one_hot
 from .models import ModelKeys, build_model, resolve_objective
@@ -169,14 +171,31 @@ def check_backend(backend: str | None, device: torch.device) -> None:
 
 
 def check_side_outputs(out: OutputConfig) -> None:
-    """The report and the plot are not checkpoints (``check_output``): fail before any work when they cannot go there."""
-    for path, what in ((out.report, "report"), (out.plot, "plot")):
+    """The report and the plot are not checkpoints (``check_output``): fail before any work when they cannot go
+    there (exists without --force, a folder, a name too long, an unwritable folder, or the same file as another
+    output)."""
+    destinations = {os.path.realpath(out.path): "-o"}
+    for p in (out.path.with_name(out.path.name + ".index.json"), out.path.with_name(out.path.name + ".metadata.json")):
+        destinations.setdefault(os.path.realpath(p), "-o")
+    for path, what, flag in ((out.report, "report", "--report"), (out.plot, "plot", "--plot")):
         if path is None:
             continue
+        path = Path(path)
+        check_name_length(path, what)
+        real = os.path.realpath(path)
+        if real in destinations:
+            raise OutputError(f"{flag} {path} is the same file as {destinations[real]} writes; give it its own name")
+        if Path(real).is_relative_to(os.path.realpath(out.path)):
+            raise OutputError(f"{flag} {path} is inside the output {out.path}; put it beside the output")
+        destinations[real] = flag
         refuse_existing(path, what, force=out.force)
+        if os.path.isdir(path):
+            raise OutputError(f"{path}: the {what} would replace a folder; give it a file name")
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.is_dir():
             raise OutputError(f"{path}: the folder {parent} does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(f"{path}: the folder {parent} is not writable")
     if out.plot is not None:
         from .plot import plot_format
 
@@ -189,7 +208,7 @@ def open_stage(checkpoints: Sequence[str | Path], read: ReadConfig, out: OutputC
     try:
         parse_dtype(out.dtype)
         if comm.is_main:
-            check_output(out.path, force=out.force, hf_source_dir=cs.hf_dir)
+            check_output(out.path, force=out.force, hf_source_dir=cs.hf_dir, max_shard_size=out.max_shard_size)
     except BaseException:
         cs.close()
         raise
@@ -448,14 +467,33 @@ def write_stage(cs: CheckpointSet, val: DataConfig, model_cfg: ModelConfig, cfg:
                 splits: Splits, flat: FlatSpace, subspace: Subspace, baselines: list[MethodResult],
                 trained: FitOutcome, merged: Merged, twa: Evaluated, timer: Timer,
                 per_rank: list[dict] | None) -> dict:
-    """Write the merged checkpoint, then the report and the plot (rank 0 alone)."""
+    """Write the merged checkpoint, the report and the plot as one transaction (rank 0 alone).
+
+    Every file is written under a temporary name and all are renamed into place together at the end:
+    a failure anywhere (a report that cannot be written, a full disk, an interrupt) leaves every
+    destination as it was.
+    """
+    with AtomicWrite() as aw:
+        report = _stage_outputs(aw, cs, val, model_cfg, cfg, out, splits, flat, subspace, baselines, trained,
+                                merged, twa, timer, per_rank)
+        try:
+            aw.commit()
+        except OSError as exc:
+            raise OutputError(f"cannot write the outputs of the fit ({one_line(exc)}); nothing was changed") from None
+    return report
+
+
+def _stage_outputs(aw: AtomicWrite, cs: CheckpointSet, val: DataConfig, model_cfg: ModelConfig, cfg: FitConfig,
+                   out: OutputConfig, splits: Splits, flat: FlatSpace, subspace: Subspace,
+                   baselines: list[MethodResult], trained: FitOutcome, merged: Merged, twa: Evaluated, timer: Timer,
+                   per_rank: list[dict] | None) -> dict:
     sources = cs.sources()
     metadata = build_metadata("twa", [{"path": s["path"], "sha256": s["sha256"]} for s in sources],
                               blocks=cfg.blocks, bits=cfg.bits, alphas=merged.alphas.tolist(),
                               heldout=twa.row.heldout)
     with timer.phase("write"):
         written = write_checkpoint(merged.tensors, out.path, metadata=metadata, force=out.force,
-                                   max_shard_size=out.max_shard_size, hf_source_dir=cs.hf_dir)
+                                   max_shard_size=out.max_shard_size, hf_source_dir=cs.hf_dir, transaction=aw)
     layout = flat.layout
     data = splits.data
     report = build_report(
@@ -484,11 +522,11 @@ def write_stage(cs: CheckpointSet, val: DataConfig, model_cfg: ModelConfig, cfg:
     if out.report is not None:
         from .report import write_report
 
-        write_report(report, out.report, out.force)
+        write_report(report, out.report, out.force, transaction=aw)
     if out.plot is not None:
         from .plot import plot_report
 
-        plot_report(report, out.plot, out.force)
+        plot_report(report, out.plot, out.force, transaction=aw)
     return report
 
 
@@ -573,7 +611,7 @@ def apply_report(report_path: str | Path, checkpoints: Sequence[str | Path],
     merge = report["merge"]
     cs = open_checkpoints(checkpoints, allow_nonfinite=True)
     try:
-        check_output(out.path, force=out.force, hf_source_dir=cs.hf_dir)
+        check_output(out.path, force=out.force, hf_source_dir=cs.hf_dir, max_shard_size=out.max_shard_size)
         expected = [c["sha256"] for c in report["candidates"]]
         if len(expected) != len(cs):
             raise TwamergeError(f"{report_path}: the fit used {len(expected)} candidates; {len(cs)} were given")

@@ -6,6 +6,7 @@ to re-emit the same merge without data or model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import sys
@@ -17,7 +18,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import OutputError, TwamergeError
+from .errors import OutputError, TwamergeError, one_line
 from .io.atomic import AtomicWrite, refuse_existing
 from .io.jsonschema import Fields, load_json
 
@@ -169,25 +170,34 @@ def _version() -> str:
 
 
 @contextmanager
-def atomic_output(path: Path, force: bool, what: str) -> Iterator[Path]:
+def atomic_output(path: Path, force: bool, what: str, transaction: AtomicWrite | None = None) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder; on success it replaces ``path``, on error it is removed.
 
-    Refuses to overwrite ``path`` without ``force``.
+    Refuses to overwrite ``path`` without ``force``. With ``transaction`` the file is only staged
+    there: the caller commits it together with the rest of its outputs.
     """
     path = Path(path)
     refuse_existing(path, what, force=force)
-    with AtomicWrite() as aw:
+    with contextlib.ExitStack() as stack:
+        aw = transaction if transaction is not None else stack.enter_context(AtomicWrite())
         try:
             tmp = aw.file(path, suffix=path.suffix or ".tmp")
         except OSError as exc:
             raise OutputError(f"{path}: cannot write the {what} ({exc.strerror})") from exc
-        yield tmp
-        aw.commit()
+        try:
+            yield tmp
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write the {what} ({one_line(exc.strerror or exc)})") from exc
+        if transaction is None:
+            try:
+                aw.commit()
+            except OSError as exc:
+                raise OutputError(f"{path}: cannot write the {what} ({one_line(exc.strerror or exc)})") from exc
 
 
-def write_report(report: dict, path: Path, force: bool) -> None:
-    """Write ``report`` as JSON atomically; refuse to overwrite without ``force``."""
-    with atomic_output(path, force, "report") as tmp:
+def write_report(report: dict, path: Path, force: bool, transaction: AtomicWrite | None = None) -> None:
+    """Write ``report`` as JSON atomically (or stage it in ``transaction``); refuse to overwrite without ``force``."""
+    with atomic_output(path, force, "report", transaction) as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
 
 
