@@ -458,6 +458,12 @@ def test_nonfinite_val_rows_are_refused(tmp_path):
     torch.save({"x": torch.randn(50, 4), "target": yf}, f)
     with pytest.raises(DataError, match=r"target.*row 3"):
         load_data(DataConfig(str(f)))
+    import numpy as np
+
+    z = tmp_path / "val.npz"
+    np.savez(z, x=np.ones((5, 4), np.complex64), label=np.zeros(5, np.int64))
+    with pytest.raises(DataError, match=r"'x' is complex"):
+        load_data(DataConfig(str(z)))
 
 
 def test_nonfinite_heldout_row_through_the_cli(run, tmp_path):

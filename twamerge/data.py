@@ -188,11 +188,14 @@ def load_data(cfg: DataConfig) -> TensorData:
 
 
 def check_finite_columns(columns: dict[str, torch.Tensor], path: Path, *, allow: bool = False) -> None:
-    """Refuse NaN/Inf anywhere in the columns (unless ``allow``), naming the first column and row holding one."""
+    """Refuse complex columns, and NaN/Inf anywhere (unless ``allow``), naming the column and first row."""
+    for name, col in columns.items():
+        if col.is_complex():
+            raise DataError(f"--val {path}: column {name!r} is complex ({col.dtype}); inputs and labels must be real")
     if allow:
         return
     for name, col in columns.items():
-        if not col.is_floating_point() and not col.is_complex():
+        if not col.is_floating_point():
             continue
         bad = ~torch.isfinite(col.float() if col.dtype.itemsize == 1 else col)
         if bool(bad.any()):

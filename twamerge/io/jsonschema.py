@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,13 @@ def load_json(path: str | Path, what: str, error: type[TwamergeError] = Twamerge
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise error(f"{path}: the {what} is {size} bytes, more than the {max_bytes} a {what} may be")
-        raw = path.read_bytes()
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f"{path}: the {what} is not a regular file")
+        with open(path, "rb") as fh:
+            raw = fh.read(max_bytes + 1)
+        if len(raw) > max_bytes:
+            raise error(f"{path}: the {what} is larger than the {max_bytes} bytes a {what} may be")
     except FileNotFoundError:
         raise error(f"{path}: no such {what} file") from None
     except OSError as exc:
