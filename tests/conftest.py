@@ -9,6 +9,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Property-based tests (tests/test_hostile_props.py): seeded and bounded by default; a longer random
+# run with `--hypothesis-profile soak` (TWAMERGE_SOAK_EXAMPLES examples per test, default 1000).
+_QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+settings.register_profile("ci", derandomize=True, max_examples=40, deadline=None, print_blob=True,
+                          suppress_health_check=_QUIET, database=None)
+settings.register_profile("soak", derandomize=False, max_examples=int(os.environ.get("TWAMERGE_SOAK_EXAMPLES", 1000)),
+                          deadline=None, print_blob=True, suppress_health_check=_QUIET)
+settings.load_profile("ci")
 
 
 @pytest.fixture(autouse=True)

@@ -37,13 +37,18 @@ def _write_val(path: Path, columns: dict):
     ({"x": [[0.0] * 64] * 20}, "no label column", DataError),
     ({"x": [[0.1] * 64] * 20, "label": [12] * 20}, "label 12 is out of range", DataError),
     ({"x": [[0.1] * 64] * 6, "label": [1, 2] * 3}, "leaves .* each needs at least", DataError),
-    ({"x": [[float("nan")] * 64] * 40, "label": [1, 2] * 20}, "loss became nan at step 1", FitError),
+    ({"x": [[float("nan")] * 64] * 40, "label": [1, 2] * 20}, "'x' holds NaN or Inf in 40 rows, first row 0",
+     DataError),
+    # With --allow-nonfinite-data the NaN reaches the model, and the fit stops at its loss.
+    ({"x": [[float("nan")] * 64] * 40, "label": [1, 2] * 20, "allow": True}, "loss became nan at step 1", FitError),
 ])
 def test_bad_validation_data(run, tmp_path, columns, match, error):
+    allow = columns.pop("allow", False)
     val = _write_val(tmp_path / "val", columns)
     out = tmp_path / "m.safetensors"
     with pytest.raises(error, match=match):
-        fit(run.checkpoints, val=DataConfig(str(val)), model=ModelConfig(MODEL_SPEC), output=out, cfg=FitConfig(**FAST))
+        fit(run.checkpoints, val=DataConfig(str(val), allow_nonfinite_data=allow), model=ModelConfig(MODEL_SPEC),
+            output=out, cfg=FitConfig(**FAST))
     assert not out.exists()
 
 

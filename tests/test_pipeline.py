@@ -85,11 +85,11 @@ def test_apply_refuses_other_checkpoints(run, tmp_path):
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda r: "{not json", "not a readable JSON report"),
+    (lambda r: "{not json", "the report is not valid JSON"),
     (lambda r: json.dumps({**r, "report_version": 0}), "not a twamerge fit report"),
-    (lambda r: json.dumps({k: v for k, v in r.items() if k != "candidates"}), "lacks candidates"),
+    (lambda r: json.dumps({k: v for k, v in r.items() if k != "candidates"}), "candidates: missing"),
     (lambda r: json.dumps({**r, "merge": {k: v for k, v in r["merge"].items() if k != "key_block"}}),
-     "lacks merge.key_block"),
+     "merge.key_block: missing"),
 ])
 def test_apply_refuses_a_damaged_report(run, tmp_path, edit, match):
     _fit(run, tmp_path / "fit.safetensors", greedy=False, eval_candidates=False)

@@ -127,14 +127,24 @@ QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", callback=_quiet_callbac
 @contextlib.contextmanager
 def _fail_on_twamerge_error() -> Iterator[None]:
     """Turn a ``TwamergeError`` into one ``error: ...`` line on stderr and exit 1 (2 for an
-    ``InvalidArgumentError``, which is a usage error); with ``-v`` the traceback comes first."""
+    ``InvalidArgumentError``, which is a usage error); with ``-v`` the traceback comes first.
+
+    SIGTERM and SIGHUP are handled like Ctrl-C inside: the command's cleanup runs (nothing partial is
+    left) and the interrupt is reported as one ``error:`` line, exit 1."""
+    from .io.atomic import signals_as_interrupt
+
     try:
-        yield
+        with signals_as_interrupt():
+            yield
     except TwamergeError as err:
         if STATE.verbose:
             traceback.print_exc(file=sys.stderr)
         typer.echo(f"error: {one_line(err)}", err=True)
         raise typer.Exit(2 if isinstance(err, InvalidArgumentError) else 1) from None
+    except KeyboardInterrupt as err:
+        what = f" ({err.args[0]})" if err.args and isinstance(err.args[0], str) else ""
+        typer.echo(f"error: interrupted{what}; nothing was written", err=True)
+        raise typer.Exit(1) from None
 
 
 def _jsonable(obj: Any) -> Any:
@@ -375,15 +385,19 @@ SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Split of a Dat
                                                  "val, valid, test, or the only one).")]
 
 
+AllowNonfiniteDataOpt = Annotated[bool, typer.Option("--allow-nonfinite-data", help="Accept NaN/Inf in --val "
+                                                   "inputs and labels.")]
+
+
 def _data_model(val, model, model_arg, loss, inputs, label, split, task="auto", text=None, text_pair=None,
-                tokenizer=None, max_length=None, preprocess=None):
+                tokenizer=None, max_length=None, preprocess=None, allow_nonfinite_data=False):
     from .config import DataConfig, ModelConfig
     from .models import parse_model_args
 
     data = DataConfig(str(val), split=split, label=label,
                       inputs=tuple(c for c in inputs.split(",") if c) if inputs else None, text=text,
                       text_pair=text_pair, tokenizer=str(tokenizer) if tokenizer else None, max_length=max_length,
-                      preprocess=preprocess)
+                      preprocess=preprocess, allow_nonfinite_data=allow_nonfinite_data)
     return data, ModelConfig(model, parse_model_args(model_arg), loss, task)
 
 
@@ -489,6 +503,7 @@ def fit_cmd(
                                ] = False,
     max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Shard the output, e.g. 2GB.")
                               ] = None,
+    allow_nonfinite_data: AllowNonfiniteDataOpt = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")] = False,
     json_out: JsonOpt = False,
     verbose: VerboseOpt = 0,
@@ -510,7 +525,7 @@ def fit_cmd(
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
         data_cfg, model_cfg = _data_model(val, model, model_arg, loss, inputs, label, split, task, text, text_pair,
-                                          tokenizer, max_length, preprocess)
+                                          tokenizer, max_length, preprocess, allow_nonfinite_data)
         out = OutputConfig(output, force=force, dtype=_dtype(dtype), max_shard_size=parse_size(max_shard_size),
                            report=report, plot=plot)
         result = fit(checkpoints, val=data_cfg, model=model_cfg, output=out, cfg=cfg,
@@ -553,6 +568,7 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     device: Annotated[Device, typer.Option("--device")] = Device(_D.device),
     key: KeyOpt = None,
+    allow_nonfinite_data: AllowNonfiniteDataOpt = False,
     json_out: JsonOpt = False,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
@@ -562,7 +578,7 @@ def eval_cmd(
 
     with _fail_on_twamerge_error():
         data_cfg, model_cfg = _data_model(val, model, model_arg, loss, inputs, label, split, task, text, text_pair,
-                                          tokenizer, max_length, preprocess)
+                                          tokenizer, max_length, preprocess, allow_nonfinite_data)
         result = evaluate_checkpoints(checkpoints, val=data_cfg, model=model_cfg, batch_size=batch_size,
                                       device=device.value, read=ReadConfig(ema_key=key))
     _emit(result, json_out, _render_eval)

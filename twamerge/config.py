@@ -63,6 +63,7 @@ class DataConfig:
     max_length: int | None = None
     # ``module:fn`` or ``file.py:fn`` mapping the raw columns (a dict of lists) to the model's inputs.
     preprocess: str | None = None
+    allow_nonfinite_data: bool = False  # accept NaN/Inf in the inputs and labels
 
     def __post_init__(self) -> None:
         _check(self.max_length is None or self.max_length > 0, "max_length", self.max_length, "a positive integer")

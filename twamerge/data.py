@@ -288,6 +288,53 @@ def read_table(cfg: DataConfig) -> RawTable:
     return table
 
 
+def check_finite_columns(columns: dict[str, torch.Tensor], path: Path, *, allow: bool = False) -> None:
+    """Refuse complex columns, and NaN/Inf anywhere (unless ``allow``), naming the column and first row."""
+    for name, col in columns.items():
+        if col.is_complex():
+            raise DataError(f"--val {path}: column {name!r} is complex ({col.dtype}); inputs and labels must be real")
+    if allow:
+        return
+    for name, col in columns.items():
+        if not col.is_floating_point():
+            continue
+        bad = ~torch.isfinite(col.float() if col.dtype.itemsize == 1 else col)
+        if bool(bad.any()):
+            rows = bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten()
+            raise DataError(f"--val {path}: column {name!r} holds NaN or Inf in {rows.numel()} rows, first row "
+                            f"{int(rows[0])}; clean the data or pass --allow-nonfinite-data")
+
+
+def check_finite_columns(columns: dict[str, Any], source: str, *, allow: bool = False) -> None:
+    """Refuse complex columns, and NaN/Inf anywhere (unless ``allow``), naming the column and first row.
+
+    ``columns`` are the model's inputs and the label, as tensors ``[N, ...]`` or lists of per-row
+    tensors (ragged sequences).
+    """
+    def rows_of(col: Any) -> list[torch.Tensor] | torch.Tensor:
+        return col if isinstance(col, torch.Tensor) else [t for t in col if isinstance(t, torch.Tensor)]
+
+    for name, col in columns.items():
+        parts = rows_of(col)
+        if any(t.is_complex() for t in ([parts] if isinstance(parts, torch.Tensor) else parts)):
+            raise DataError(f"--val {source}: column {name!r} is complex; inputs and labels must be real")
+    if allow:
+        return
+    for name, col in columns.items():
+        parts = rows_of(col)
+        if isinstance(parts, torch.Tensor):
+            if not parts.is_floating_point():
+                continue
+            bad = ~torch.isfinite(parts.float() if parts.dtype.itemsize == 1 else parts)
+            rows = bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten() if bad.numel() else bad.new_zeros(0)
+        else:
+            rows = torch.tensor([i for i, t in enumerate(parts) if t.is_floating_point()
+                                 and not bool(torch.isfinite(t.float()).all())], dtype=torch.long)
+        if rows.numel():
+            raise DataError(f"--val {source}: column {name!r} holds NaN or Inf in {rows.numel()} rows, first row "
+                            f"{int(rows[0])}; clean the data or pass --allow-nonfinite-data")
+
+
 def split_holdout(data: TensorData, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded split into (fit, held-out) row indices, stratified by label for one-label-per-row classification.
 

@@ -184,7 +184,7 @@ def average_checkpoints(
         raise InvalidArgumentError("give either weights or an EMA decay, not both")
     out_dtype = parse_dtype(out.dtype)
     with open_checkpoints(paths, ema_key=read.ema_key, keys=read.keys, allow_nonfinite=read.allow_nonfinite) as cs:
-        check_output(out.path, force=out.force, hf_source_dir=cs.hf_dir)
+        check_output(out.path, force=out.force, hf_source_dir=cs.hf_dir, max_shard_size=out.max_shard_size)
         k = len(cs)
         method, w = data_free_weights(k, weights=weights, ema=ema, normalize=normalize)
         if method == "weighted" and not normalize and abs(sum(w) - 1.0) > 1e-6:

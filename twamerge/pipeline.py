@@ -18,6 +18,7 @@ import base64
 import contextlib
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +32,12 @@ from . import distributed, kernels
 from .config import DataConfig, FitConfig, ModelConfig, OutputConfig, ReadConfig
 from .data import split_holdout
 from .distributed import Comm, SingleProcess, split_columns
-from .errors import BackendUnavailableError, FitError, ModelError, OutputError, TwamergeError
+from .errors import BackendUnavailableError, FitError, ModelError, OutputError, TwamergeError, one_line
 from .evaluation import Scorer, Splits, evaluate, has_batchnorm, probe, recalibrate_batchnorm
 from .fit import FitOutcome, FlatBinding, train_coefficients
-from .io import CheckpointSet, check_output, open_checkpoints, refuse_existing, write_checkpoint
+from .io.formats.checks import check_tensor
+from .io import AtomicWrite, CheckpointSet, check_output, open_checkpoints, refuse_existing, write_checkpoint
+from .io.atomic import check_name_length
 from .merge import build_metadata, linear_merge
 from .methods import METHODS, greedy_soup, one_hot
 from .models import ModelKeys, build_model
@@ -174,14 +177,31 @@ def check_backend(backend: str | None, device: torch.device) -> None:
 
 
 def check_side_outputs(out: OutputConfig) -> None:
-    """The report and the plot are not checkpoints (``check_output``): fail before any work when they cannot go there."""
-    for path, what in ((out.report, "report"), (out.plot, "plot")):
+    """The report and the plot are not checkpoints (``check_output``): fail before any work when they cannot go
+    there (exists without --force, a folder, a name too long, an unwritable folder, or the same file as another
+    output)."""
+    destinations = {os.path.realpath(out.path): "-o"}
+    for p in (out.path.with_name(out.path.name + ".index.json"), out.path.with_name(out.path.name + ".metadata.json")):
+        destinations.setdefault(os.path.realpath(p), "-o")
+    for path, what, flag in ((out.report, "report", "--report"), (out.plot, "plot", "--plot")):
         if path is None:
             continue
+        path = Path(path)
+        check_name_length(path, what)
+        real = os.path.realpath(path)
+        if real in destinations:
+            raise OutputError(f"{flag} {path} is the same file as {destinations[real]} writes; give it its own name")
+        if Path(real).is_relative_to(os.path.realpath(out.path)):
+            raise OutputError(f"{flag} {path} is inside the output {out.path}; put it beside the output")
+        destinations[real] = flag
         refuse_existing(path, what, force=out.force)
+        if os.path.isdir(path):
+            raise OutputError(f"{path}: the {what} would replace a folder; give it a file name")
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.is_dir():
             raise OutputError(f"{path}: the folder {parent} does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(f"{path}: the folder {parent} is not writable")
     if out.plot is not None:
         from .plot import plot_format
 
@@ -194,7 +214,7 @@ def open_stage(checkpoints: Sequence[str | Path], read: ReadConfig, out: OutputC
     try:
         parse_dtype(out.dtype)
         if comm.is_main:
-            check_output(out.path, force=out.force, hf_source_dir=cs.hf_dir)
+            check_output(out.path, force=out.force, hf_source_dir=cs.hf_dir, max_shard_size=out.max_shard_size)
     except BaseException:
         cs.close()
         raise
@@ -515,7 +535,26 @@ def write_stage(cs: CheckpointSet, val: DataConfig, model_cfg: ModelConfig, cfg:
                 splits: Splits, flat: FlatSpace, subspace: Subspace, baselines: list[MethodResult],
                 trained: FitOutcome, merged: Merged, twa: Evaluated, timer: Timer,
                 per_rank: list[dict] | None) -> dict:
-    """Write the merged checkpoint, then the report and the plot (rank 0 alone)."""
+    """Write the merged checkpoint, the report and the plot as one transaction (rank 0 alone).
+
+    Every file is written under a temporary name and all are renamed into place together at the end:
+    a failure anywhere (a report that cannot be written, a full disk, an interrupt) leaves every
+    destination as it was.
+    """
+    with AtomicWrite() as aw:
+        report = _stage_outputs(aw, cs, val, model_cfg, cfg, out, splits, flat, subspace, baselines, trained,
+                                merged, twa, timer, per_rank)
+        try:
+            aw.commit()
+        except OSError as exc:
+            raise OutputError(f"cannot write the outputs of the fit ({one_line(exc)}); nothing was changed") from None
+    return report
+
+
+def _stage_outputs(aw: AtomicWrite, cs: CheckpointSet, val: DataConfig, model_cfg: ModelConfig, cfg: FitConfig,
+                   out: OutputConfig, splits: Splits, flat: FlatSpace, subspace: Subspace,
+                   baselines: list[MethodResult], trained: FitOutcome, merged: Merged, twa: Evaluated, timer: Timer,
+                   per_rank: list[dict] | None) -> dict:
     sources = cs.sources()
     metadata = build_metadata("twa", [{"path": s["path"], "sha256": s["sha256"]} for s in sources],
                               blocks=cfg.blocks, bits=cfg.bits, alphas=merged.alphas.tolist(),
@@ -523,7 +562,7 @@ def write_stage(cs: CheckpointSet, val: DataConfig, model_cfg: ModelConfig, cfg:
                               higher_is_better=splits.task.higher_is_better)
     with timer.phase("write"):
         written = write_checkpoint(merged.tensors, out.path, metadata=metadata, force=out.force,
-                                   max_shard_size=out.max_shard_size, hf_source_dir=cs.hf_dir)
+                                   max_shard_size=out.max_shard_size, hf_source_dir=cs.hf_dir, transaction=aw)
     layout = flat.layout
     data = splits.data
     report = build_report(
@@ -554,11 +593,11 @@ def write_stage(cs: CheckpointSet, val: DataConfig, model_cfg: ModelConfig, cfg:
     if out.report is not None:
         from .report import write_report
 
-        write_report(report, out.report, out.force)
+        write_report(report, out.report, out.force, transaction=aw)
     if out.plot is not None:
         from .plot import plot_report
 
-        plot_report(report, out.plot, out.force)
+        plot_report(report, out.plot, out.force, transaction=aw)
     return report
 
 
@@ -566,8 +605,29 @@ def _encode_tensors(tensors: dict[str, torch.Tensor]) -> str:
     return base64.b64encode(st_save({k: v.contiguous() for k, v in tensors.items()})).decode() if tensors else ""
 
 
-def _decode_tensors(blob: str) -> dict[str, torch.Tensor]:
-    return st_load(base64.b64decode(blob)) if blob else {}
+def _decode_tensors(blob: str, source: str | Path = "report") -> dict[str, torch.Tensor]:
+    if not blob:
+        return {}
+    try:
+        return st_load(base64.b64decode(blob, validate=True))
+    except Exception as exc:  # noqa: BLE001 - binascii, safetensors and torch errors alike
+        raise TwamergeError(f"{source}: merge.recalibrated_buffers: not base64 of a safetensors blob "
+                            f"({one_line(exc)[:200]})") from None
+
+
+def _recalibrated(report_path: str | Path, blob: str, merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The report's recalibrated buffers, each checked against the merged tensor it replaces."""
+    buffers = _decode_tensors(blob, report_path)
+    for key, t in buffers.items():
+        field = f"{report_path}: merge.recalibrated_buffers[{key!r}]"
+        check_tensor(t, report_path, f"merge.recalibrated_buffers[{key!r}]")
+        if key not in merged:
+            raise TwamergeError(f"{field}: not a tensor of the merge")
+        ref = merged[key]
+        if t.shape != ref.shape or t.dtype != ref.dtype:
+            raise TwamergeError(f"{field}: {list(t.shape)} {dtype_name(t.dtype)} does not match the merged "
+                                f"{list(ref.shape)} {dtype_name(ref.dtype)}")
+    return buffers
 
 
 # -- eval and apply ---------------------------------------------------------------------------------
@@ -624,7 +684,7 @@ def apply_report(report_path: str | Path, checkpoints: Sequence[str | Path],
     merge = report["merge"]
     cs = open_checkpoints(checkpoints, allow_nonfinite=True)
     try:
-        check_output(out.path, force=out.force, hf_source_dir=cs.hf_dir)
+        check_output(out.path, force=out.force, hf_source_dir=cs.hf_dir, max_shard_size=out.max_shard_size)
         expected = [c["sha256"] for c in report["candidates"]]
         if len(expected) != len(cs):
             raise TwamergeError(f"{report_path}: the fit used {len(expected)} candidates; {len(cs)} were given")
@@ -637,7 +697,7 @@ def apply_report(report_path: str | Path, checkpoints: Sequence[str | Path],
             if e != g:
                 raise TwamergeError(f"{cs.paths[i]}: SHA-256 {g[:12]}... differs from the fit's candidate {i + 1} "
                                     f"({report['candidates'][i]['path']}, {e[:12]}...); pass the same files in the same order")
-        merged.update(_decode_tensors(merge.get("recalibrated_buffers", "")))
+        merged.update(_recalibrated(report_path, merge.get("recalibrated_buffers", ""), merged))
         written = write_checkpoint(merged, out.path, metadata=merge["metadata"], force=out.force,
                                    max_shard_size=out.max_shard_size, hf_source_dir=cs.hf_dir)
     finally:

@@ -35,7 +35,7 @@ def plot_format(path: Path) -> str:
     return fmt
 
 
-def plot_report(report: dict, path: Path, force: bool = False) -> None:
+def plot_report(report: dict, path: Path, force: bool = False, transaction=None) -> None:
     """Draw alphas (one line per candidate across blocks) and the training-loss curve into ``path``."""
     fmt = plot_format(path)
     plt = _pyplot()
@@ -64,7 +64,7 @@ def plot_report(report: dict, path: Path, force: bool = False) -> None:
     ax2.set_title("fit curve")
     fig.tight_layout()
     try:
-        with atomic_output(path, force, "plot") as tmp:
+        with atomic_output(path, force, "plot", transaction) as tmp:
             fig.savefig(tmp, dpi=110, format=fmt)
     finally:
         plt.close(fig)

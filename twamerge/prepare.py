@@ -31,7 +31,7 @@ from torch import nn
 
 from . import text as textmod
 from .config import DataConfig, ModelConfig
-from .data import LABEL_CANDIDATES, RawTable, TensorData, _ragged, read_table
+from .data import LABEL_CANDIDATES, RawTable, TensorData, _ragged, check_finite_columns, read_table
 from .errors import DataError
 from .models import _load_factory
 from .tasks import IGNORE_INDEX, CausalLM, Task, resolve_task
@@ -185,6 +185,8 @@ class _Builder:
         for name in table.columns:
             if name not in self.used and name != label_name:
                 log.info("column %s of %s dropped: %s", name, table.source, self._why_unused(name))
+        used = {name: self.columns[name] for name in (*self.inputs, *([label_name] if label_name else []))}
+        check_finite_columns(used, table.source, allow=self.val.allow_nonfinite_data)
         return TensorData(self.columns, tuple(self.inputs), label_name, table.source, self.pad)
 
     # -- inputs ------------------------------------------------------------------------------------

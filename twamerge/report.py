@@ -6,6 +6,7 @@ to re-emit the same merge without data or model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import sys
@@ -17,8 +18,9 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import OutputError, TwamergeError
+from .errors import OutputError, TwamergeError, one_line
 from .io.atomic import AtomicWrite, refuse_existing
+from .io.jsonschema import Fields, load_json
 
 REPORT_VERSION = 1
 
@@ -171,40 +173,88 @@ def _version() -> str:
 
 
 @contextmanager
-def atomic_output(path: Path, force: bool, what: str) -> Iterator[Path]:
+def atomic_output(path: Path, force: bool, what: str, transaction: AtomicWrite | None = None) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder; on success it replaces ``path``, on error it is removed.
 
-    Refuses to overwrite ``path`` without ``force``.
+    Refuses to overwrite ``path`` without ``force``. With ``transaction`` the file is only staged
+    there: the caller commits it together with the rest of its outputs.
     """
     path = Path(path)
     refuse_existing(path, what, force=force)
-    with AtomicWrite() as aw:
+    with contextlib.ExitStack() as stack:
+        aw = transaction if transaction is not None else stack.enter_context(AtomicWrite())
         try:
             tmp = aw.file(path, suffix=path.suffix or ".tmp")
         except OSError as exc:
             raise OutputError(f"{path}: cannot write the {what} ({exc.strerror})") from exc
-        yield tmp
-        aw.commit()
+        try:
+            yield tmp
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write the {what} ({one_line(exc.strerror or exc)})") from exc
+        if transaction is None:
+            try:
+                aw.commit()
+            except OSError as exc:
+                raise OutputError(f"{path}: cannot write the {what} ({one_line(exc.strerror or exc)})") from exc
 
 
-def write_report(report: dict, path: Path, force: bool) -> None:
-    """Write ``report`` as JSON atomically; refuse to overwrite without ``force``."""
-    with atomic_output(path, force, "report") as tmp:
+def write_report(report: dict, path: Path, force: bool, transaction: AtomicWrite | None = None) -> None:
+    """Write ``report`` as JSON atomically (or stage it in ``transaction``); refuse to overwrite without ``force``."""
+    with atomic_output(path, force, "report", transaction) as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
 
 
+#: largest |alpha| a report may hold (learned merges stay within a few units; 1e300 would write Inf)
+MAX_ALPHA = 1e6
+#: most candidates and blocks a report may list
+MAX_CANDIDATES = 100_000
+MAX_BLOCKS = 10_000_000
+
+
 def read_report(path: Path) -> dict:
-    try:
-        report = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise TwamergeError(f"{path}: no such report file") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TwamergeError(f"{path}: not a readable JSON report ({exc})") from exc
+    """The fit report at ``path``, with every field ``apply`` uses validated (types, sizes, ranges).
+
+    Raises:
+        TwamergeError: one line naming the file and the field at fault.
+    """
+    report = load_json(path, "report", TwamergeError)
     if not isinstance(report, dict) or report.get("report_version") != REPORT_VERSION or "merge" not in report:
         raise TwamergeError(f"{path}: not a twamerge fit report (report_version {REPORT_VERSION} with a 'merge' section)")
-    missing = [k for k in ("candidates",) if not isinstance(report.get(k), list)] + [
-        f"merge.{k}" for k in ("block_alphas", "key_block", "default_alphas", "metadata")
-        if not isinstance(report["merge"], dict) or k not in report["merge"]]
-    if missing:
-        raise TwamergeError(f"{path}: the report lacks {', '.join(missing)}; was it edited or cut short?")
+    validate_report(report, path)
     return report
+
+
+def validate_report(report: dict, source: str | Path) -> None:
+    """Check the parts of a report that ``apply`` reads; raise ``TwamergeError`` naming the field."""
+    from .options import parse_dtype
+
+    f = Fields(source, TwamergeError)
+    if isinstance(report.get("report_version"), bool):
+        raise f.expected("report_version", f"the integer {REPORT_VERSION}", report["report_version"])
+    cands = f.list(f.get(report, "candidates", "candidates"), "candidates", min_len=1, max_len=MAX_CANDIDATES)
+    for i, c in enumerate(cands):
+        f.object(c, f"candidates[{i}]")
+        f.string(f.get(c, "path", f"candidates[{i}].path"), f"candidates[{i}].path", max_len=1 << 16)
+        f.string(f.get(c, "sha256", f"candidates[{i}].sha256"), f"candidates[{i}].sha256", pattern="[0-9a-f]{64}",
+                 what="64 lower-case hex digits")
+    k = len(cands)
+    merge = f.object(report["merge"], "merge")
+    alphas = f.list(f.get(merge, "block_alphas", "merge.block_alphas"), "merge.block_alphas", min_len=1,
+                    max_len=MAX_BLOCKS)
+    for b, row in enumerate(alphas):
+        f.numbers(row, f"merge.block_alphas[{b}]", length=k, bound=MAX_ALPHA)
+    f.numbers(f.get(merge, "default_alphas", "merge.default_alphas"), "merge.default_alphas", length=k,
+              bound=MAX_ALPHA)
+    key_block = f.object(f.get(merge, "key_block", "merge.key_block"), "merge.key_block")
+    for key, b in key_block.items():
+        f.integer(b, f"merge.key_block[{key!r}]", 0, len(alphas))
+    out_dtype = merge.get("out_dtype")
+    if out_dtype is not None:
+        f.string(out_dtype, "merge.out_dtype", what="a dtype name or null", max_len=32)
+        try:
+            parse_dtype(out_dtype)
+        except TwamergeError as exc:
+            raise f.fail("merge.out_dtype", str(exc)) from None
+    f.string(merge.get("recalibrated_buffers", ""), "merge.recalibrated_buffers",
+             what="base64 text of a safetensors blob")
+    f.str_map(f.get(merge, "metadata", "merge.metadata"), "merge.metadata")

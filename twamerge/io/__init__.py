@@ -2,14 +2,19 @@
 
 Layout (one job per module):
 
-- ``formats/``: the ``Reader`` interface and its suffix registry; one module per on-disk format.
+- ``formats/``: the ``Reader`` interface and its suffix registry; one module per on-disk format;
+  ``formats/checks``: every tensor read is dense, strided and of a supported dtype, and torch zips
+  hold every byte their storages declare.
+- ``jsonschema``: the one validation layer for JSON read from disk (shard indexes, reports): UTF-8,
+  depth, sizes, types, ranges, finite numbers, the field named in the error.
 - ``discovery``: paths, globs and directories -> an ordered list of candidates.
 - ``rename``: containers and wrapper prefixes -> clean tensor names.
 - ``validate``: candidates agree on keys/shapes/dtypes; the NaN/Inf policy.
 - ``candidates``: ``Candidate``, ``CheckpointSet``, ``open_candidates``, ``open_checkpoints``.
 - ``hashing``: SHA-256 of inputs, fed by the reads a merge does anyway.
 - ``stats``: per-file counts of bytes read (for tests).
-- ``writer`` and ``atomic``: atomic, reproducible outputs.
+- ``writer`` and ``atomic``: atomic, reproducible outputs; every destination checked before any work,
+  and all of a command's files committed together (or none).
 """
 
 from .atomic import AtomicWrite, atomic_file, refuse_existing

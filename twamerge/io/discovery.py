@@ -7,7 +7,6 @@ Order matters (an EMA runs over it, reports list it), so each glob or directory 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from .formats import reader_suffixes
+from .formats.sharded import indexed_shards
 
 __all__ = ["HF_WEIGHT_NAMES", "expand_paths", "hf_weight_file", "is_checkpoint_file", "is_model_dir"]
 
@@ -53,11 +53,8 @@ def _drop_indexed_shards(paths: list[Path]) -> list[Path]:
     shards: set[Path] = set()
     for p in paths:
         if p.name.endswith(".index.json") and p.is_file():
-            try:
-                weight_map = json.loads(p.read_text()).get("weight_map", {})
-            except (OSError, ValueError):
-                continue
-            shards.update((p.parent / f).resolve() for f in set(weight_map.values()))
+            # A malformed index covers nothing: it stays a candidate, and opening it names the fault.
+            shards.update(s.resolve() for s in indexed_shards(p) or [])
     return [p for p in paths if p.resolve() not in shards]
 
 

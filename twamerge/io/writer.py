@@ -7,10 +7,13 @@ temporary sibling directory and renamed as a whole.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,9 +22,12 @@ import torch
 
 from ..errors import OutputError, one_line
 from ..options import dtype_name
-from .atomic import AtomicWrite, refuse_existing
+from .atomic import AtomicWrite, check_name_length, refuse_existing
+from .discovery import hf_weight_file
 from .formats.safetensors import ST_DTYPES
+from .formats.sharded import indexed_shards
 from .hashing import remember_sha256, sha256_file
+from .jsonschema import load_json
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +46,74 @@ def _is_dir_output(out: Path, hf_source_dir: Path | None) -> bool:
     return not known and (out.suffix == "" or hf_source_dir is not None)
 
 
-def check_output(out: str | Path, *, force: bool = False, hf_source_dir: Path | None = None) -> None:
+_SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+def output_names(out: Path, *, is_dir: bool, max_shard_size: int | None = None) -> list[str]:
+    """The names a file output at ``out`` may create in its folder (shard names as one of each length)."""
+    if is_dir:
+        return [out.name]
+    names = [out.name, f"{out.name}.index.json"]
+    if out.suffix.lower() != ".safetensors":
+        names.append(f"{out.name}.metadata.json")
+    if max_shard_size is not None:
+        names.append(f"{out.stem}-00001-of-00001{out.suffix}")
+    return names
+
+
+def _existing_shards(out: Path) -> list[Path]:
+    """Files beside ``out`` named like its shards (``<stem>-0000i-of-0000N<suffix>``)."""
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.glob(f"{glob.escape(out.stem)}-*-of-*{glob.escape(out.suffix)}"):
+        middle = p.name[len(out.stem):len(p.name) - len(out.suffix)]
+        if _SHARD_NAME.fullmatch(middle):
+            found.append(p)
+    return sorted(found)
+
+
+def check_output(out: str | Path, *, force: bool = False, hf_source_dir: Path | None = None,
+                 max_shard_size: int | None = None) -> None:
     """Fail early, before any arithmetic, when ``out`` cannot or must not be written.
 
+    Every file the write would create or replace is checked: the output, its index, its metadata
+    file, files named like its shards, and (for a folder output) the folder itself.
+
     Raises:
-        OutputError: ``out`` exists without ``force``, has an unknown suffix, or its folder is not writable.
+        OutputError: a destination exists without ``force`` (a symlink included), the name is too long
+            or names a folder that is not an output's (``.``, ``..``, the working folder or one above
+            it, a folder that is not a model folder), the suffix is unknown, or the folder is not writable.
     """
     out = Path(out)
+    if out.name in ("", ".", "..") or any(part == ".." for part in out.parts[-1:]):
+        raise OutputError(f"output {str(out)!r} names a folder, not an output; give the output a name of its own")
     is_dir = _is_dir_output(out, hf_source_dir)
     if not is_dir and out.suffix.lower() not in WRITE_SUFFIXES:
         raise OutputError(
             f"output {out} has suffix {out.suffix!r}; use .safetensors (default), .pt/.pth/.bin/.ckpt, or a name "
             "without a suffix for a model directory"
         )
-    for existing in (out, out.with_name(out.name + ".index.json")):
+    names = output_names(out, is_dir=is_dir, max_shard_size=max_shard_size)
+    for name in names:
+        check_name_length(out.parent / name)
+    try:
+        absolute = out.resolve()
+        cwd = Path.cwd().resolve()
+    except (OSError, RuntimeError) as e:
+        raise OutputError(f"cannot resolve the output {out}: {one_line(e)}") from None
+    if absolute == cwd or absolute in cwd.parents:
+        raise OutputError(f"output {out} is the working folder or a folder above it; choose a new name")
+    for existing in [out.parent / n for n in names if n != f"{out.stem}-00001-of-00001{out.suffix}"]:
         refuse_existing(existing, force=force)
-    if out.exists() and out.is_dir() != is_dir:
+    for shard in _existing_shards(out):
+        refuse_existing(shard, force=force)
+    if os.path.lexists(out) and not out.is_symlink() and out.is_dir() != is_dir:
         raise OutputError(f"{out} exists and is a {'directory' if out.is_dir() else 'file'}; choose another output")
+    if is_dir and out.is_dir() and not out.is_symlink() and hf_weight_file(out) is None:
+        raise OutputError(f"{out} is a folder that holds no model; twamerge replaces only a model folder "
+                          "(choose another output)")
     ancestor = out.parent.absolute()
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -173,7 +230,13 @@ def _set_config_dtype(config_path: Path, tensors: Mapping[str, torch.Tensor]) ->
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(dtypes) != 1 or not config_path.is_file():
         return
-    config = json.loads(config_path.read_text())
+    try:
+        config = load_json(config_path, "config", OutputError)
+    except OutputError as e:
+        log.warning("left %s as it is: %s", config_path.name, e)
+        return
+    if not isinstance(config, dict):
+        return
     name = dtype_name(next(iter(dtypes)))
     keys = [k for k in ("torch_dtype", "dtype") if isinstance(config.get(k), str)]
     if keys and any(config[k] != name for k in keys):
@@ -193,12 +256,7 @@ def _previous_output_files(out: Path, base_name: str) -> list[Path]:
              if p.is_file()]
     index = folder / f"{base_name}.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-        except (OSError, ValueError, AttributeError):
-            weight_map = {}
-        found += [folder / name for name in set(weight_map.values())
-                  if isinstance(name, str) and Path(name).name == name and (folder / name).is_file()]
+        found += [p for p in indexed_shards(index) or [] if p.parent == folder and p.is_file()]
     return found
 
 
@@ -210,6 +268,7 @@ def write_checkpoint(
     force: bool = False,
     max_shard_size: int | None = None,
     hf_source_dir: Path | None = None,
+    transaction: AtomicWrite | None = None,
 ) -> list[Path]:
     """Write a state dict atomically and return the paths written (shards first, index last).
 
@@ -227,6 +286,8 @@ def write_checkpoint(
         force: replace an existing output.
         max_shard_size: bytes per shard, or None for one file.
         hf_source_dir: a Hugging Face model directory whose non-weight files are copied.
+        transaction: stage the files into this ``AtomicWrite`` and leave the commit to the caller (a
+            fit commits its checkpoint, report and plot together); by default they are committed here.
 
     Raises:
         OutputError: the output exists without ``force`` or cannot be written. Nothing partial is left.
@@ -237,7 +298,7 @@ def write_checkpoint(
                                                     for k, v in metadata.items()):
         raise TypeError("metadata must be a dict of str -> str (JSON-encode anything else)")
     metadata = {"format": "pt", **metadata}
-    check_output(out, force=force, hf_source_dir=hf_source_dir)
+    check_output(out, force=force, hf_source_dir=hf_source_dir, max_shard_size=max_shard_size)
     is_dir = _is_dir_output(out, hf_source_dir)
     fmt = "safetensors" if is_dir or out.suffix.lower() == ".safetensors" else "torch"
     prepared = _prepare_tensors(tensors, clone_views=fmt != "safetensors")
@@ -256,45 +317,52 @@ def write_checkpoint(
     # (path written now, final path), in write order, index last.
     written: list[tuple[Path, Path]] = []
     try:
-        with AtomicWrite() as aw:
-            tmp_dir = aw.directory(out) if is_dir else None
-
-            def stage(final_name: str) -> Path:
-                if tmp_dir is not None:
-                    p = tmp_dir / final_name
-                    written.append((p, out / final_name))
-                    return p
-                p = aw.file(out.parent / final_name)
-                written.append((p, out.parent / final_name))
-                return p
-
-            weight_map: dict[str, str] = {}
-            for name, keys in zip(names, shards):
-                part = {k: prepared[k] for k in keys}
-                _save(part, stage(name), fmt, metadata)
-                weight_map.update({k: name for k in keys})
-            if len(shards) > 1:
-                total = sum(t.numel() * t.element_size() for t in prepared.values())
-                index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
-                stage(f"{base.name}.index.json").write_text(json.dumps(index, indent=2))
-            elif fmt == "torch":
-                stage(f"{base.name}.metadata.json").write_text(json.dumps(metadata, indent=2))
-            if tmp_dir is not None and hf_source_dir is not None:
-                copied = _copy_hf_files(Path(hf_source_dir), tmp_dir)
-                _set_config_dtype(tmp_dir / "config.json", prepared)
-                log.info("copied %s from %s", ", ".join(copied) or "nothing", hf_source_dir)
-
-            for tmp, final in written:
-                log.info("wrote %s (%d bytes, sha256 %s)", final, tmp.stat().st_size, sha256_file(tmp))
-
+        with contextlib.ExitStack() as stack:
+            aw = transaction if transaction is not None else stack.enter_context(AtomicWrite())
+            _stage_checkpoint(aw, written, prepared, out, is_dir, fmt, names, shards, base, metadata, hf_source_dir)
             # With --force, what the previous output had and this one lacks (its shards, a single
             # file now sharded or the reverse) goes too, or a loader could pick up stale weights.
             previous = _previous_output_files(out, base.name) if force and not is_dir else []
-            aw.commit()
-            done = {final for _, final in written}
-            for stale in set(previous) - done:
-                stale.unlink(missing_ok=True)
-                log.info("removed %s, part of the output this one replaces", stale)
-    except OSError as e:
-        raise OutputError(f"cannot write {out}: {one_line(e)}") from e
+            for stale in set(previous) - {final for _, final in written}:
+                aw.obsolete(stale)
+                log.info("removing %s, part of the output this one replaces", stale)
+            if transaction is None:
+                aw.commit()
+    except OutputError:
+        raise
+    except (OSError, RuntimeError) as e:  # a full disk, a file-size limit, torch.save's own write errors
+        raise OutputError(f"cannot write {out}: {one_line(e)[:300]}") from None
     return [final for _, final in written]
+
+
+def _stage_checkpoint(aw: AtomicWrite, written: list[tuple[Path, Path]], prepared: dict[str, torch.Tensor],
+                      out: Path, is_dir: bool, fmt: str, names: list[str], shards: list[list[str]], base: Path,
+                      metadata: dict[str, str], hf_source_dir: Path | None) -> None:
+    tmp_dir = aw.directory(out) if is_dir else None
+
+    def stage(final_name: str) -> Path:
+        if tmp_dir is not None:
+            p = tmp_dir / final_name
+            written.append((p, out / final_name))
+            return p
+        p = aw.file(out.parent / final_name)
+        written.append((p, out.parent / final_name))
+        return p
+
+    weight_map: dict[str, str] = {}
+    for name, keys in zip(names, shards):
+        part = {k: prepared[k] for k in keys}
+        _save(part, stage(name), fmt, metadata)
+        weight_map.update({k: name for k in keys})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in prepared.values())
+        index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+        stage(f"{base.name}.index.json").write_text(json.dumps(index, indent=2))
+    elif fmt == "torch":
+        stage(f"{base.name}.metadata.json").write_text(json.dumps(metadata, indent=2))
+    if tmp_dir is not None and hf_source_dir is not None:
+        copied = _copy_hf_files(Path(hf_source_dir), tmp_dir)
+        _set_config_dtype(tmp_dir / "config.json", prepared)
+        log.info("copied %s from %s", ", ".join(copied) or "nothing", hf_source_dir)
+    for tmp, final in written:
+        log.info("wrote %s (%d bytes, sha256 %s)", final, tmp.stat().st_size, sha256_file(tmp))

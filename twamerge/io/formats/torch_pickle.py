@@ -23,6 +23,7 @@ from ...errors import CheckpointError, one_line
 from ..rename import log_ema_hints, unwrap_state_dict
 from ..stats import stats
 from .base import Entry, Reader, register
+from .checks import check_tensor, check_zip_storages
 
 __all__ = ["NotATensorMapping", "TorchReader", "torch_load"]
 
@@ -59,6 +60,8 @@ def torch_load(path: Path) -> tuple[Any, bool]:
         CheckpointError: the file needs unsafe globals (named in the message), or is damaged.
     """
     mmap = zipfile.is_zipfile(path)
+    if mmap:
+        check_zip_storages(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), mmap
     except pickle.UnpicklingError as e:
@@ -102,11 +105,13 @@ class TorchReader(Reader):
             if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
                 raise NotATensorMapping(f"{path}: holds a {type(obj).__name__}, not a mapping of name -> tensor")
             self._sd = {str(k): v for k, v in obj.items()}
-            return
-        log_ema_hints(obj, self.path, ema_key)
-        self._sd, self.container = unwrap_state_dict(obj, ema_key=ema_key, source=str(path))
-        if self.container is not None and isinstance(obj, Mapping):
-            self.outer_keys = frozenset(map(str, obj))
+        else:
+            log_ema_hints(obj, self.path, ema_key)
+            self._sd, self.container = unwrap_state_dict(obj, ema_key=ema_key, source=str(path))
+            if self.container is not None and isinstance(obj, Mapping):
+                self.outer_keys = frozenset(map(str, obj))
+        for k, v in self._sd.items():
+            check_tensor(v, self.path, k)
 
     def entries(self) -> dict[str, Entry]:
         return {k: (tuple(v.shape), v.dtype) for k, v in self._sd.items()}
