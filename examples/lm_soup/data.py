@@ -15,7 +15,6 @@ pool of the target topics included, and never a validation or test quote.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -112,17 +111,3 @@ def build(
     corpus.val = [corpus.val[i] for i in rng.permutation(len(corpus.val))]
     corpus.test = [corpus.test[i] for i in rng.permutation(len(corpus.test))]
     return corpus
-
-
-def write_jsonl(path: Path, rows: list[dict], columns: tuple[str, ...] = ("text",)) -> Path:
-    """One JSON object per line with the given columns (the tool reads `text`; extra columns are for people)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps({c: r[c] for c in columns}, ensure_ascii=False) + "\n")
-    return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]

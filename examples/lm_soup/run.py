@@ -348,7 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         size, settings = SMOKE_MODEL, SMOKE_SETTINGS
         args.per_topic = min(args.per_topic, 8)
-        args.pretrain_steps = min(args.pretrain_steps, 30)
+        args.pretrain_steps = min(args.pretrain_steps, 24)
+        args.pretrain_lr = 1e-2
         args.pretrain_batch = min(args.pretrain_batch, 8)
         pretrain_texts_max, pool_max = 2000, 24
 
@@ -357,6 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     out = C.fresh_dir(args.out)
     run = C.Runner(out)
     wall: dict = {}
@@ -368,11 +370,11 @@ def main(argv: list[str] | None = None) -> dict:
         rng = np.random.default_rng(args.seed)
         pretrain_texts = [pretrain_texts[i] for i in sorted(rng.permutation(len(pretrain_texts))[:pretrain_texts_max])]
     pools = {t: q[:pool_max] if pool_max else q for t, q in corpus.pool.items()}
-    val = data.write_jsonl(out / "data" / "val.jsonl", corpus.val)
-    test = data.write_jsonl(out / "data" / "test.jsonl", corpus.test)
+    val = C.write_jsonl(out / "data" / "val.jsonl", corpus.val, ("text",))
+    test = C.write_jsonl(out / "data" / "test.jsonl", corpus.test, ("text",))
     # The topic of every evaluation row, for people (the tool reads only `text`).
-    data.write_jsonl(out / "data" / "val_topics.jsonl", corpus.val, ("text", "topic"))
-    data.write_jsonl(out / "data" / "test_topics.jsonl", corpus.test, ("text", "topic"))
+    C.write_jsonl(out / "data" / "val_topics.jsonl", corpus.val, ("text", "topic"))
+    C.write_jsonl(out / "data" / "test_topics.jsonl", corpus.test, ("text", "topic"))
     tok = load_tokenizer()
     wall["data"] = round(time.perf_counter() - t0, 2)
 
