@@ -320,7 +320,8 @@ def run_twamerge(run: C.Runner, out: Path, tunes: list[Path], val: Path, test: P
 def table_md(caption: str, rows: list[dict], own: dict[str, dict]) -> str:
     body = []
     for r in rows:
-        o = own.get(r["dir"]) if r["dir"].startswith("ft") else None
+        # The example's own figure for the same weights: a fine-tune, or its own uniform average.
+        o = own.get("uniform (own)" if r["method"] == "uniform soup" else r["dir"])
         body.append([r["method"], f"{r['test_loss']:.4f}", f"{r['test_ppl']:.2f}",
                      f"{o['test_ppl']:.2f}" if o else ""])
     return caption + "\n\n" + C.markdown_table(
@@ -330,48 +331,20 @@ def table_md(caption: str, rows: list[dict], own: dict[str, dict]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("runs/lm_soup"))
-    ap.add_argument("--per-topic", type=int, default=60, help="validation (and test) quotes per target topic")
-    ap.add_argument("--pretrain-steps", type=int, default=300)
-    ap.add_argument("--pretrain-batch", type=int, default=16, help=f"blocks of {MAX_LEN} tokens per step")
-    ap.add_argument("--pretrain-lr", type=float, default=3e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny model, few steps and rows, 3 fine-tunes: about a minute, for the tests")
-    ap.add_argument("--no-twamerge", action="store_true",
-                    help="stop after the data, the training and the own evaluation (no twamerge command)")
-    args = ap.parse_args(argv)
-    size, settings = MODEL, SETTINGS
-    pretrain_texts_max, pool_max = None, None
-    if args.smoke:
-        size, settings = SMOKE_MODEL, SMOKE_SETTINGS
-        args.per_topic = min(args.per_topic, 8)
-        args.pretrain_steps = min(args.pretrain_steps, 24)
-        args.pretrain_lr = 1e-2
-        args.pretrain_batch = min(args.pretrain_batch, 8)
-        pretrain_texts_max, pool_max = 2000, 24
-
-    t_start = time.perf_counter()
-    C.set_threads()
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    out = C.fresh_dir(args.out)
-    run = C.Runner(out)
-    wall: dict = {}
-
+def train(args, out: Path, size: dict, settings: list, pretrain_texts_max: int | None, pool_max: int | None,
+          wall: dict) -> dict:
+    """Data, pre-training, fine-tunes and the own evaluation: everything that needs no twamerge command.
+    -> the results so far (written to results.json by the caller)."""
     t0 = time.perf_counter()
     corpus = data.build(per_topic=args.per_topic, seed=args.seed)
     pretrain_texts = corpus.pretrain
     if pretrain_texts_max:
         rng = np.random.default_rng(args.seed)
-        pretrain_texts = [pretrain_texts[i] for i in sorted(rng.permutation(len(pretrain_texts))[:pretrain_texts_max])]
+        keep = sorted(rng.permutation(len(pretrain_texts))[:pretrain_texts_max])
+        pretrain_texts = [pretrain_texts[i] for i in keep]
     pools = {t: q[:pool_max] if pool_max else q for t, q in corpus.pool.items()}
-    val = C.write_jsonl(out / "data" / "val.jsonl", corpus.val, ("text",))
-    test = C.write_jsonl(out / "data" / "test.jsonl", corpus.test, ("text",))
+    C.write_jsonl(out / "data" / "val.jsonl", corpus.val, ("text",))
+    C.write_jsonl(out / "data" / "test.jsonl", corpus.test, ("text",))
     # The topic of every evaluation row, for people (the tool reads only `text`).
     C.write_jsonl(out / "data" / "val_topics.jsonl", corpus.val, ("text", "topic"))
     C.write_jsonl(out / "data" / "test_topics.jsonl", corpus.test, ("text", "topic"))
@@ -382,7 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"pre-training a {n_params / 1e6:.2f}M-parameter Llama on {len(pretrain_texts)} quotes",
           file=sys.stderr, flush=True)
-    pre = pretrain(model, tok, pretrain_texts, args.pretrain_steps, args.pretrain_batch, args.pretrain_lr, args.seed)
+    pre = pretrain(model, tok, pretrain_texts, args.pretrain_steps, args.pretrain_batch, args.pretrain_lr,
+                   args.seed)
     base = save_hf(model, tok, out / "pretrained")
     wall["pretrain"] = pre["wall_s"]
     del model
@@ -403,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, r in own.items():
         print(f"{name:>14}: val ppl {r['val_ppl']:8.2f}  test ppl {r['test_ppl']:8.2f}", file=sys.stderr)
 
-    result = {
+    return {
         "smoke": args.smoke,
         "stage": "trained",
         "model": {"architecture": "LlamaForCausalLM", **size, "max_position_embeddings": MAX_LEN,
@@ -417,32 +391,85 @@ def main(argv: list[str] | None = None) -> dict:
                      for n, t, lr, e, s in settings],
         "own_eval": own,
         "wall_s": wall,
-        "commands": run.records,
+        "commands": [],
     }
 
+
+def merge(out: Path, result: dict) -> dict:
+    """The twamerge commands on a trained run folder; adds the table to `result`."""
+    run = C.Runner(out)
+    tunes = [out / "finetunes" / s["name"] for s in result["settings"]]
+    t0 = time.perf_counter()
+    merged = run_twamerge(run, out, tunes, out / "data" / "val.jsonl", out / "data" / "test.jsonl")
+    result["wall_s"]["twamerge"] = round(time.perf_counter() - t0, 2)
+    m, sizes = result["model"], result["sizes"]
+    caption = (
+        f"Fortunes, {len(tunes)} fine-tunes of a {m['parameters'] / 1e6:.1f}M-parameter Llama (hidden "
+        f"{m['hidden']}, {m['layers']} layers, all-MiniLM-L6-v2 tokenizer) on the topics "
+        f"{', '.join(result['target_topics'])}; loss and perplexity on {sizes['test']} test quotes that no step "
+        f"saw (the fit read {sizes['val']} validation quotes). Last column: the same perplexity computed by the "
+        f"example itself with transformers."
+    )
+    table = table_md(caption, merged["rows"], result["own_eval"])
+    (out / "table.md").write_text(table)
+    print(table)
+    result.update(stage="merged", rows=merged["rows"], fit_heldout_ppl=merged["fit_heldout_ppl"],
+                  greedy_ingredients=merged["greedy_ingredients"], alphas=merged["alphas"], commands=run.records)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("runs/lm_soup"))
+    ap.add_argument("--per-topic", type=int, default=60, help="validation (and test) quotes per target topic")
+    ap.add_argument("--pretrain-steps", type=int, default=300)
+    ap.add_argument("--pretrain-batch", type=int, default=16, help=f"blocks of {MAX_LEN} tokens per step")
+    ap.add_argument("--pretrain-lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny model, few steps and rows, 3 fine-tunes: about a minute, for the tests")
+    stage = ap.add_mutually_exclusive_group()
+    stage.add_argument("--no-twamerge", action="store_true",
+                       help="stop after the data, the training and the own evaluation (no twamerge command)")
+    stage.add_argument("--merge-only", action="store_true",
+                       help="only the twamerge commands, on the folders of an earlier run in --out (its results.json)")
+    args = ap.parse_args(argv)
+    size, settings = MODEL, SETTINGS
+    pretrain_texts_max, pool_max = None, None
+    if args.smoke:
+        size, settings = SMOKE_MODEL, SMOKE_SETTINGS
+        args.per_topic = min(args.per_topic, 8)
+        args.pretrain_steps = min(args.pretrain_steps, 24)
+        args.pretrain_lr = 1e-2
+        args.pretrain_batch = min(args.pretrain_batch, 8)
+        pretrain_texts_max, pool_max = 2000, 24
+
+    t_start = time.perf_counter()
+    C.set_threads()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+    if args.merge_only:
+        result = json.loads((args.out / "results.json").read_text())
+        result["train_argv"] = result.pop("argv", None)
+        for key in ("example", "machine", "nice"):  # this run's, not the training run's
+            result.pop(key, None)
+        result["wall_s"]["total"] = result["wall_s"].get("total", 0.0)
+        t_start -= result["wall_s"]["total"]  # the total counts the training run's time too
+    else:
+        out = C.fresh_dir(args.out)
+        result = train(args, out, size, settings, pretrain_texts_max, pool_max, wall={})
+
     def save() -> None:
-        wall["total"] = round(time.perf_counter() - t_start, 2)
-        C.write_results(out, "lm_soup", result)
+        result["wall_s"]["total"] = round(time.perf_counter() - t_start, 2)
+        C.write_results(args.out, "lm_soup", result)
 
     save()  # what works without the tool, written before any twamerge command runs
     if args.no_twamerge:
         return result
-
-    t0 = time.perf_counter()
-    merge = run_twamerge(run, out, tunes, val, test)
-    wall["twamerge"] = round(time.perf_counter() - t0, 2)
-    caption = (
-        f"Fortunes, {len(tunes)} fine-tunes of a {n_params / 1e6:.1f}M-parameter Llama (hidden {size['hidden']}, "
-        f"{size['layers']} layers, all-MiniLM-L6-v2 tokenizer) on the topics {', '.join(data.TARGET)}; "
-        f"loss and perplexity on {len(corpus.test)} test quotes that no step saw (the fit read "
-        f"{len(corpus.val)} validation quotes). Last column: the same perplexity computed by the example itself "
-        f"with transformers."
-    )
-    table = table_md(caption, merge["rows"], own)
-    (out / "table.md").write_text(table)
-    print(table)
-    result.update(stage="merged", rows=merge["rows"], fit_heldout_ppl=merge["fit_heldout_ppl"],
-                  greedy_ingredients=merge["greedy_ingredients"], alphas=merge["alphas"], commands=run.records)
+    merge(args.out, result)
     save()
     return result
 
