@@ -170,7 +170,10 @@ def main(argv: list[str] | None = None) -> None:
         if kind in INTROS:
             parts.append("\n" + INTROS[kind])
         if res is None:
-            parts.append(f"\n_Not run: `{args.runs / run_dir}/results.json` is missing._\n")
+            parts.append(
+                f"\n_Not run: `{args.runs / run_dir}/results.json` is missing "
+                f"(`python examples/{kind}/run.py --out {args.runs / run_dir}` writes it)._\n"
+            )
             continue
         if kind == "lm_soup" and res.get("stage") != "merged":
             parts.append(
