@@ -70,6 +70,7 @@ def make_init(out_dir: Path, categories: list[str], seed: int = 0) -> Path:
     from transformers import BertForSequenceClassification
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     torch.manual_seed(seed)
     model = BertForSequenceClassification.from_pretrained(
         str(base_model_dir()),
