@@ -270,7 +270,9 @@ def own_eval(dirs: dict[str, Path], tok, splits: dict[str, list[str]]) -> dict[s
         score(name, LlamaForCausalLM.from_pretrained(str(d)))
     tunes = [d for n, d in dirs.items() if n.startswith("ft")]
     model = LlamaForCausalLM.from_pretrained(str(tunes[0]))
-    model.load_state_dict(uniform_state(tunes), strict=False)  # lm_head is tied to embed_tokens
+    res = model.load_state_dict(uniform_state(tunes), strict=False)
+    if res.unexpected_keys or set(res.missing_keys) - {"lm_head.weight"}:  # lm_head is tied to embed_tokens
+        raise RuntimeError(f"uniform average does not fit the model: {res}")
     model.tie_weights()
     score("uniform (own)", model)
     return out
@@ -283,7 +285,8 @@ def own_eval(dirs: dict[str, Path], tok, splits: dict[str, list[str]]) -> dict[s
 
 def run_twamerge(run: C.Runner, out: Path, tunes: list[Path], val: Path, test: Path) -> dict:
     """fit (the command a user types, no other option), the uniform soup, the greedy soup of the fit report's
-    ingredients, and the test loss and perplexity of all of them. -> {"rows", "fit", "greedy"}"""
+    ingredients, and the test loss and perplexity of all of them.
+    -> {"rows", "fit_heldout_ppl", "greedy_ingredients", "alphas"}"""
     merged, report = out / "merged", out / "report.json"
     run("fit", *tunes, "--val", val, "-o", merged, "--report", report, label="fit")
     fit = json.loads(report.read_text())
