@@ -259,12 +259,15 @@ def main(argv: list[str] | None = None) -> None:
                     img / "lm_soup_alphas.png",
                 )
                 parts.append("\n![alphas](img/lm_soup_alphas.png)\n")
-            ws = res["wall_s"]
+            ws, pre = res["wall_s"], res["pretrain"]
+            if "from" in pre:  # --pretrained: an earlier run's model
+                pre_txt = f"reused from `{pre['from']}`"
+            else:
+                pre_txt = (f"{minutes(ws['pretrain'])} ({pre['steps']} steps, {pre['epochs']} epochs of "
+                           f"{pre['tokens']} tokens, loss {pre['loss_first']:.2f} to {pre['loss_last']:.2f})")
             parts.append(
-                f"\nPre-training: {minutes(ws['pretrain'])} ({res['pretrain']['steps']} steps, "
-                f"{res['pretrain']['epochs']} epochs of {res['pretrain']['tokens']} tokens); fine-tuning: "
-                f"{minutes(sum(ws['finetune'].values()))} for {len(ws['finetune'])} runs; twamerge: "
-                f"{minutes(ws['twamerge'])}.\n"
+                f"\nPre-training: {pre_txt}; fine-tuning: {minutes(sum(ws['finetune'].values()))} for "
+                f"{len(ws['finetune'])} runs; twamerge: {minutes(ws['twamerge'])}.\n"
             )
         parts.append("\n" + command_table(res))
     if machine:
