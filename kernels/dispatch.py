@@ -9,6 +9,10 @@ Inputs to the decision: the explicit ``backend`` argument (from config or ``--ba
 * ``triton``: Triton or :class:`BackendUnavailableError` (never a quiet fallback). CPU tensors are
   accepted only under ``TRITON_INTERPRET=1``.
 * ``torch``: always the reference.
+
+Sizes matter too: each Triton kernel has limits (:func:`triton_limit`; e.g. the gram kernel holds
+all K candidates of a tile in registers). Past a limit, ``auto`` runs the reference (logged once
+per op with the reason) and a forced ``triton`` raises :class:`BackendUnavailableError` naming it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,36 @@ OPS = ("gram", "orth_quantize", "combine", "project")
 
 class BackendUnavailableError(RuntimeError):
     """A forced backend cannot run. Re-raised by twamerge as its own typed error."""
+
+
+# Limits of the Triton kernels, defined here (the kernel modules import them) so dispatch can check
+# them without importing triton.
+GRAM_MAX_K = 256  # candidates padded to a power of two >= 16, a [K_PAD, BLOCK_N] tile in registers
+ORTH_QUANTIZE_MAX_TILE = 1 << 16  # next_pow2(K) * next_pow2(group_size) candidate elements per program
+GROUP_MAX = 1 << 14  # next_pow2(group_size) for combine and project
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def triton_limit(op: str, *, k: int | None = None, group_size: int | None = None) -> str | None:
+    """Why the Triton kernel of ``op`` cannot take these sizes, or None when it can.
+
+    Args:
+        k: candidates (rows of ``x``) for gram and orth_quantize.
+        group_size: quantization group for orth_quantize, combine and project.
+    """
+    if op == "gram" and k is not None and k > GRAM_MAX_K:
+        return f"the Triton gram kernel takes at most {GRAM_MAX_K} candidates; K={k}"
+    if op == "orth_quantize" and k is not None and group_size is not None:
+        tile = _next_pow2(max(k, 1)) * _next_pow2(group_size)
+        if tile > ORTH_QUANTIZE_MAX_TILE:
+            return (f"the Triton orth_quantize kernel takes at most {ORTH_QUANTIZE_MAX_TILE} elements per "
+                    f"next_pow2(K) x next_pow2(group_size) tile; K={k}, group_size={group_size} needs {tile}")
+    if op in ("combine", "project") and group_size is not None and _next_pow2(group_size) > GROUP_MAX:
+        return f"the Triton {op} kernel takes group_size up to {GROUP_MAX}; group_size={group_size}"
+    return None
 
 
 def env_backend() -> str:
@@ -67,8 +101,9 @@ def _log_once(op: str, choice: str, reason: str) -> None:
         log.info("kernel %s: using %s (%s)", op, choice, reason)
 
 
-def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
-    """Return ``"triton"`` or ``"torch"`` for running ``op`` on ``device``."""
+def resolve(op: str, device: torch.device, backend: str | None = None, *, k: int | None = None,
+            group_size: int | None = None) -> str:
+    """Return ``"triton"`` or ``"torch"`` for running ``op`` on ``device`` (sizes as in :func:`triton_limit`)."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     backend = (backend or env_backend()).lower()
@@ -87,8 +122,15 @@ def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
                 f"--backend triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); tensors are on {device}; "
                 "pass --backend torch"
             )
+        limit = triton_limit(op, k=k, group_size=group_size)
+        if limit:
+            raise BackendUnavailableError(f"--backend triton was requested but {limit}; pass --backend auto or torch")
         _log_once(op, "triton", "requested")
         return "triton"
+    limit = triton_limit(op, k=k, group_size=group_size) if ok and device.type == "cuda" else None
+    if limit:
+        _log_once(op, "torch", "auto: " + limit)
+        return "torch"
     if ok and device.type == "cuda":
         _log_once(op, "triton", "auto: CUDA tensor and triton imports")
         return "triton"
@@ -96,8 +138,8 @@ def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
     return "torch"
 
 
-def _impl(op: str, device: torch.device, backend: str | None) -> Callable:
-    if resolve(op, device, backend) == "torch":
+def _impl(op: str, device: torch.device, backend: str | None, **sizes: int) -> Callable:
+    if resolve(op, device, backend, **sizes) == "torch":
         return getattr(reference, f"{op}_torch")
     module = importlib.import_module(f"{__package__}.triton_{op}")
     return getattr(module, f"{op}_triton")
@@ -105,19 +147,20 @@ def _impl(op: str, device: torch.device, backend: str | None) -> Callable:
 
 def gram(x, *, backend: str | None = None):
     """Dispatching :func:`reference.gram_torch`."""
-    return _impl("gram", x.device, backend)(x)
+    return _impl("gram", x.device, backend, k=x.shape[0])(x)
 
 
-def orth_quantize(x, mean, transform, bits, group_size, *, backend: str | None = None):
+def orth_quantize(x, mean, transform, bits, group_size, out=None, *, backend: str | None = None):
     """Dispatching :func:`reference.orth_quantize_torch`."""
-    return _impl("orth_quantize", x.device, backend)(x, mean, transform, bits, group_size)
+    impl = _impl("orth_quantize", x.device, backend, k=x.shape[0], group_size=group_size)
+    return impl(x, mean, transform, bits, group_size, out)
 
 
 def combine(mean, codes, scales, zeros, beta, group_block, bits, group_size, out=None, *, backend: str | None = None):
     """Dispatching :func:`reference.combine_torch`."""
-    return _impl("combine", mean.device, backend)(mean, codes, scales, zeros, beta, group_block, bits, group_size, out)
+    return _impl("combine", mean.device, backend, group_size=group_size)(mean, codes, scales, zeros, beta, group_block, bits, group_size, out)
 
 
 def project(grad, codes, scales, zeros, group_block, n_blocks, bits, group_size, *, backend: str | None = None):
     """Dispatching :func:`reference.project_torch`."""
-    return _impl("project", grad.device, backend)(grad, codes, scales, zeros, group_block, n_blocks, bits, group_size)
+    return _impl("project", grad.device, backend, group_size=group_size)(grad, codes, scales, zeros, group_block, n_blocks, bits, group_size)

@@ -106,6 +106,13 @@ def check_group_block(group_block: torch.Tensor, cols: int, group_size: int) -> 
     check_contiguous("group_block", group_block)
 
 
+def check_rows_contiguous(name: str, t: torch.Tensor) -> None:
+    """A 2-D [K, n] input whose rows are contiguous (column stride 1); the rows may lie apart (a column
+    slice of a wider tensor)."""
+    if t.dim() == 2 and t.shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError(f"{name} with shape {tuple(t.shape)} is not contiguous along its rows; call .contiguous() first")
+
+
 def check_same_device(anchor_name: str, anchor: torch.Tensor, **others: torch.Tensor | None) -> None:
     for name, t in others.items():
         if t is not None and t.device != anchor.device:
@@ -121,7 +128,7 @@ def check_gram_args(x: torch.Tensor) -> tuple[int, int]:
     check_dtype("x", x, INPUT_DTYPES)
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [K, n]; got shape {tuple(x.shape)}")
-    check_contiguous("x", x)
+    check_rows_contiguous("x", x)
     return x.shape[0], x.shape[1]
 
 
@@ -142,10 +149,32 @@ def check_orth_quantize_args(x: torch.Tensor, mean: torch.Tensor, transform: tor
         raise ValueError(f"mean has shape {tuple(mean.shape)}; expected ({n},)")
     if n % group_size:
         raise ValueError(f"x has {n} columns, not a multiple of group_size={group_size}; pad the chunk")
-    for name, t in (("x", x), ("mean", mean), ("transform", transform)):
+    check_rows_contiguous("x", x)
+    for name, t in (("mean", mean), ("transform", transform)):
         check_contiguous(name, t)
     check_same_device("x", x, mean=mean, transform=transform)
     return k, n, transform.shape[0]
+
+
+def check_orth_quantize_out(out, rows: int, n: int, bits: int, group_size: int, device: torch.device):
+    """Validate optional ``out = (codes, scales, zeros)`` for ``orth_quantize``: the layout's dtypes and
+    shapes for ``rows`` x ``n``, each contiguous along its rows (column slices of a whole basis are
+    fine), on ``device``. Returns ``out`` as a tuple, or None."""
+    if out is None:
+        return None
+    codes, scales, zeros = out
+    n_groups = 0 if bits in FLOAT_BITS else n // group_size
+    check_dtype("out codes", codes, (storage_dtype(bits),))
+    for name, t, shape in (("out codes", codes, codes_shape(rows, n, bits)), ("out scales", scales, (rows, n_groups)),
+                           ("out zeros", zeros, (rows, n_groups))):
+        if name != "out codes":
+            check_dtype(name, t, (torch.float32,))
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(shape)}")
+        check_rows_contiguous(name, t)
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but x is on {device}; move them to one device")
+    return codes, scales, zeros
 
 
 def check_combine_args(mean: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

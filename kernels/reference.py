@@ -15,22 +15,46 @@ from .layout import (
     check_combine_args,
     check_gram_args,
     check_orth_quantize_args,
+    check_orth_quantize_out,
     check_project_args,
     codes_shape,
     storage_dtype,
 )
 
-# Columns handled per step. Temporaries are about R * CHUNK_COLS * 4 bytes.
-CHUNK_COLS = 1 << 18
+# Elements (rows x columns) of the float32 temporaries of one step: about 1 MiB, so a chunk's
+# dequantized codes, centred candidates and basis rows stay in a core's L2 cache between the ops
+# that use them; beyond per-group vectors (D / group_size elements), no temporary scales with D.
+CHUNK_ELEMS = 1 << 18
 
 
-def pack_codes_torch(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack codes ``q`` uint8 [R, n] (values < 2**bits) into uint8 [R, n * bits // 8]."""
+# combine and project: elements of the decoded codes per step (1 MiB of float32).
+STEP_ELEMS = 1 << 18
+
+
+def chunk_cols(rows: int, group_size: int, elems: int | None = None) -> int:
+    """Columns per step for ``rows``-row temporaries: whole groups, about ``elems`` (default
+    ``CHUNK_ELEMS``) elements."""
+    elems = CHUNK_ELEMS if elems is None else elems
+    return max(group_size, elems // max(rows, 1) // group_size * group_size)
+
+
+def pack_codes_torch(q: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Pack codes ``q`` uint8 [R, n] (values < 2**bits) into uint8 [R, n * bits // 8].
+
+    uint8 shifts and ORs only (8-bit codes are the bytes themselves); ``out`` may be a strided view
+    (a column slice of a whole basis) that is written in place.
+    """
     per_byte = 8 // bits
     rows, n = q.shape
-    q = q.view(rows, n // per_byte, per_byte).to(torch.int32)
-    shifts = torch.arange(per_byte, dtype=torch.int32, device=q.device) * bits
-    return (q << shifts).sum(dim=2).to(torch.uint8)
+    if out is None:
+        out = torch.empty(rows, n // per_byte, dtype=torch.uint8, device=q.device)
+    if per_byte == 1:
+        return out.copy_(q)
+    v = q.view(rows, n // per_byte, per_byte)
+    torch.bitwise_or(v[:, :, 0], v[:, :, 1] << bits, out=out)
+    for i in range(2, per_byte):
+        out |= v[:, :, i] << (i * bits)
+    return out
 
 
 def unpack_codes_torch(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -41,24 +65,45 @@ def unpack_codes_torch(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return ((codes.unsqueeze(2) >> shifts) & mask).reshape(codes.shape[0], -1)
 
 
-def quantize_torch(p: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize a float32 basis chunk ``p`` [R, n] (n % group_size == 0) into (codes, scales, zeros)."""
-    check_bits(bits)
+def quantize_into(p: torch.Tensor, bits: int, group_size: int, codes: torch.Tensor, scales: torch.Tensor,
+                  zeros: torch.Tensor) -> None:
+    """Quantize a contiguous float32 chunk ``p`` [R, n] into the given (possibly strided) output views.
+
+    ``p`` is overwritten (the codes are computed in place). Packed bits follow layout.py's expressions
+    in its order; ``floor`` is the float -> uint8 conversion itself (it truncates, and every value is
+    >= 0.5 by then), applied after the clamp, which gives the same code as clamping the floor.
+    """
     rows, n = p.shape
     if bits in FLOAT_BITS:
-        empty = torch.empty(rows, 0, dtype=torch.float32, device=p.device)
-        return p.to(storage_dtype(bits)).contiguous(), empty, empty.clone()
+        codes.copy_(p)
+        return
     grouped = p.view(rows, n // group_size, group_size)
-    lo = grouped.amin(dim=2)
-    hi = grouped.amax(dim=2)
+    # amin and amax apart: torch's fused aminmax over a short inner dimension is about 7x slower than both.
+    lo, hi = grouped.amin(dim=2), grouped.amax(dim=2)
     levels = float((1 << bits) - 1)
     # A tensor divisor, not a Python float: with a scalar divisor CUDA torch multiplies by the
     # rounded reciprocal, which is off by one ulp for most groups and breaks exact code parity.
     scale = (hi - lo) / torch.full_like(hi, levels)
-    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    q = torch.floor((grouped - lo.unsqueeze(2)) * inv.unsqueeze(2) + 0.5).clamp_(0, levels)
-    codes = pack_codes_torch(q.to(torch.uint8).view(rows, n), bits)
-    return codes, scale.contiguous(), lo.contiguous()
+    inv = torch.where(scale > 0, scale.reciprocal(), 0.0)
+    grouped.sub_(lo.unsqueeze(2)).mul_(inv.unsqueeze(2)).add_(0.5).clamp_(0.0, levels)
+    if bits == 8:
+        codes.copy_(p)  # 8-bit codes are the bytes: one converting copy, no packing
+    else:
+        pack_codes_torch(p.to(torch.uint8), bits, out=codes)
+    scales.copy_(scale)
+    zeros.copy_(lo)
+
+
+def quantize_torch(p: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize a float32 basis chunk ``p`` [R, n] (n % group_size == 0) into (codes, scales, zeros)."""
+    check_bits(bits)
+    rows, n = p.shape
+    n_groups = 0 if bits in FLOAT_BITS else n // group_size
+    codes = torch.empty(codes_shape(rows, n, bits), dtype=storage_dtype(bits), device=p.device)
+    scales = torch.empty(rows, n_groups, dtype=torch.float32, device=p.device)
+    zeros = torch.empty(rows, n_groups, dtype=torch.float32, device=p.device)
+    quantize_into(p.float().contiguous().clone(), bits, group_size, codes, scales, zeros)
+    return codes, scales, zeros
 
 
 def dequantize_torch(
@@ -73,16 +118,24 @@ def dequantize_torch(
     return (zeros.unsqueeze(2) + scales.unsqueeze(2) * q).view(rows, n)
 
 
-def _codes_by_group(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """Codes (or float storage) of a column chunk as float32 [n_groups, R, G] (a strided view, no copy
-    beyond the conversion to float)."""
-    q = codes.float() if bits in FLOAT_BITS else unpack_codes_torch(codes, bits).float()
-    rows, n = q.shape
-    return q.view(rows, n // group_size, group_size).transpose(0, 1)
+def codes_to_float(codes: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
+    """Codes (or float storage) of a column chunk -> float32 ``out`` [R, n], one converting pass per
+    code position in a byte (8-bit and float storage: a single copy)."""
+    if bits in FLOAT_BITS or bits == 8:
+        return out.copy_(codes)
+    per_byte = 8 // bits
+    rows, m = codes.shape
+    mask = (1 << bits) - 1
+    view = out.view(rows, m, per_byte)
+    view[:, :, 0].copy_(codes & mask)
+    for i in range(1, per_byte - 1):
+        view[:, :, i].copy_((codes >> (i * bits)) & mask)
+    view[:, :, per_byte - 1].copy_(codes >> ((per_byte - 1) * bits))
+    return out
 
 
-def _chunks(cols: int, group_size: int):
-    step = max(group_size, CHUNK_COLS // group_size * group_size)
+def _chunks(cols: int, group_size: int, rows: int = 1):
+    step = chunk_cols(rows, group_size)
     for c0 in range(0, cols, step):
         yield c0, min(cols, c0 + step)
 
@@ -95,8 +148,35 @@ def _slice_basis(codes, scales, zeros, bits, group_size, c0, c1):
     return codes[:, b0:b1], scales[:, g0:g1], zeros[:, g0:g1]
 
 
+# Columns per float32 partial product of the Gram matrix; partials are added in float64. A whole
+# chunk in one float32 matmul loses about 1e-6 of the Gram matrix (BLAS sums the 64K-long inner
+# dimension in float32); runs of this length keep it near 1e-8 at the same speed.
+GRAM_RUN = 1024
+
+
+def _gram_f32_partials(d: torch.Tensor) -> torch.Tensor:
+    """``d d^T`` for a float32 [R, w] chunk: float32 products over runs of ``GRAM_RUN`` columns, summed in float64."""
+    rows, w = d.shape
+    whole = w // GRAM_RUN * GRAM_RUN
+    out = torch.zeros(rows, rows, dtype=torch.float64, device=d.device)
+    if whole:
+        runs = d[:, :whole].view(rows, whole // GRAM_RUN, GRAM_RUN).transpose(0, 1)  # [n_runs, R, RUN]
+        out += torch.bmm(runs, runs.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
+    if whole < w:
+        tail = d[:, whole:]
+        out += tail @ tail.T
+    return out
+
+
 def gram_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gram matrix of the centred rows of a chunk: ``G = (x - m)(x - m)^T`` with ``m = mean_k x[k]``.
+
+    Computed without a float64 copy of ``x``: per cache-sized chunk, the differences from the first
+    candidate ``E = x[1:] - x[0]`` (exact in float32 for nearby checkpoints, which is where precision
+    matters) give float32 partials ``E E^T`` over runs of ``GRAM_RUN`` columns added into a float64
+    sum (measured on nearly parallel fine-tunes: 1e-8 of the float64 Gram); then ``G = C G_0 C`` with the
+    centring matrix ``C = I - 11^T / K`` on the K x K matrix, in float64. Any NaN/Inf in ``x`` makes
+    ``G`` non-finite (callers may check ``G`` instead of scanning ``x``).
 
     Args:
         x: [K, n] float32/float16/bfloat16, one row per candidate.
@@ -107,18 +187,31 @@ def gram_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     k, n = check_gram_args(x)
     gram = torch.zeros(k, k, dtype=torch.float64, device=x.device)
     mean = torch.empty(n, dtype=torch.float32, device=x.device)
-    for c0 in range(0, n, CHUNK_COLS):
-        c1 = min(n, c0 + CHUNK_COLS)
-        chunk = x[:, c0:c1].to(torch.float64)
-        m = chunk.mean(dim=0)
-        mean[c0:c1] = m
-        centred = chunk - m
-        gram += centred @ centred.T
-    return gram, mean
+    if k == 0:
+        return gram, mean.fill_(float("nan"))  # the mean of no rows is undefined
+    if k == 1:
+        mean.copy_(x[0])
+        gram += (x[0].float() * 0).sum()  # 0, or NaN when x holds NaN/Inf
+        return gram, mean
+    step = chunk_cols(k, 1)
+    diff = torch.empty(k - 1, min(n, step), dtype=torch.float32, device=x.device)
+    g0 = torch.zeros(k - 1, k - 1, dtype=torch.float64, device=x.device)
+    for c0 in range(0, n, step):
+        c1 = min(n, c0 + step)
+        xc = x[:, c0:c1]
+        x0 = xc[0] if x.dtype == torch.float32 else xc[0].float()
+        d = torch.sub(xc[1:], x0, out=diff[:, : c1 - c0])
+        g0 += _gram_f32_partials(d)
+        torch.add(x0, d.sum(dim=0), alpha=1.0 / k, out=mean[c0:c1])
+    centre = torch.eye(k, dtype=torch.float64, device=x.device) - 1.0 / k
+    gram[1:, 1:] = g0
+    gram = centre @ gram @ centre
+    return (gram + gram.T) / 2, mean
 
 
 def orth_quantize_torch(
-    x: torch.Tensor, mean: torch.Tensor, transform: torch.Tensor, bits: int, group_size: int
+    x: torch.Tensor, mean: torch.Tensor, transform: torch.Tensor, bits: int, group_size: int,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Basis rows of a chunk, quantized: ``P = transform @ (x - mean)`` then per-group min/max codes.
 
@@ -128,22 +221,31 @@ def orth_quantize_torch(
         transform: [R, K] float32, the Gram-Schmidt coefficients (``P = T D``).
         bits: 1, 2, 4, 8 (packed codes) or 16, 32 (float storage).
         group_size: elements per quantization group (multiple of 8).
+        out: optional ``(codes, scales, zeros)`` written in place, e.g. column slices of a whole basis
+            (rows may be strided; see ``layout.check_orth_quantize_out``).
 
     Returns:
-        (codes, scales, zeros) in the layout of ``layout.py``.
+        (codes, scales, zeros) in the layout of ``layout.py`` (``out`` when given).
     """
-    _, n, rows = check_orth_quantize_args(x, mean, transform, bits, group_size)
+    k, n, rows = check_orth_quantize_args(x, mean, transform, bits, group_size)
+    out = check_orth_quantize_out(out, rows, n, bits, group_size, x.device)
     n_groups = 0 if bits in FLOAT_BITS else n // group_size
-    codes = torch.empty(codes_shape(rows, n, bits), dtype=storage_dtype(bits), device=x.device)
-    scales = torch.empty(rows, n_groups, dtype=torch.float32, device=x.device)
-    zeros = torch.empty(rows, n_groups, dtype=torch.float32, device=x.device)
-    for c0, c1 in _chunks(n, group_size):
-        p = transform @ (x[:, c0:c1].float() - mean[c0:c1])
-        c, s, z = quantize_torch(p, bits, group_size)
-        out_c, out_s, out_z = _slice_basis(codes, scales, zeros, bits, group_size, c0, c1)
-        out_c.copy_(c)
-        out_s.copy_(s)
-        out_z.copy_(z)
+    if out is not None:
+        codes, scales, zeros = out
+    else:
+        codes = torch.empty(codes_shape(rows, n, bits), dtype=storage_dtype(bits), device=x.device)
+        scales = torch.empty(rows, n_groups, dtype=torch.float32, device=x.device)
+        zeros = torch.empty(rows, n_groups, dtype=torch.float32, device=x.device)
+    if rows == 0 or n == 0:
+        return codes, scales, zeros
+    step = min(n, chunk_cols(max(k, rows), group_size))
+    centred = torch.empty(k, step, dtype=torch.float32, device=x.device)
+    basis = torch.empty(rows, step, dtype=torch.float32, device=x.device)
+    for c0 in range(0, n, step):
+        c1 = min(n, c0 + step)
+        xc = torch.sub(x[:, c0:c1], mean[c0:c1], out=centred[:, : c1 - c0])
+        p = torch.matmul(transform, xc, out=basis[:, : c1 - c0])
+        quantize_into(p, bits, group_size, *_slice_basis(codes, scales, zeros, bits, group_size, c0, c1))
     return codes, scales, zeros
 
 
@@ -173,18 +275,35 @@ def combine_torch(
     rows, cols = check_combine_args(mean, codes, scales, zeros, beta, group_block, bits, group_size, out)
     if out is None:
         out = torch.empty(cols, dtype=torch.float32, device=mean.device)
-    for c0, c1 in _chunks(cols, group_size):
-        c, s, z = _slice_basis(codes, scales, zeros, bits, group_size, c0, c1)
+    if cols == 0:
+        return out
+    # Per-group weights of the codes, for all groups at once (R x D / group_size: small):
+    # sum_i beta_i (zero_i + scale_i q_i) = sum_i (beta_i scale_i) q_i + sum_i beta_i zero_i, so the
+    # dequantized basis is never formed and each chunk's codes are converted to float once, in cache.
+    coef = beta.index_select(0, group_block.long()).T  # [R, n_groups]
+    if bits in FLOAT_BITS:
+        weight, offset = coef.contiguous(), None
+    else:
+        weight, offset = coef * scales, (coef * zeros).sum(dim=0)
+    ones = torch.ones(1, rows, dtype=torch.float32, device=mean.device)
+    step = min(cols, chunk_cols(rows, group_size, STEP_ELEMS))
+    q_buf = torch.empty(rows, step, dtype=torch.float32, device=mean.device)
+    direct = out.dtype == torch.float32
+    d_buf = None if direct else torch.empty(step, dtype=torch.float32, device=mean.device)
+    for c0 in range(0, cols, step):
+        c1 = min(cols, c0 + step)
+        c = _slice_basis(codes, scales, zeros, bits, group_size, c0, c1)[0]
         g0, g1 = c0 // group_size, c1 // group_size
-        coef = beta[group_block[g0:g1].long()].T  # [R, n_groups]
-        q = _codes_by_group(c, bits, group_size)  # [n_groups, R, G]
-        if bits in FLOAT_BITS:
-            delta = torch.bmm(coef.T.unsqueeze(1), q).squeeze(1)
-        else:
-            # sum_i beta_i (zero_i + scale_i q_i) = sum_i (beta_i scale_i) q_i + sum_i beta_i zero_i: the
-            # dequantized basis is never formed, one batched matmul per chunk does the work.
-            delta = torch.bmm((coef * s).T.unsqueeze(1), q).squeeze(1) + (coef * z).sum(dim=0).unsqueeze(1)
-        out[c0:c1] = mean[c0:c1] + delta.reshape(-1)
+        q = codes_to_float(c, bits, q_buf[:, : c1 - c0])
+        q.view(rows, g1 - g0, group_size).mul_(weight[:, g0:g1].unsqueeze(2))
+        # The sum over rows as one GEMV, straight into a float32 out (else into a temporary, cast once).
+        delta = out[c0:c1] if direct else d_buf[: c1 - c0]
+        torch.matmul(ones, q, out=delta.view(1, -1))
+        if offset is not None:
+            delta.view(g1 - g0, group_size).add_(offset[g0:g1].unsqueeze(1))
+        delta += mean[c0:c1]
+        if not direct:
+            out[c0:c1] = delta
     return out
 
 
@@ -213,15 +332,24 @@ def project_torch(
         [B, R] float32.
     """
     rows, cols = check_project_args(grad, codes, scales, zeros, group_block, bits, group_size)
-    partial = torch.empty(rows, cols // group_size, dtype=torch.float32, device=grad.device)
-    for c0, c1 in _chunks(cols, group_size):
-        c, s, z = _slice_basis(codes, scales, zeros, bits, group_size, c0, c1)
+    n_groups = cols // group_size
+    partial = torch.empty(rows, n_groups, dtype=torch.float32, device=grad.device)  # per-group dots q . g
+    grad_sums = torch.empty(n_groups, dtype=torch.float32, device=grad.device)
+    step = min(cols, chunk_cols(rows, group_size, STEP_ELEMS))
+    q_buf = torch.empty(rows, step, dtype=torch.float32, device=grad.device)
+    for c0 in range(0, cols, step):
+        c1 = min(cols, c0 + step)
+        c = _slice_basis(codes, scales, zeros, bits, group_size, c0, c1)[0]
         g0, g1 = c0 // group_size, c1 // group_size
-        g = grad[c0:c1].float().view(g1 - g0, group_size)
-        q = _codes_by_group(c, bits, group_size)  # [n_groups, R, G]
-        dots = torch.bmm(q, g.unsqueeze(2)).squeeze(2).T  # [R, n_groups]
-        # sum_j (zero + scale q_j) g_j = scale * (q . g) + zero * sum_j g_j
-        partial[:, g0:g1] = dots if bits in FLOAT_BITS else dots * s + z * g.sum(dim=1)
+        g = grad[c0:c1].view(g1 - g0, group_size)
+        q = codes_to_float(c, bits, q_buf[:, : c1 - c0]).view(rows, g1 - g0, group_size)
+        q.mul_(g)  # g is float32, or converted on the fly
+        torch.sum(q, dim=2, out=partial[:, g0:g1])
+        if bits not in FLOAT_BITS:
+            torch.sum(g, dim=1, dtype=torch.float32, out=grad_sums[g0:g1])
+    if bits not in FLOAT_BITS:
+        # sum_j (zero + scale q_j) g_j = scale * (q . g) + zero * sum_j g_j, for every group at once
+        partial.mul_(scales).add_(zeros * grad_sums)
     return reduce_groups(partial, group_block, n_blocks)
 
 
@@ -241,13 +369,4 @@ def reduce_groups(partial: torch.Tensor, group_block: torch.Tensor, n_blocks: in
         if n:
             out[b] = partial[:, start:start + n].sum(dim=1, dtype=torch.float64)
         start += n
-    return out
-    csum = torch.cat(
-        [torch.zeros(rows, 1, dtype=torch.float64, device=partial.device), partial.double().cumsum(dim=1)], dim=1
-    )
-    gb = group_block.long()
-    counts = torch.bincount(gb, minlength=n_blocks)
-    ends = counts.cumsum(0)
-    starts = ends - counts
-    out[:] = (csum[:, ends] - csum[:, starts]).T.float()
     return out

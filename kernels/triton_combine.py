@@ -12,10 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import GROUP_MAX
 from .layout import FLOAT_BITS, check_combine_args
 
 # A program holds one [BLOCK_G, GROUP_PAD] tile; a single group larger than this would spill.
-MAX_GROUP = 1 << 14
+MAX_GROUP = GROUP_MAX
 
 
 def _configs() -> dict[str, int]:

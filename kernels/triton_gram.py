@@ -12,12 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import interpreting
+from .dispatch import GRAM_MAX_K, interpreting
 from .layout import check_gram_args
 
 # Candidates are padded to a power of two >= 16 (the smallest tl.dot operand); the [K_PAD, BLOCK_N]
 # tile lives in registers, so the count is bounded.
-MAX_K = 256
+MAX_K = GRAM_MAX_K
 
 
 def _configs(device: torch.device) -> dict[str, int]:

@@ -11,11 +11,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import FLOAT_BITS, check_orth_quantize_args, codes_shape, storage_dtype
+from .dispatch import ORTH_QUANTIZE_MAX_TILE
+from .layout import FLOAT_BITS, check_orth_quantize_args, check_orth_quantize_out, codes_shape, storage_dtype
 
 # The [K_PAD, BLOCK_G, GROUP_PAD] candidate tile is held in registers; past this it would spill
 # far enough to be slower than the reference, so larger problems must be split by the caller.
-MAX_TILE = 1 << 16
+MAX_TILE = ORTH_QUANTIZE_MAX_TILE
 
 
 def _configs() -> dict[str, int]:
@@ -27,7 +28,7 @@ def _configs() -> dict[str, int]:
 def _orth_quantize_kernel(
     X_ptr, Mean_ptr, T_ptr, Codes_ptr, Scales_ptr, Zeros_ptr,
     K, R, N_GROUPS, GROUP_SIZE,
-    stride_xk, stride_tr, stride_cr, stride_sr,
+    stride_xk, stride_tr, stride_cr, stride_sr, stride_zr,
     K_PAD: tl.constexpr, BLOCK_G: tl.constexpr, GROUP_PAD: tl.constexpr,
     BITS: tl.constexpr, FLOAT_STORAGE: tl.constexpr,
 ):
@@ -70,24 +71,30 @@ def _orth_quantize_kernel(
             safe = tl.where(positive, scale, 1.0)
             inv = tl.where(positive, tl.math.div_rn(tl.full([BLOCK_G], 1.0, tl.float32), safe), 0.0)
             q = tl.floor((p - lo[:, None]) * inv[:, None] + 0.5)
-            q = tl.minimum(tl.maximum(q, 0.0), levels[:, None]).to(tl.int32)  # [BLOCK_G, GROUP_PAD]
-            q3 = tl.reshape(q, [BLOCK_G, GROUP_PAD // PER_BYTE, PER_BYTE])
-            shifts = tl.arange(0, PER_BYTE) * BITS  # [PER_BYTE]
-            packed = tl.sum(q3 << shifts[None, None, :], axis=2)  # [BLOCK_G, GROUP_PAD // PER_BYTE]
-            offs_b = tl.arange(0, GROUP_PAD // PER_BYTE)
-            b_mask = g_mask[:, None] & (offs_b[None, :] < GROUP_SIZE // PER_BYTE)
-            b_offs = offs_g[:, None] * (GROUP_SIZE // PER_BYTE) + offs_b[None, :]
-            tl.store(codes_row + b_offs, packed.to(tl.uint8), mask=b_mask)
+            q = tl.minimum(tl.maximum(q, 0.0), levels[:, None])  # [BLOCK_G, GROUP_PAD]
+            if BITS == 8:
+                # 8-bit codes are the bytes: no shifts, no sum.
+                tl.store(codes_row + cols, q.to(tl.uint8), mask=c_mask)
+            else:
+                q3 = tl.reshape(q.to(tl.uint8), [BLOCK_G, GROUP_PAD // PER_BYTE, PER_BYTE])
+                shifts = (tl.arange(0, PER_BYTE) * BITS).to(tl.uint8)  # [PER_BYTE]
+                # The codes of one byte occupy disjoint bits, so their sum is their OR (and fits a byte).
+                packed = tl.sum(q3 << shifts[None, None, :], axis=2).to(tl.uint8)  # [BLOCK_G, GROUP_PAD // PER_BYTE]
+                offs_b = tl.arange(0, GROUP_PAD // PER_BYTE)
+                b_mask = g_mask[:, None] & (offs_b[None, :] < GROUP_SIZE // PER_BYTE)
+                b_offs = offs_g[:, None] * (GROUP_SIZE // PER_BYTE) + offs_b[None, :]
+                tl.store(codes_row + b_offs, packed, mask=b_mask)
             tl.store(scales_row + offs_g, scale, mask=g_mask)
             tl.store(zeros_row + offs_g, lo, mask=g_mask)
         t_row += stride_tr
         codes_row += stride_cr
         scales_row += stride_sr
-        zeros_row += stride_sr
+        zeros_row += stride_zr
 
 
 def orth_quantize_triton(
-    x: torch.Tensor, mean: torch.Tensor, transform: torch.Tensor, bits: int, group_size: int
+    x: torch.Tensor, mean: torch.Tensor, transform: torch.Tensor, bits: int, group_size: int,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Basis rows of a chunk, quantized: ``P = transform @ (x - mean)`` then per-group min/max codes.
 
@@ -97,9 +104,10 @@ def orth_quantize_triton(
         transform: [R, K] float32, the Gram-Schmidt coefficients (``P = T D``).
         bits: 1, 2, 4, 8 (packed codes) or 16, 32 (float storage).
         group_size: elements per quantization group (multiple of 8).
+        out: optional ``(codes, scales, zeros)`` written in place (rows may be strided).
 
     Returns:
-        (codes, scales, zeros) in the layout of ``layout.py``; codes uint8 [R, n * bits // 8]
+        (codes, scales, zeros) in the layout of ``layout.py`` (``out`` when given); codes uint8 [R, n * bits // 8]
         (float16/float32 [R, n] for bits 16/32), scales and zeros float32 [R, n // group_size].
 
     Raises:
@@ -114,11 +122,15 @@ def orth_quantize_triton(
             f"K={k} candidates x group_size={group_size} needs a {k_pad}x{group_pad} tile, over the limit of "
             f"{MAX_TILE} elements; use a smaller group_size or fewer candidates per call"
         )
+    out = check_orth_quantize_out(out, rows, n, bits, group_size, x.device)
     float_storage = bits in FLOAT_BITS
     n_groups = n // group_size
-    codes = torch.empty(codes_shape(rows, n, bits), dtype=storage_dtype(bits), device=x.device)
-    scales = torch.empty(rows, 0 if float_storage else n_groups, dtype=torch.float32, device=x.device)
-    zeros = torch.empty(rows, 0 if float_storage else n_groups, dtype=torch.float32, device=x.device)
+    if out is not None:
+        codes, scales, zeros = out
+    else:
+        codes = torch.empty(codes_shape(rows, n, bits), dtype=storage_dtype(bits), device=x.device)
+        scales = torch.empty(rows, 0 if float_storage else n_groups, dtype=torch.float32, device=x.device)
+        zeros = torch.empty(rows, 0 if float_storage else n_groups, dtype=torch.float32, device=x.device)
     if rows == 0 or n_groups == 0:
         return codes, scales, zeros
     cfg = _configs()
@@ -130,6 +142,7 @@ def orth_quantize_triton(
         x, mean, transform, codes, s_arg, z_arg,
         k, rows, n_groups, group_size,
         x.stride(0), transform.stride(0), codes.stride(0), 0 if float_storage else scales.stride(0),
+        0 if float_storage else zeros.stride(0),
         K_PAD=k_pad, BLOCK_G=block_g, GROUP_PAD=group_pad,
         BITS=bits if not float_storage else 8, FLOAT_STORAGE=float_storage,
         num_warps=cfg["num_warps"],

@@ -96,3 +96,13 @@ def perturbed_minilm_dirs(folder: Path, n: int, *, scale: float = 1e-2) -> tuple
         dirs.append(d)
         sds.append(sd)
     return dirs, sds
+
+
+def touch_all(folder: Path, names: list[str]) -> list[Path]:
+    """Tiny safetensors files with the given names in ``folder``."""
+    out = []
+    for n in names:
+        p = folder / n
+        save_file({"w": torch.zeros(2)}, str(p))
+        out.append(p)
+    return out

@@ -84,8 +84,9 @@ def outcome(tmp_path_factory):
         "ok": {"checkpoints": cands, "val": str(run.val), "output": str(root / "ok.safetensors")},
         "nan_ckpt": {"checkpoints": nan_cands, "val": str(run.val), "output": str(root / "nan.out.safetensors")},
         "rank1_model_fails": {"checkpoints": cands, "val": str(run.val), "output": str(root / "r1.safetensors"),
-                              # rank 1 scores the uniform average first (4 calls on its shards), then trains
-                              "model_args_rank1": {"interrupt_at": 8}},
+                              # rank 1 probes one batch (1 call), scores the uniform average (2 calls on its
+                              # shards of the two splits, in eval batches of 256), then trains: call 7 is step 3
+                              "model_args_rank1": {"interrupt_at": 7}},
         "nan_loss": {"checkpoints": cands, "val": str(root / "nanval"), "output": str(root / "nl.safetensors")},
     }
     (root / "scenarios.json").write_text(json.dumps(scenarios))

@@ -9,7 +9,7 @@ from torch import nn
 from twamerge.data import TensorData
 from twamerge.distributed import SingleProcess
 from twamerge.evaluation import Scorer, Splits, evaluate, has_batchnorm, recalibrate_batchnorm
-from twamerge.models import resolve_objective
+from twamerge.tasks import Classification
 
 
 def _data(n=50, seed=0):
@@ -21,7 +21,7 @@ def _data(n=50, seed=0):
 def test_evaluate_is_the_mean_over_rows_whatever_the_batch_size():
     torch.manual_seed(0)
     model, data = nn.Linear(6, 3), _data()
-    objective = resolve_objective("auto", True)
+    objective = Classification()
     logits = model(data.columns["x"])
     loss = nn.functional.cross_entropy(logits, data.columns["label"]).item()
     acc = int((logits.argmax(1) == data.columns["label"]).sum()) / 50
@@ -37,7 +37,7 @@ def test_a_failure_inside_the_model_is_raised_as_is():
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        evaluate(Broken(), _data(), torch.arange(10), resolve_objective("auto", True), 4, torch.device("cpu"),
+        evaluate(Broken(), _data(), torch.arange(10), Classification(), 4, torch.device("cpu"),
                  SingleProcess())
 
 
@@ -55,7 +55,7 @@ def test_batchnorm_recalibration_uses_the_given_rows():
 
 def test_scorer_loads_states_and_scores_both_splits():
     data = _data()
-    splits = Splits(data, torch.arange(40), torch.arange(40, 50), resolve_objective("auto", True))
+    splits = Splits(data, torch.arange(40), torch.arange(40, 50), Classification())
     model = nn.Linear(6, 3)
     scorer = Scorer(model, splits, 16, torch.device("cpu"), recalibrate=False, comm=SingleProcess())
     zero = {"weight": torch.zeros(3, 6), "bias": torch.tensor([0.0, 5.0, 0.0])}
@@ -65,5 +65,5 @@ def test_scorer_loads_states_and_scores_both_splits():
     labels = data.columns["label"]
     assert both["fit"]["metric"] == pytest.approx(float((labels[:40] == 1).float().mean()))
     assert both["heldout"]["n"] == 10
-    empty = Splits(data, torch.arange(50), torch.empty(0, dtype=torch.long), splits.objective)
+    empty = Splits(data, torch.arange(50), torch.empty(0, dtype=torch.long), splits.task)
     assert Scorer(model, empty, 16, torch.device("cpu"), False, SingleProcess()).score("heldout") is None

@@ -10,11 +10,11 @@ from helpers import assert_close
 from torch import nn
 
 from twamerge.config import FitConfig
-from twamerge.data import TensorData
+from twamerge.data import Batch, TensorData
 from twamerge.distributed import SingleProcess
 from twamerge.fit import FlatBinding, _step, train_coefficients
-from twamerge.models import resolve_objective
 from twamerge.subspace import StackedCandidates, build_subspace, make_layout
+from twamerge.tasks import Classification
 
 
 class Tied(nn.Module):
@@ -55,13 +55,11 @@ def test_one_process_step_is_combine_forward_backward_project():
     """The step a distributed rank runs, with one rank, is the textbook step on the whole batch."""
     model, layout, sub = _setup()
     binding = FlatBinding(model, layout, torch.device("cpu"))
-    objective = resolve_objective("ce", True)
     x, y = torch.randint(0, 10, (8, 3)), torch.randint(0, 10, (8,))
     beta = torch.randn(layout.n_blocks, sub.rows) * 0.1
-    comm = SingleProcess()
-    local_w, local_g = binding.local_buffers(comm)
-    assert local_w is binding.flat and local_g is binding.grad  # one rank: no copies
-    loss, grad = _step(binding, sub, objective, {"x": x}, y, beta, torch.device("cpu"), comm, local_w, local_g, (0, 1))
+    assert binding.local_w is binding.flat and binding.local_g is binding.grad  # one rank: no copies
+    loss, grad = _step(binding, sub, Classification(), Batch({"x": x}, y), beta, torch.device("cpu"), SingleProcess(),
+                       (0, 1))
 
     ref = Tied()
     w = sub.combine(beta, out=torch.empty(layout.n_cols))
@@ -88,7 +86,7 @@ def test_train_coefficients_lowers_the_loss_and_is_seeded():
     for _ in range(2):
         model, layout, sub = _setup()
         binding = FlatBinding(model, layout, torch.device("cpu"))
-        runs.append(train_coefficients(binding, sub, data, torch.arange(64), resolve_objective("ce", True), cfg,
+        runs.append(train_coefficients(binding, sub, data, torch.arange(64), Classification(), cfg,
                                        torch.device("cpu"), SingleProcess()))
     a, b = runs
     assert a.steps == 20 == len(a.curve)

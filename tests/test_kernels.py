@@ -131,6 +131,22 @@ def test_poison_fixture_is_active():
     assert (mod.torch.empty(2, dtype=torch.uint8) == 0xA5).all()
 
 
+def test_kernels_come_from_this_checkout():
+    """twamerge.kernels must be the kernels/ folder beside the twamerge/ under test. An editable
+    install made from another checkout maps ``twamerge.kernels`` to that checkout's kernels/, and then
+    these tests would pass or fail on code that is not the code being changed."""
+    import pathlib
+
+    import twamerge
+    from twamerge import kernels
+
+    here = pathlib.Path(twamerge.__file__).resolve().parents[1]
+    assert pathlib.Path(kernels.__file__).resolve().parent == here / "kernels", (
+        f"twamerge is imported from {here} but twamerge.kernels from {pathlib.Path(kernels.__file__).parent}; "
+        "install this checkout (pip install -e .) in its own environment"
+    )
+
+
 GRAM_SHAPES = [(1, 1), (1, 257), (3, 63), (5, 257), (16, 1), (17, 127), (7, 6000)]
 
 
@@ -518,3 +534,144 @@ def test_reduce_groups_keeps_a_small_block_exact_beside_a_large_one():
     assert_close("large block", big.double().sum(1).float(), out[0], rtol=1e-6, atol=0)
     assert torch.equal(out[1], torch.zeros(3))  # a block with no groups (empty on this rank)
     assert_close("small block", small.double().sum(1).float(), out[2], rtol=1e-6, atol=0)
+
+
+@needs_triton
+def test_triton_limits_match_the_kernels():
+    ops = _ops()
+    assert ops["gram"].MAX_K == dispatch.GRAM_MAX_K
+    assert ops["orth_quantize"].MAX_TILE == dispatch.ORTH_QUANTIZE_MAX_TILE
+    assert ops["combine"].MAX_GROUP == ops["project"].MAX_GROUP == dispatch.GROUP_MAX
+
+
+@pytest.mark.parametrize("k", [2, 8, 16, 255, 256, 257, 300, 511, 512, 513])
+@pytest.mark.parametrize("group_size", [8, 128, 1024, 1 << 14, (1 << 14) + 8])
+def test_dispatch_auto_never_picks_triton_past_a_limit(monkeypatch, k, group_size):
+    """Triton imports and the tensors are on CUDA: auto still runs the reference where a kernel has a
+    limit, and a forced triton names the limit instead of failing inside the launcher."""
+    monkeypatch.setattr(dispatch, "_triton_status", (True, "triton imports"))
+    cuda = torch.device("cuda")
+    sizes = {"gram": {"k": k}, "orth_quantize": {"k": k, "group_size": group_size},
+             "combine": {"group_size": group_size}, "project": {"group_size": group_size}}
+    for op, kw in sizes.items():
+        limit = dispatch.triton_limit(op, **kw)
+        expected_limit = {
+            "gram": k > 256,
+            "orth_quantize": (1 << (k - 1).bit_length()) * (1 << (group_size - 1).bit_length()) > 1 << 16,
+            "combine": group_size > 1 << 14,
+            "project": group_size > 1 << 14,
+        }[op]
+        assert (limit is not None) == expected_limit, (op, kw, limit)
+        assert dispatch.resolve(op, cuda, "auto", **kw) == ("torch" if limit else "triton")
+        if limit:
+            with pytest.raises(BackendUnavailableError, match="at most|up to"):
+                dispatch.resolve(op, cuda, "triton", **kw)
+        else:
+            assert dispatch.resolve(op, cuda, "triton", **kw) == "triton"
+
+
+def test_dispatch_forced_triton_past_the_gram_limit_raises(monkeypatch):
+    monkeypatch.setattr(dispatch, "_triton_status", (True, "triton imports"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(BackendUnavailableError, match="at most 256 candidates; K=300"):
+        dispatch.gram(torch.zeros(300, 8), backend="triton")
+    with pytest.raises(BackendUnavailableError, match="K=600, group_size=128"):
+        dispatch.orth_quantize(torch.zeros(600, 128), torch.zeros(128), torch.zeros(2, 600), 8, 128, backend="triton")
+
+
+def test_dispatch_auto_logs_the_limit_once(monkeypatch, caplog):
+    monkeypatch.setattr(dispatch, "_triton_status", (True, "triton imports"))
+    monkeypatch.setattr(dispatch, "_logged", set())
+    with caplog.at_level("INFO", logger=dispatch.log.name):
+        for _ in range(3):
+            assert dispatch.resolve("gram", torch.device("cuda"), "auto", k=300) == "torch"
+    lines = [r.getMessage() for r in caplog.records if "kernel gram" in r.getMessage()]
+    assert len(lines) == 1 and "at most 256" in lines[0], lines
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS, ids=lambda b: f"bits{b}")
+def test_orth_quantize_out_writes_column_slices(bits):
+    """out=(codes, scales, zeros) views of a wider basis get exactly the codes of a fresh call, and
+    nothing outside the slice is touched."""
+    k, r, gs, ng = 5, 4, 16, 6
+    x, mean, transform = _exact_inputs(k, r, gs * ng, torch.float32, seed=11)
+    ref_out = reference.orth_quantize_torch(x, mean, transform, bits, gs)
+    total = gs * (ng + 4)
+    codes = torch.full((r, total if bits in FLOAT_BITS else total * bits // 8), 7, dtype=ref_out[0].dtype)
+    n_groups = 0 if bits in FLOAT_BITS else total // gs
+    scales, zeros = torch.full((r, n_groups), -1.0), torch.full((r, n_groups), -2.0)
+    c0 = 2 * gs
+    if bits in FLOAT_BITS:
+        views = (codes[:, c0:c0 + gs * ng], scales, zeros)
+    else:
+        views = (codes[:, c0 * bits // 8:(c0 + gs * ng) * bits // 8], scales[:, 2:2 + ng], zeros[:, 2:2 + ng])
+    impls = [reference.orth_quantize_torch]
+    if HAS_TRITON and dispatch.interpreting():
+        impls.append(_ops()["orth_quantize"].orth_quantize_triton)
+    for impl in impls:
+        got = impl(x, mean, transform, bits, gs, out=views)
+        assert all(a is b for a, b in zip(got, views))
+        for name, a, b in zip(("codes", "scales", "zeros"), ref_out, views):
+            assert torch.equal(a, b), (impl.__name__, name)
+        if bits not in FLOAT_BITS:
+            assert (codes[:, : c0 * bits // 8] == 7).all() and (scales[:, :2] == -1).all() and (zeros[:, 8:] == -2).all()
+    with pytest.raises(ValueError, match="out scales has shape"):
+        reference.orth_quantize_torch(x, mean, transform, 8, gs, out=(torch.empty(r, gs * ng, dtype=torch.uint8),
+                                                                      torch.empty(r, ng + 1), torch.empty(r, ng)))
+
+
+def test_gram_of_a_row_slice_equals_the_contiguous_one():
+    x = torch.randn(4, 300, generator=_gen(5))
+    wide = torch.zeros(4, 500)
+    wide[:, 100:400] = x
+    g1, m1 = reference.gram_torch(x)
+    g2, m2 = reference.gram_torch(wide[:, 100:400])
+    assert torch.equal(g1, g2) and torch.equal(m1, m2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=_dtype_id)
+def test_gram_reference_close_to_float64_on_nearly_parallel_candidates(dtype):
+    """float32 partial products over runs of columns, summed in float64: the Gram matrix of fine-tunes
+    that differ by 1e-4 of their magnitude stays within 1e-6 of the float64 one (measured about 1e-8)."""
+    gen = _gen(3)
+    n = 3 * reference.chunk_cols(8, 1) + 517  # several chunks and a partial run
+    base = torch.randn(n, generator=gen)
+    x = (base + 1e-4 * torch.randn(8, n, generator=gen)).to(dtype)
+    exact = x.double() - x.double().mean(dim=0)
+    g_exact = exact @ exact.T
+    g, m = reference.gram_torch(x)
+    assert float((g - g_exact).abs().max() / g_exact.norm()) < 1e-6
+    assert_close("mean", x.double().mean(dim=0).float(), m)
+
+
+def test_gram_is_not_finite_when_an_input_is_not():
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for k in (1, 2, 5):
+            for row in range(k):
+                x = torch.randn(k, 1000, generator=_gen(k))
+                x[row, 613] = bad
+                g, _ = reference.gram_torch(x)
+                assert not bool(torch.isfinite(g).all()), (bad, k, row)
+
+
+@pytest.mark.parametrize("bits", (1, 2, 4, 8))
+@pytest.mark.parametrize("group_size", (8, 24, 128))
+def test_quantize_reference_follows_the_layout_expressions(bits, group_size):
+    """The reference computes codes in place and lets the float -> uint8 conversion do the floor; its
+    codes must be those of layout.py's expressions written plainly (floor, clamp, shift and sum)."""
+    gen = _gen(bits * 1000 + group_size)
+    p = torch.randn(5, group_size * 37, generator=gen) * torch.logspace(-6, 3, 5).unsqueeze(1)
+    p[1, :group_size] = 0.25  # a constant group: scale 0, codes 0
+    codes, scales, zeros = reference.quantize_torch(p, bits, group_size)
+    grouped = p.view(5, -1, group_size)
+    lo, hi = grouped.amin(dim=2), grouped.amax(dim=2)
+    levels = float((1 << bits) - 1)
+    scale = (hi - lo) / torch.full_like(hi, levels)
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    q = torch.floor((grouped - lo.unsqueeze(2)) * inv.unsqueeze(2) + 0.5).clamp_(0, levels).to(torch.int32)
+    per_byte = 8 // bits
+    q = q.view(5, -1, per_byte)
+    packed = (q << (torch.arange(per_byte, dtype=torch.int32) * bits)).sum(dim=2).to(torch.uint8)
+    assert torch.equal(codes, packed)
+    assert torch.equal(scales, scale) and torch.equal(zeros, lo)
+    assert torch.equal(reference.unpack_codes_torch(codes, bits).view(5, -1, per_byte).int(), q)

@@ -130,3 +130,82 @@ def test_spread_scales_with_the_checkpoints():
     assert_close("spread", a.spread * 100, b.spread, atol=0, rtol=1e-6)
     assert torch.equal(a.codes, b.codes) or (a.codes.int() - b.codes.int()).abs().max() <= 1
     assert math.isclose(float(a.transform.abs().sum()), float(b.transform.abs().sum()) * 100, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_k300_candidates_build_combine_project(backend):
+    """K = 300 (past the Triton gram kernel's 256): the torch path builds, combines and projects, and
+    the alphas of any beta sum to 1 per block."""
+    k = 300
+    stacks = _candidates(k=k, shapes=((40, 20), (33,), (500,)))
+    layout = make_layout(list(stacks), [s.shape[1:] for s in stacks.values()], "layer", 32)
+    sub = build_subspace(StackedCandidates(stacks), layout, bits=8, backend=backend)
+    assert sub.ranks == [k - 1, 33, k - 1]  # a block of 33 columns spans at most 33 directions
+    assert sub.rows == k - 1 and sub.codes.shape == (k - 1, layout.n_cols)
+    beta = torch.randn(layout.n_blocks, sub.rows, generator=torch.Generator().manual_seed(0)) * 0.01
+    w = sub.combine(beta, torch.empty(layout.n_cols))
+    assert torch.isfinite(w).all()
+    assert_close("beta = 0 is the mean", sub.mean, sub.combine(torch.zeros_like(beta), torch.empty(layout.n_cols)))
+    grad = torch.randn(layout.n_cols, generator=torch.Generator().manual_seed(1))
+    g = sub.project(grad)
+    assert g.shape == (layout.n_blocks, sub.rows) and torch.isfinite(g).all()
+    alphas = sub.alphas(beta)
+    assert alphas.shape == (layout.n_blocks, k)
+    assert_close("alphas sum to 1", torch.ones(layout.n_blocks, dtype=torch.float64), alphas.sum(1), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_check_finite_names_the_tensor_and_candidate(bad):
+    from twamerge.errors import NonFiniteError
+
+    stacks = _candidates()
+    stacks["t1"][3, 4] = bad
+    layout = make_layout(list(stacks), [s.shape[1:] for s in stacks.values()], "layer", 8)
+    with pytest.raises(NonFiniteError, match=r"candidate 3: tensor 't1' holds"):
+        build_subspace(StackedCandidates(stacks), layout, bits=8, check_finite=True)
+    # Not looked for by default (the reader scans), but a non-finite Gram matrix still stops the build.
+    with pytest.raises(NonFiniteError, match=r"block 1 \(t1\)"):
+        build_subspace(StackedCandidates(stacks), layout, bits=8)
+
+
+def test_check_finite_names_the_file_when_the_reader_has_paths():
+    from twamerge.errors import NonFiniteError
+
+    class WithPaths(StackedCandidates):
+        paths = [f"/ckpt/c{i}.safetensors" for i in range(5)]
+
+    stacks = _candidates()
+    stacks["t2"][1, 0, 0, 1] = float("nan")
+    layout = make_layout(list(stacks), [s.shape[1:] for s in stacks.values()], "global", 8)
+    with pytest.raises(NonFiniteError, match=r"/ckpt/c1.safetensors: tensor 't2' holds 1 NaN and 0 Inf"):
+        build_subspace(WithPaths(stacks), layout, bits=4, check_finite=True, cache_bytes=0)
+
+
+def test_check_finite_accepts_huge_finite_values():
+    """Float32 partial products overflow for values near 1e25; that is not a NaN in the input: the Gram
+    matrix is recomputed in float64 and the build goes on."""
+    stacks = {n: s * 1e25 for n, s in _candidates().items()}
+    layout = make_layout(list(stacks), [s.shape[1:] for s in stacks.values()], "layer", 8)
+    sub = build_subspace(StackedCandidates(stacks), layout, bits=8, check_finite=True)
+    assert sub.ranks == [4, 4, 4] and torch.isfinite(sub.spread).all()
+
+
+@pytest.mark.parametrize("blocks", ["global", "size:40", "layer"])
+def test_one_read_and_two_reads_give_the_same_basis(blocks):
+    """Blocks held in memory between the passes (read once) or read again give identical results."""
+    stacks = _candidates(shapes=((7, 3), (11,), (4, 4, 2), (30,), (5, 5)))
+    reads = {"n": 0}
+
+    class Counting(StackedCandidates):
+        def stack_slice(self, name, lo, hi):
+            reads["n"] += 1
+            return super().stack_slice(name, lo, hi)
+
+    layout = make_layout(list(stacks), [s.shape[1:] for s in stacks.values()], blocks, 8)
+    once = build_subspace(Counting(stacks), layout, bits=4)
+    assert reads["n"] == len(stacks)
+    reads["n"] = 0
+    twice = build_subspace(Counting(stacks), layout, bits=4, cache_bytes=0)
+    assert reads["n"] == (len(stacks) if blocks == "layer" else 2 * len(stacks))
+    for f in ("mean", "codes", "scales", "zeros", "transform", "spread"):
+        assert torch.equal(getattr(once, f), getattr(twice, f)), f

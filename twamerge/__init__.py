@@ -6,7 +6,7 @@ package pulls in neither typer, rich nor triton.
 
 __version__ = "0.1.0"
 
-from .checkpoints import CheckpointSet, expand_paths, open_checkpoints, write_checkpoint  # noqa: E402
+from .io import CheckpointSet, expand_paths, open_candidates, open_checkpoints, write_checkpoint  # noqa: E402
 from .config import DataConfig, FitConfig, ModelConfig, OutputConfig, ReadConfig  # noqa: E402
 from .errors import (  # noqa: E402
     BackendUnavailableError,
@@ -51,6 +51,7 @@ __all__ = [
     "fit",
     "inspect_checkpoints",
     "linear_merge",
+    "open_candidates",
     "open_checkpoints",
     "write_checkpoint",
 ]

@@ -196,6 +196,7 @@ Init = _choice_enum("Init", choices(config.Init))
 Device = _choice_enum("Device", choices(config.Device))
 Backend = _choice_enum("Backend", choices(config.Backend))
 Toggle = _choice_enum("Toggle", choices(config.Toggle))
+Precision = _choice_enum("Precision", choices(config.Precision))
 Bits = _choice_enum("Bits", SUPPORTED_BITS)
 
 
@@ -343,15 +344,29 @@ _D = FitConfig()
 EXIT_WORSE = 3
 
 ValOpt = Annotated[Path, typer.Option("--val", help="Validation data: a datasets.save_to_disk folder, "
-                                      "parquet/json/jsonl/csv/arrow files or folders, or a .pt/.safetensors/.npz "
-                                      "tensor file.", show_default=False)]
+                                      "parquet/json/jsonl/csv/arrow files or folders, a .txt file (one example per "
+                                      "line), or a .pt/.safetensors/.npz tensor file.", show_default=False)]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", help="file.py:factory, package.module:factory, "
                                                  "timm:NAME, or a Hugging Face config folder (auto-detected for "
                                                  "HF checkpoint folders).")]
 ModelArgOpt = Annotated[Optional[list[str]], typer.Option("--model-arg", help="KEY=VALUE for the factory "
                                                           "(JSON literal values); repeatable.")]
-LossOpt = Annotated[str, typer.Option("--loss", help="auto (model .loss, else cross-entropy for integer "
-                                      "labels, MSE for float targets), ce, mse, or module:function.")]
+LossOpt = Annotated[str, typer.Option("--loss", help="auto (the task's: cross-entropy, shifted next-token "
+                                      "cross-entropy, MSE), ce, mse, entropy (no labels: the mean prediction "
+                                      "entropy, as AdaMerging), or module:function(output, label) -> mean.")]
+TaskOpt = Annotated[str, typer.Option("--task", help="auto (from config.architectures: ...ForCausalLM, "
+                                      "...ForSequenceClassification, ...ForTokenClassification; else the label "
+                                      "dtype), classification, causal-lm, token-classification, regression, or "
+                                      "module:fn returning a twamerge.tasks.Task.")]
+TextOpt = Annotated[Optional[str], typer.Option("--text", help="Text column to tokenize (default: the first of "
+                                                "text, sentence, content, document, ...).")]
+TextPairOpt = Annotated[Optional[str], typer.Option("--text-pair", help="Second text column of a pair task.")]
+TokenizerOpt = Annotated[Optional[Path], typer.Option("--tokenizer", help="Tokenizer folder (default: the first "
+                                                      "Hugging Face candidate's).")]
+MaxLengthOpt = Annotated[Optional[int], typer.Option("--max-length", min=1, help="Truncate token sequences to "
+                                                     "this length (default: max_position_embeddings, at most 512).")]
+PreprocessOpt = Annotated[Optional[str], typer.Option("--preprocess", help="module:fn or file.py:fn mapping the "
+                                                      "raw columns (a dict of lists) to the model's inputs.")]
 InputsOpt = Annotated[Optional[str], typer.Option("--inputs", help="Comma-separated input columns (default: "
                                                   "every numeric column but the label).")]
 LabelOpt = Annotated[Optional[str], typer.Option("--label", help="Label column (default: the first of label, "
@@ -360,13 +375,16 @@ SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Split of a Dat
                                                  "val, valid, test, or the only one).")]
 
 
-def _data_model(val, model, model_arg, loss, inputs, label, split):
+def _data_model(val, model, model_arg, loss, inputs, label, split, task="auto", text=None, text_pair=None,
+                tokenizer=None, max_length=None, preprocess=None):
     from .config import DataConfig, ModelConfig
     from .models import parse_model_args
 
     data = DataConfig(str(val), split=split, label=label,
-                      inputs=tuple(c for c in inputs.split(",") if c) if inputs else None)
-    return data, ModelConfig(model, parse_model_args(model_arg), loss)
+                      inputs=tuple(c for c in inputs.split(",") if c) if inputs else None, text=text,
+                      text_pair=text_pair, tokenizer=str(tokenizer) if tokenizer else None, max_length=max_length,
+                      preprocess=preprocess)
+    return data, ModelConfig(model, parse_model_args(model_arg), loss, task)
 
 
 def _render_fit(result: dict[str, Any], console: Console) -> None:
@@ -382,7 +400,9 @@ def _print_table(report: dict[str, Any]) -> None:
         return
     console = Console(file=sys.stderr)
     metric = report["metric_name"]
-    table = Table(title=f"{metric} (held-out: {report['heldout_rows']} rows, fit: {report['data']['fit_rows']} rows)")
+    better = "higher" if report.get("higher_is_better", True) else "lower"
+    table = Table(title=f"{metric}, {better} is better (held-out: {report['heldout_rows']} rows, "
+                        f"fit: {report['data']['fit_rows']} rows)")
     for col in ("method", f"fit {metric}", f"held-out {metric}", "held-out loss"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for row in report["methods"]:
@@ -409,9 +429,15 @@ def fit_cmd(
     model: ModelOpt = None,
     model_arg: ModelArgOpt = None,
     loss: LossOpt = "auto",
+    task: TaskOpt = "auto",
     inputs: InputsOpt = None,
     label: LabelOpt = None,
     split: SplitOpt = None,
+    text: TextOpt = None,
+    text_pair: TextPairOpt = None,
+    tokenizer: TokenizerOpt = None,
+    max_length: MaxLengthOpt = None,
+    preprocess: PreprocessOpt = None,
     holdout: Annotated[float, typer.Option("--holdout", min=0.0, max=0.95,
                                            help="Fraction of --val kept aside for the report (seeded, stratified).")
                        ] = _D.holdout,
@@ -422,9 +448,16 @@ def fit_cmd(
     epochs: Annotated[int, typer.Option("--epochs", min=0, help="Passes over the fit split.")] = _D.epochs,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate, in units of the candidates' spread.")] = _D.lr,
     optimizer: Annotated[Optimizer, typer.Option("--optimizer")] = Optimizer(_D.optimizer),
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = _D.batch_size,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per fit step (and per "
+                                            "BatchNorm recalibration batch).")] = _D.batch_size,
+    eval_batch_size: Annotated[int, typer.Option("--eval-batch-size", min=1, help="Rows per batch when scoring "
+                                                 "(inference mode).")] = _D.eval_batch_size,
     seed: Annotated[int, typer.Option("--seed")] = _D.seed,
     device: Annotated[Device, typer.Option("--device")] = Device(_D.device),
+    precision: Annotated[Precision, typer.Option("--precision", help="Autocast of forward and backward: auto "
+                                                 "(bf16 on a GPU that supports it when the candidates are 16-bit, "
+                                                 "else fp32), fp32, bf16, fp16; the coefficients stay float32.")
+                         ] = Precision(_D.precision),
     backend: Annotated[Optional[Backend], typer.Option("--backend", help="Kernels: auto (Triton on CUDA), triton, "
                                                        "torch; default: TWAMERGE_BACKEND, else auto.")] = None,
     bn_recalibrate: Annotated[Toggle, typer.Option("--bn-recalibrate", help="Re-estimate BatchNorm statistics on "
@@ -442,6 +475,9 @@ def fit_cmd(
     candidates: Annotated[bool, typer.Option("--candidates/--no-candidates", help="Score "
                                              f"{METHODS['candidate'].summary} (needed for the greedy soup).")
                           ] = _D.eval_candidates,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations "
+                                                         "in the backward pass: less memory, about a third more "
+                                                         "time (Hugging Face models).")] = _D.gradient_checkpointing,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the JSON report here.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the alphas and the fit curve (PNG).")] = None,
     fail_if_worse: Annotated[bool, typer.Option("--fail-if-worse", help=f"Exit {EXIT_WORSE} when the merge loses "
@@ -465,13 +501,16 @@ def fit_cmd(
     with _fail_on_twamerge_error():
         try:
             cfg = FitConfig(blocks=blocks, bits=int(bits.value), group_size=group_size, epochs=epochs, lr=lr,
-                            optimizer=optimizer.value, batch_size=batch_size, holdout=holdout, seed=seed,
+                            optimizer=optimizer.value, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                            holdout=holdout, seed=seed,
                             device=device.value, backend=backend.value if backend else None,
                             bn_recalibrate=bn_recalibrate.value, init=init.value, coordinates=coordinates.value,
-                            greedy=greedy and candidates, eval_candidates=candidates)
+                            greedy=greedy and candidates, eval_candidates=candidates,
+                            gradient_checkpointing=gradient_checkpointing, precision=precision.value)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
-        data_cfg, model_cfg = _data_model(val, model, model_arg, loss, inputs, label, split)
+        data_cfg, model_cfg = _data_model(val, model, model_arg, loss, inputs, label, split, task, text, text_pair,
+                                          tokenizer, max_length, preprocess)
         out = OutputConfig(output, force=force, dtype=_dtype(dtype), max_shard_size=parse_size(max_shard_size),
                            report=report, plot=plot)
         result = fit(checkpoints, val=data_cfg, model=model_cfg, output=out, cfg=cfg,
@@ -502,9 +541,15 @@ def eval_cmd(
     model: ModelOpt = None,
     model_arg: ModelArgOpt = None,
     loss: LossOpt = "auto",
+    task: TaskOpt = "auto",
     inputs: InputsOpt = None,
     label: LabelOpt = None,
     split: SplitOpt = None,
+    text: TextOpt = None,
+    text_pair: TextPairOpt = None,
+    tokenizer: TokenizerOpt = None,
+    max_length: MaxLengthOpt = None,
+    preprocess: PreprocessOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     device: Annotated[Device, typer.Option("--device")] = Device(_D.device),
     key: KeyOpt = None,
@@ -516,7 +561,8 @@ def eval_cmd(
     from .pipeline import evaluate_checkpoints
 
     with _fail_on_twamerge_error():
-        data_cfg, model_cfg = _data_model(val, model, model_arg, loss, inputs, label, split)
+        data_cfg, model_cfg = _data_model(val, model, model_arg, loss, inputs, label, split, task, text, text_pair,
+                                          tokenizer, max_length, preprocess)
         result = evaluate_checkpoints(checkpoints, val=data_cfg, model=model_cfg, batch_size=batch_size,
                                       device=device.value, read=ReadConfig(ema_key=key))
     _emit(result, json_out, _render_eval)

@@ -26,6 +26,8 @@ Coordinates = Literal["candidates", "weights"]
 # Where the fit starts: the uniform average (the paper), the greedy soup, or the best candidate.
 Init = Literal["uniform", "greedy", "best"]
 KeysMode = Literal["strict", "intersection"]
+# Forward/backward under autocast; the coefficients, combine and project stay float32.
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 OutDType = Literal["auto", "float32", "float16", "bfloat16", "float64"]
 
 
@@ -52,6 +54,18 @@ class DataConfig:
     split: str | None = None
     inputs: tuple[str, ...] | None = None
     label: str | None = None
+    # Text: the column(s) to tokenize (default: found by name), the tokenizer folder (default: the
+    # first Hugging Face candidate's), and the length sequences are truncated to (default: the
+    # model's max_position_embeddings, at most 512).
+    text: str | None = None
+    text_pair: str | None = None
+    tokenizer: str | None = None
+    max_length: int | None = None
+    # ``module:fn`` or ``file.py:fn`` mapping the raw columns (a dict of lists) to the model's inputs.
+    preprocess: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.max_length is None or self.max_length > 0, "max_length", self.max_length, "a positive integer")
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,8 @@ class ModelConfig:
     spec: str | None = None
     args: dict = field(default_factory=dict)
     loss: str = "auto"
+    # auto (from config.architectures, else the label dtype), a name of tasks.TASK_NAMES, or module:fn.
+    task: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -127,6 +143,8 @@ class FitConfig:
     momentum: float = 0.9
     warmup: float = 0.2
     batch_size: int = 32
+    # Scoring only reads the model (inference mode): larger batches cost no gradient memory.
+    eval_batch_size: int = 256
     holdout: float = 0.2
     seed: int = 0
     device: str = "auto"
@@ -139,6 +157,10 @@ class FitConfig:
     # The optional baselines of the report (methods.BASELINES): the greedy soup and every candidate.
     greedy: bool = True
     eval_candidates: bool = True
+    # Recompute activations in the backward pass (Hugging Face models and modules with the same method).
+    gradient_checkpointing: bool = False
+    # auto: bf16 on a GPU that supports it when the candidates are stored in 16 bits, else fp32.
+    precision: Precision = "auto"
 
     def __post_init__(self) -> None:
         _check(bool(BLOCK_PATTERN.match(self.blocks)), "blocks", self.blocks, "global, layer or size:N (N > 0)")
@@ -152,6 +174,7 @@ class FitConfig:
         _check(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
         _check(0 <= self.warmup < 1, "warmup", self.warmup, "a fraction in [0, 1)")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "an integer >= 1")
         _check(0 <= self.holdout < 1, "holdout", self.holdout, "a fraction in [0, 1)")
         _check(self.device in typing.get_args(Device) or self.device.startswith("cuda:"), "device", self.device,
                "auto, cpu, cuda or cuda:N")
@@ -160,6 +183,7 @@ class FitConfig:
         _check_choice("bn_recalibrate", self.bn_recalibrate, Toggle)
         _check_choice("coordinates", self.coordinates, Coordinates)
         _check_choice("init", self.init, Init)
+        _check_choice("precision", self.precision, Precision)
         _check(self.init != "greedy" or self.greedy, "init", self.init, "the greedy soup, which --no-greedy turns off")
         _check(self.init == "uniform" or self.eval_candidates or self.greedy, "init", self.init,
                "candidate scores, which --no-candidates turns off")

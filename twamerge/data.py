@@ -1,4 +1,7 @@
-"""Open local validation data, pick columns, split off a held-out part, and yield batches.
+"""Open local validation data, split off a held-out part, and yield padded batches.
+
+Reading (:func:`read_table`) keeps every column it can use as read: numbers, ragged sequences,
+text and images; which become the model's inputs and labels is decided in ``prepare.py``.
 
 Everything is read into memory as tensors: validation sets are small next to the checkpoints, and
 random access makes the seeded, stratified split and the shuffles trivial. Nothing here touches
@@ -9,58 +12,173 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from .config import DataConfig
 from .errors import DataError
+from .io.formats import Reader
+from .io.formats.safetensors import SafetensorsReader
+from .io.formats.torch_pickle import NotATensorMapping, TorchReader
 
 log = logging.getLogger(__name__)
 
 LABEL_CANDIDATES = ("label", "labels", "target", "y")
-FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
+FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow",
+                 ".txt": "text"}
 TENSOR_SUFFIXES = (".pt", ".pth", ".safetensors", ".npz")
 
 
 @dataclass
-class TensorData:
-    """Columns as tensors with a common first dimension ``n``."""
+class RawTable:
+    """The columns of ``--val`` as read, before any column is chosen as an input or a label.
 
-    columns: dict[str, torch.Tensor]
-    inputs: tuple[str, ...]
-    label: str | None
+    A column is a tensor ``[N, ...]`` (rectangular numbers), a list of 1-D tensors (ragged
+    sequences such as token ids), a list of ``str`` (text) or a list of images (a datasets
+    ``Image`` column, decoded). ``class_names`` holds the names of ClassLabel columns; ``dropped``
+    the columns that cannot be used and why.
+    """
+
+    columns: dict[str, Any]
     source: str
+    class_names: dict[str, list[str]] = field(default_factory=dict)
+    images: set[str] = field(default_factory=set)
+    dropped: dict[str, str] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
-        return next(iter(self.columns.values())).shape[0]
+        return len(next(iter(self.columns.values()))) if self.columns else 0
+
+    def kind(self, name: str) -> str:
+        """``numeric`` (a tensor), ``ragged`` (a list of 1-D tensors), ``text``, ``image`` or ``other``."""
+        col = self.columns[name]
+        if isinstance(col, torch.Tensor):
+            return "numeric"
+        if name in self.images:
+            return "image"
+        first = next((v for v in col if v is not None), None)
+        if isinstance(first, torch.Tensor):
+            return "ragged"
+        if isinstance(first, str):
+            return "text"
+        return "other"
+
+
+@dataclass
+class TensorData:
+    """Model-ready columns with a common first dimension ``n``.
+
+    A column is a tensor ``[N, ...]`` or, for sequences of different lengths, a list of ``N`` 1-D
+    tensors that :func:`iter_batches` pads per batch with ``pad[name]`` (the tokenizer's pad id for
+    ``input_ids``, 0 for ``attention_mask``, -100 for ``labels``), as a trainer's collator does.
+    """
+
+    columns: dict[str, torch.Tensor | list[torch.Tensor]]
+    inputs: tuple[str, ...]
+    label: str | None
+    source: str
+    pad: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        first = next(iter(self.columns.values()))
+        return first.shape[0] if isinstance(first, torch.Tensor) else len(first)
 
     @property
     def is_classification(self) -> bool:
-        return self.label is not None and not torch.is_floating_point(self.columns[self.label])
+        col = self.columns.get(self.label) if self.label is not None else None
+        return isinstance(col, torch.Tensor) and not torch.is_floating_point(col)
 
     def subset(self, index: torch.Tensor) -> "TensorData":
-        return TensorData({k: v[index] for k, v in self.columns.items()}, self.inputs, self.label, self.source)
+        rows = index.tolist()
+        return TensorData({k: v[index] if isinstance(v, torch.Tensor) else [v[i] for i in rows]
+                           for k, v in self.columns.items()}, self.inputs, self.label, self.source, dict(self.pad))
+
+    def label_values(self) -> torch.Tensor | None:
+        """Every label of the data as one flat tensor (ragged rows concatenated), or None without labels."""
+        if self.label is None:
+            return None
+        col = self.columns[self.label]
+        return col.reshape(-1) if isinstance(col, torch.Tensor) else torch.cat([v.reshape(-1) for v in col])
 
 
-def _from_hf(ds, source: str) -> dict[str, torch.Tensor]:
-    columns: dict[str, torch.Tensor] = {}
-    for name in ds.column_names:
-        try:
-            values = ds.with_format("numpy", columns=[name])[name]
-            array = np.asarray(values)
-        except Exception:  # ragged sequences, nested structures: not usable as one tensor
-            log.debug("column %s of %s is not a rectangular array; ignored", name, source)
+@dataclass
+class Batch:
+    """One batch as the model and the task see it.
+
+    Attributes:
+        inputs: the model's inputs by name, each ``[B, ...]`` (ragged columns padded to the
+            batch's longest row, e.g. ``input_ids`` and ``attention_mask`` ``[B, T]``).
+        target: the labels ``[B]`` or ``[B, T]`` (-100: ignored), or None (causal LM without a
+            label column, ``--loss entropy``).
+    """
+
+    inputs: dict[str, torch.Tensor]
+    target: torch.Tensor | None
+
+    @property
+    def rows(self) -> int:
+        return next(iter(self.inputs.values())).shape[0]
+
+    def shard(self, lo: int, hi: int) -> "Batch":
+        """Rows ``lo:hi`` (a rank's share of a global batch; the padding stays that of the whole batch)."""
+        return Batch({k: v[lo:hi] for k, v in self.inputs.items()},
+                     None if self.target is None else self.target[lo:hi])
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch({k: v.to(device) for k, v in self.inputs.items()},
+                     None if self.target is None else self.target.to(device))
+
+    def describe(self) -> str:
+        """``input_ids [8, 17] int64, attention_mask [8, 17] int64`` (for error messages)."""
+        return ", ".join(f"{k} {list(v.shape)} {str(v.dtype).replace('torch.', '')}" for k, v in self.inputs.items())
+
+
+def _read_hf(ds, source: str) -> RawTable:
+    """The columns of a datasets ``Dataset``: numbers as tensors, ragged sequences, text, images, ClassLabels."""
+    import datasets
+
+    table = RawTable({}, source)
+    for name, feature in ds.features.items():
+        if isinstance(feature, datasets.Image):
+            table.columns[name] = list(ds[name])
+            table.images.add(name)
             continue
-        if array.dtype.kind in "biuf":
-            columns[name] = torch.from_numpy(np.ascontiguousarray(array))
+        if isinstance(feature, datasets.ClassLabel):
+            table.class_names[name] = list(feature.names)
+        if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+            table.columns[name] = list(ds[name])
+            continue
+        try:
+            array = np.asarray(ds.with_format("numpy", columns=[name])[name])
+        except Exception:  # lists of different lengths per row (token ids), nested structures
+            array = None
+        if array is not None and array.dtype.kind in "biuf":
+            table.columns[name] = torch.from_numpy(np.ascontiguousarray(array))
+        elif array is None or array.dtype == object:
+            ragged = _ragged(list(ds[name]))
+            if ragged is None:
+                table.dropped[name] = "neither numbers, a list of numbers per row, text nor an image"
+            else:
+                table.columns[name] = ragged
         else:
-            log.debug("column %s of %s has dtype %s; ignored", name, source, array.dtype)
-    return columns
+            table.dropped[name] = f"dtype {array.dtype} is neither numbers, text nor an image"
+    return table
+
+
+def _ragged(values: list) -> list[torch.Tensor] | None:
+    """One 1-D tensor per row for lists of numbers of different lengths (token ids); None otherwise."""
+    out = []
+    for v in values:
+        a = np.asarray(v if v is not None else [])
+        if a.ndim != 1 or (a.size and a.dtype.kind not in "biuf"):
+            return None
+        out.append(torch.from_numpy(a.astype(np.int64 if a.dtype.kind in "biu" or not a.size else np.float32)))
+    return out
 
 
 def _load_hf_dir(path: Path, split: str | None):
@@ -92,6 +210,8 @@ def _load_files(path: Path, split: str | None):
     import datasets
 
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in FILE_BUILDERS)
+    if path.is_dir() and any(p.suffix != ".txt" for p in files):
+        files = [p for p in files if p.suffix != ".txt"]  # a README.txt beside data files is not data
     if not files:
         raise DataError(
             f"{path}: no data files found; expected a save_to_disk folder or {', '.join(FILE_BUILDERS)} files"
@@ -105,17 +225,26 @@ def _load_files(path: Path, split: str | None):
         raise DataError(f"{path}: cannot be read by datasets.load_dataset ({exc})") from exc
 
 
+def _read_with(reader: Reader) -> dict[str, torch.Tensor]:
+    try:
+        return {k: reader.read(k) for k in reader.entries()}
+    finally:
+        reader.close()
+
+
 def _load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    # The checkpoint readers, so a data file gets the same safety (weights-only unpickling) as a
+    # candidate; but never their container unwrapping: a data file is a flat {column: tensor}.
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path))
+            obj = _read_with(SafetensorsReader(path))
         elif path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
                 obj = {k: torch.from_numpy(z[k]) for k in z.files}
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _read_with(TorchReader(path, unwrap=False))
+    except NotATensorMapping:
+        raise DataError(f"{path}: expected a mapping of column name -> tensor") from None
     except Exception as exc:
         raise DataError(f"{path}: cannot be read as a tensor file ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -123,55 +252,40 @@ def _load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def load_data(cfg: DataConfig) -> TensorData:
-    """Open ``cfg.path`` and return its usable columns as tensors.
+def read_table(cfg: DataConfig) -> RawTable:
+    """Open ``cfg.path`` and return its columns as read (:class:`RawTable`).
+
+    A ``.txt`` file is one example per line (empty lines skipped) in a column ``text``.
 
     Raises:
-        DataError: missing path, unreadable data, no rows, no label column, unknown columns.
+        DataError: missing path, unreadable data, no rows, columns of different lengths.
     """
     path = Path(cfg.path)
     if not path.exists():
         raise DataError(f"--val {path}: no such file or directory")
     if path.is_file() and path.suffix in TENSOR_SUFFIXES:
-        columns = _load_tensor_file(path)
+        table = RawTable(dict(_load_tensor_file(path)), str(path))
     elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
                             or (path / "state.json").exists()):
-        columns = _from_hf(_load_hf_dir(path, cfg.split), str(path))
+        table = _read_hf(_load_hf_dir(path, cfg.split), str(path))
     else:
-        columns = _from_hf(_load_files(path, cfg.split), str(path))
-    if not columns:
-        raise DataError(f"--val {path}: no numeric columns found")
-    lengths = {k: v.shape[0] if v.dim() else 0 for k, v in columns.items()}
+        table = _read_hf(_load_files(path, cfg.split), str(path))
+        if path.suffix == ".txt" or (path.is_dir() and "text" in table.columns and len(table.columns) == 1):
+            lines = table.columns.get("text", [])
+            kept = [t for t in lines if t and t.strip()]
+            if len(kept) < len(lines):
+                log.info("--val %s: %d empty line(s) skipped", path, len(lines) - len(kept))
+            table.columns["text"] = kept
+    if not table.columns:
+        dropped = "; ".join(f"{k}: {v}" for k, v in table.dropped.items())
+        raise DataError(f"--val {path}: no usable columns" + (f" ({dropped})" if dropped else ""))
+    lengths = {k: len(v) if not isinstance(v, torch.Tensor) else (v.shape[0] if v.dim() else 0)
+               for k, v in table.columns.items()}
     if len(set(lengths.values())) != 1:
         raise DataError(f"--val {path}: columns have different lengths {lengths}")
     if next(iter(lengths.values())) == 0:
         raise DataError(f"--val {path}: the data set is empty (0 rows)")
-    label = cfg.label
-    if label is None:
-        label = next((c for c in LABEL_CANDIDATES if c in columns), None)
-        if label is None:
-            raise DataError(
-                f"--val {path}: no label column; expected one of {', '.join(LABEL_CANDIDATES)} "
-                f"(columns: {', '.join(columns)}); name it with --label"
-            )
-    elif label not in columns:
-        raise DataError(f"--label {label}: not a numeric column of {path}; columns: {', '.join(columns)}")
-    if cfg.inputs:
-        missing = [c for c in cfg.inputs if c not in columns]
-        if missing:
-            raise DataError(f"--inputs {','.join(missing)}: not numeric columns of {path}; columns: {', '.join(columns)}")
-        inputs = tuple(cfg.inputs)
-    else:
-        inputs = tuple(c for c in columns if c != label)
-    if not inputs:
-        raise DataError(f"--val {path}: no input columns besides the label {label!r}")
-    keep = {c: columns[c] for c in (*inputs, label)}
-    if keep[label].dtype == torch.bool:
-        keep[label] = keep[label].long()
-    for name in inputs:
-        if keep[name].dtype == torch.float64:
-            keep[name] = keep[name].float()
-    return TensorData(keep, inputs, label, str(path))
+    return table
 
 
 def split_holdout(data: TensorData, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,15 +322,23 @@ def split_holdout(data: TensorData, fraction: float, seed: int) -> tuple[torch.T
     return fit_idx.sort().values, held_idx.sort().values
 
 
-def iter_batches(
-    data: TensorData, index: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
-) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    """Yield (inputs by column name, label) batches over ``index``; shuffled when a generator is given."""
+def _collate(column: torch.Tensor | list[torch.Tensor], rows: torch.Tensor, pad: float) -> torch.Tensor:
+    """Rows of a column: indexed, or for a ragged column right-padded with ``pad`` to the longest row."""
+    if isinstance(column, torch.Tensor):
+        return column[rows]
+    return torch.nn.utils.rnn.pad_sequence([column[i] for i in rows.tolist()], batch_first=True, padding_value=pad)
+
+
+def iter_batches(data: TensorData, index: torch.Tensor, batch_size: int,
+                 generator: torch.Generator | None = None) -> Iterator[Batch]:
+    """Yield :class:`Batch` es over ``index`` (shuffled when a generator is given), padded per batch."""
     if generator is not None:
         index = index[torch.randperm(index.numel(), generator=generator)]
     for start in range(0, index.numel(), batch_size):
         rows = index[start:start + batch_size]
-        yield {c: data.columns[c][rows] for c in data.inputs}, data.columns[data.label][rows]
+        inputs = {c: _collate(data.columns[c], rows, data.pad.get(c, 0)) for c in data.inputs}
+        target = None if data.label is None else _collate(data.columns[data.label], rows, data.pad.get(data.label, -100))
+        yield Batch(inputs, target)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

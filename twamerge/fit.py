@@ -23,17 +23,23 @@ import torch
 from torch import nn
 
 from .config import FitConfig
-from .data import TensorData, iter_batches, steps_per_epoch
+from .data import Batch, TensorData, iter_batches, steps_per_epoch
 from .distributed import Comm
 from .errors import FitError
-from .models import Objective, call_model
+from .models import call_model
+from .precision import autocast
+from .tasks import Task
 from .subspace import FlatLayout, Subspace
 
 log = logging.getLogger(__name__)
 
 
 class FlatBinding:
-    """Replace the model's merged parameters by views of ``flat`` (float32 [D]); their grads by views of ``grad``.
+    """Replace the model's merged parameters by views of ``flat`` ([D], ``dtype``); their grads by views of ``grad``.
+
+    ``dtype`` is float32, or bfloat16 when the candidates are stored and the model computes in
+    bfloat16 (``--precision bf16``): weights and gradients then take 2 bytes each per parameter,
+    while combine and project still accumulate in float32.
 
     ``layout.names`` are the parameters' names in the model. The original parameters are dropped
     once their values are copied in, so the flat buffer does not sit beside a second copy. Tied parameters (one ``Parameter`` reachable under several names) stay tied: every slot that
@@ -41,11 +47,21 @@ class FlatBinding:
     buffers at the end: a distributed fit needs ``world_size * chunk`` columns for its collectives.
     """
 
-    def __init__(self, model: nn.Module, layout: FlatLayout, device: torch.device, n_cols: int | None = None):
+    def __init__(self, model: nn.Module, layout: FlatLayout, device: torch.device, n_cols: int | None = None,
+                 world_size: int = 1, dtype: torch.dtype = torch.float32):
         self.model = model
         self.layout = layout
-        self.flat = torch.zeros(max(layout.n_cols, n_cols or 0), dtype=torch.float32, device=device)
+        self.flat = torch.zeros(max(layout.n_cols, n_cols or 0), dtype=dtype, device=device)
         self.grad = torch.zeros_like(self.flat)
+        # This rank's [chunk] slices of the weights and gradients that the collectives gather and
+        # scatter. With one rank they are the flat buffers themselves (gather and scatter are then
+        # free); with several, separate buffers, since a collective's input may not alias its output.
+        if world_size == 1:
+            self.local_w, self.local_g = self.flat, self.grad
+        else:
+            chunk = self.flat.numel() // world_size
+            self.local_w = torch.zeros(chunk, dtype=dtype, device=device)
+            self.local_g = torch.zeros(chunk, dtype=dtype, device=device)
         slots: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
         for module in model.modules():
             for attr, p in module._parameters.items():
@@ -61,21 +77,9 @@ class FlatBinding:
             for module, attr in slots[id(old)]:
                 module._parameters[attr] = new
 
-    def local_buffers(self, comm: Comm) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's ``[chunk]`` slices of the weights and gradients that collectives gather and scatter.
-
-        With one rank they are the flat buffers themselves (gather and scatter are then free); with
-        several, separate buffers, since a collective's input may not alias its output.
-        """
-        if comm.world_size == 1:
-            return self.flat, self.grad
-        chunk = self.flat.numel() // comm.world_size
-        return (torch.zeros(chunk, dtype=torch.float32, device=self.flat.device),
-                torch.zeros(chunk, dtype=torch.float32, device=self.flat.device))
-
     def check_grads_in_place(self) -> None:
         """Autograd must accumulate into the flat views; if it replaced a .grad, project would miss it."""
-        grad_range = range(self.grad.data_ptr(), self.grad.data_ptr() + self.grad.numel() * 4)
+        grad_range = range(self.grad.data_ptr(), self.grad.data_ptr() + self.grad.numel() * self.grad.element_size())
         for name, p in self.model.named_parameters():
             if p.requires_grad and (p.grad is None or p.grad.data_ptr() not in grad_range):
                 raise FitError(f"parameter {name}: its gradient left the flat buffer; this torch version breaks "
@@ -106,18 +110,20 @@ def train_coefficients(
     subspace: Subspace,
     data: TensorData,
     fit_index: torch.Tensor,
-    objective: Objective,
+    task: Task,
     cfg: FitConfig,
     device: torch.device,
     comm: Comm,
     progress: Callable[[Iterable], Iterable] | None = None,
     theta0: torch.Tensor | None = None,
+    amp: torch.dtype | None = None,
 ) -> FitOutcome:
     """Learn the coefficients by gradient descent on the fit rows (DESIGN section 2, steps 4-7).
 
     ``subspace`` holds this rank's column slice (all columns in one process) and ``binding``
     buffers of ``world_size * chunk`` columns; every global batch (the same shuffle on every rank)
-    is split into contiguous shards, one per rank. See :func:`_step`.
+    is split into contiguous shards, one per rank. See :func:`_step`. ``amp``: the autocast dtype
+    of forward and backward (None: float32).
 
     Raises:
         FitError: a non-finite loss (naming the step) or an interrupt; nothing is written by the caller.
@@ -138,17 +144,15 @@ def train_coefficients(
     outcome = FitOutcome(beta=(theta.detach() * scale).float())
     epochs = range(cfg.epochs)
     step = 0
-    local_w, local_g = binding.local_buffers(comm)
     # Dropout draws from the global RNG: seed it for reproducibility, and restore it afterwards.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         binding.model.train()
         try:
             for _ in (progress(epochs) if progress else epochs):
-                for inputs, label in iter_batches(data, fit_index, cfg.batch_size, gen):
+                for batch in iter_batches(data, fit_index, cfg.batch_size, gen):
                     beta = theta.detach() * scale
-                    value, grad = _step(binding, subspace, objective, inputs, label, beta, device, comm, local_w,
-                                        local_g, (step, total))
+                    value, grad = _step(binding, subspace, task, batch, beta, device, comm, (step, total), amp)
                     if not math.isfinite(value):
                         where = f" (summed over {comm.world_size} ranks)" if comm.world_size > 1 else ""
                         raise FitError(f"the loss became {value} at step {step + 1} of {total}{where}; nothing "
@@ -165,21 +169,25 @@ def train_coefficients(
     return outcome
 
 
-def _step(binding: FlatBinding, subspace: Subspace, objective: Objective, inputs: dict, label: torch.Tensor,
-          beta: torch.Tensor, device: torch.device, comm: Comm, local_w: torch.Tensor, local_g: torch.Tensor,
-          where: tuple[int, int]) -> tuple[float, torch.Tensor]:
+def _step(binding: FlatBinding, subspace: Subspace, task: Task, batch: Batch, beta: torch.Tensor,
+          device: torch.device, comm: Comm, where: tuple[int, int], amp: torch.dtype | None = None
+          ) -> tuple[float, torch.Tensor]:
     """One data-parallel step over this rank's shard of the global batch; returns (global loss, dL/dbeta [B, R]).
 
-    combine on the own slice -> all-gather the weights -> forward/backward on the shard, with the
-    loss scaled by ``shard_rows / batch_rows`` so the ranks' gradients sum to the full-batch gradient
-    of a mean-reduced loss -> reduce-scatter the flat gradient -> project the own slice -> all-reduce
-    ``[dL/dbeta, loss]`` with the error flag. A rank that fails keeps taking part in the collectives
-    and raises with the others at the final all-reduce. In one process every collective is the
-    identity and the own slice is the whole flat buffer.
+    combine on the own slice -> all-gather the weights -> forward/backward on the shard -> reduce-scatter
+    the flat gradient -> project the own slice -> all-reduce ``[dL/dbeta, loss]`` with the error flag.
+
+    The loss is the mean over the global batch's items (rows, or tokens for a language model): each
+    rank divides its shard's loss SUM by the item count of the whole batch (``task.count``, which
+    every rank computes from the same global batch), so the ranks' losses and gradients add up to
+    those of the full batch; in one process it is the plain mean. A rank that fails keeps taking part
+    in the collectives and raises with the others at the final all-reduce. In one process every
+    collective is the identity and the own slice is the whole flat buffer.
 
     The loss is read once, at the end: reading it before ``backward`` would make the host wait for
     the forward pass on a GPU. A non-finite loss gives a useless gradient, and the caller stops.
     """
+    local_w, local_g = binding.local_w, binding.local_g
     own = subspace.mean.numel()  # this rank's columns; local_w/local_g are padded to the common chunk
     subspace.combine(beta, out=local_w[:own])
     comm.all_gather(binding.flat, local_w)
@@ -187,11 +195,14 @@ def _step(binding: FlatBinding, subspace: Subspace, objective: Objective, inputs
     error: BaseException | None = None
     loss = torch.zeros((), device=device)
     try:
-        n = label.shape[0]
-        lo, hi = comm.shard(n)
-        if hi > lo:
-            out = call_model(binding.model, {k: v[lo:hi].to(device) for k, v in inputs.items()})
-            loss = objective.loss_fn(out, label[lo:hi].to(device)) * ((hi - lo) / n)
+        items = task.count(batch)  # the global batch's items: the same number on every rank
+        lo, hi = comm.shard(batch.rows)
+        if hi > lo and items > 0:
+            shard = batch.shard(lo, hi).to(device)
+            with autocast(device, amp):
+                out = call_model(binding.model, shard.inputs)
+            loss_sum, _ = task.loss(out, shard)
+            loss = loss_sum / items
             loss.backward()
             if where[0] == 0:
                 binding.check_grads_in_place()

@@ -15,14 +15,17 @@ from typing import Any
 
 import torch
 
-from .checkpoints import CheckpointSet, _Candidate, _open_candidates, _validate, dtype_name, expand_paths
 from .errors import CheckpointMismatchError, InvalidArgumentError, NonFiniteError
+from .io import Candidate, CheckpointSet, expand_paths, open_candidates, validate_candidates
+from .kernels.layout import FLOAT_BITS, PACKED_BITS, SUPPORTED_BITS
+from .options import dtype_name
 
 log = logging.getLogger(__name__)
 
 __all__ = ["basis_memory_bytes", "centred_gram", "inspect_checkpoints"]
 
-DEFAULT_BITS = (1, 2, 4, 8)
+# The packed widths: those whose memory is worth comparing (16/32-bit floats are K x D x 2 or 4 bytes).
+DEFAULT_BITS = PACKED_BITS
 # Columns per float64 chunk when forming the Gram matrix: bounds the temporary to K x 4M doubles.
 _CHUNK = 1 << 22
 
@@ -37,10 +40,11 @@ def basis_memory_bytes(k: int, d: int, bits: int, group_size: int = 128) -> int:
     if group_size <= 0:
         raise InvalidArgumentError(f"group_size={group_size} must be positive")
     rows = max(k - 1, 0)
-    if bits in (16, 32):
+    if bits in FLOAT_BITS:
         return rows * d * bits // 8
-    if bits not in DEFAULT_BITS:
-        raise InvalidArgumentError(f"bits={bits} is not supported; expected one of 1, 2, 4, 8, 16, 32")
+    if bits not in PACKED_BITS:
+        raise InvalidArgumentError(f"bits={bits} is not supported; expected one of "
+                                   + ", ".join(map(str, SUPPORTED_BITS)))
     groups = -(-d // group_size)
     d_pad = groups * group_size
     return rows * (d_pad * bits // 8 + groups * 8)
@@ -74,7 +78,7 @@ def centred_gram(
     return gram
 
 
-def _file_info(c: _Candidate) -> dict[str, Any]:
+def _file_info(c: Candidate) -> dict[str, Any]:
     dtypes = Counter(dtype_name(e[1]) for e in c.entries.values())
     params = sum(math.prod(e[0]) for e in c.entries.values())
     float_params = sum(math.prod(e[0]) for e in c.entries.values() if e[1].is_floating_point)
@@ -127,7 +131,7 @@ def inspect_checkpoints(
     t0 = time.perf_counter()
     if keys not in ("strict", "intersection"):
         raise InvalidArgumentError(f"keys={keys!r}; expected 'strict' or 'intersection'")
-    cands = _open_candidates(expand_paths(paths), ema_key)
+    cands = open_candidates(expand_paths(paths), ema_key)
     try:
         files = [_file_info(c) for c in cands]
         k = len(cands)
@@ -138,7 +142,7 @@ def inspect_checkpoints(
             mergeable, reason = False, f"need at least 2 checkpoints to merge, got {k}"
         else:
             try:
-                common, dropped = _validate(cands, keys)
+                common, dropped = validate_candidates(cands, keys)
             except CheckpointMismatchError as e:
                 mergeable, reason = False, str(e)
         sim = None
@@ -183,4 +187,4 @@ def inspect_checkpoints(
         }
     finally:
         for c in cands:
-            c.reader.close()
+            c.close()

@@ -17,18 +17,11 @@ from typing import Any, TypeVar
 import torch
 
 from . import __version__
-from .checkpoints import (
-    CheckpointSet,
-    check_output,
-    dtype_name,
-    open_checkpoints,
-    parse_dtype,
-    sha256_file,
-    write_checkpoint,
-)
 from .config import OutputConfig, ReadConfig
 from .errors import InvalidArgumentError
+from .io import CheckpointSet, check_output, open_checkpoints, sha256_file, write_checkpoint
 from .methods import check_weights, data_free_weights
+from .options import dtype_name, parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +39,15 @@ def linear_merge(
     out_dtype: torch.dtype | None = None,
     progress: Progress | None = None,
     on_int_mismatch: Callable[[str], None] | None = None,
+    into: Callable[[str], torch.Tensor | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge ``sum_k w_k c_k`` key by key.
 
     Floating tensors accumulate in float64 on CPU and are cast once to ``out_dtype`` (default: the
     stored dtype). Integer and bool tensors (e.g. ``num_batches_tracked``) are copied from candidate 0
-    and compared with the others; a difference is logged as a warning naming the key. At most one
-    tensor per candidate plus the float64 accumulator is live besides the result.
+    and compared with the others of nonzero weight; a difference is logged as a warning naming the key. At most one
+    tensor per candidate plus the float64 accumulator is live besides the result. Candidates with
+    weight 0 are not read (the source of integer tensors, candidate 0, excepted).
 
     Args:
         cs: the validated candidates (K of them).
@@ -60,9 +55,13 @@ def linear_merge(
         out_dtype: floating dtype of the merged floating tensors, or None to keep each stored dtype.
         progress: optional wrapper around the key iterable (e.g. a progress bar).
         on_int_mismatch: called with each integer/bool key whose values differ across candidates.
+        into: ``key -> tensor or None``: where to put a floating result instead of a new tensor (e.g.
+            the model's parameter, a view of the fit's flat buffer), used when its shape and dtype are
+            the result's; the returned dict then holds that tensor.
 
     Returns:
-        ``{key: Tensor}`` in ``cs.keys`` order, on CPU.
+        ``{key: Tensor}`` in ``cs.keys`` order, on CPU. The tensors are read in file order, which
+        lets ``cs.sources()`` finish the candidates' SHA-256 without reading them again.
 
     Raises:
         InvalidArgumentError: a weight vector has the wrong length or non-finite entries.
@@ -75,9 +74,13 @@ def linear_merge(
     fixed = None if callable(weights) else check_weights(weights, k)
     if out_dtype is not None and not out_dtype.is_floating_point:
         raise InvalidArgumentError(f"out_dtype {dtype_name(out_dtype)} is not a floating dtype")
-    keys: Iterable[str] = progress(cs.keys) if progress is not None else cs.keys
+    # Read in file order (each candidate's safetensors file front to back, so ``cs.sources()`` hashes
+    # it from these reads); return in the candidates' key order.
+    order = cs.keys_in_file_order()
+    keys: Iterable[str] = progress(order) if progress is not None else order
     try:
-        return _merge_keys(cs, keys, fixed, weights, k, out_dtype, on_int_mismatch)
+        merged = _merge_keys(cs, keys, fixed, weights, k, out_dtype, on_int_mismatch, into)
+        return {key: merged[key] for key in cs.keys}
     finally:
         # A generator-based progress bar must stop now, not when it is garbage-collected after an error.
         close = getattr(keys, "close", None)
@@ -93,18 +96,20 @@ def _merge_keys(
     k: int,
     out_dtype: torch.dtype | None,
     on_int_mismatch: Callable[[str], None] | None,
+    into: Callable[[str], torch.Tensor | None] | None,
 ) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key in keys:
+        w = fixed if fixed is not None else check_weights(weights(key), k, key)  # type: ignore[operator]
         if not cs.is_float(key):
             first = cs.get(0, key)
-            if any(not torch.equal(first, cs.get(i, key)) for i in range(1, k)):
+            # Compared with the candidates this merge uses: a greedy-soup trial reads nothing of the others.
+            if any(not torch.equal(first, cs.get(i, key)) for i in range(1, k) if w[i] != 0.0):
                 log.warning("integer tensor %r differs across checkpoints; keeping the first checkpoint's value", key)
                 if on_int_mismatch is not None:
                     on_int_mismatch(key)
             out[key] = first
             continue
-        w = fixed if fixed is not None else check_weights(weights(key), k, key)  # type: ignore[operator]
         acc = torch.zeros(cs.shape(key), dtype=torch.float64)
         for i, wi in enumerate(w):
             if wi != 0.0:
@@ -118,7 +123,13 @@ def _merge_keys(
             for i, wi in enumerate(w):
                 if wi != 0.0:
                     cs.get(i, key)  # raises NonFiniteError naming the file and key
-        out[key] = acc.to(out_dtype or cs.dtype(key))
+        dtype = out_dtype or cs.dtype(key)
+        dest = into(key) if into is not None else None
+        if dest is not None and dest.dtype == dtype and dest.shape == acc.shape:
+            dest.copy_(acc)  # the same rounding as .to(dtype)
+            out[key] = dest
+        else:
+            out[key] = acc.to(dtype)
         del acc
     return out
 

@@ -1,4 +1,6 @@
-"""Turn a ``--model`` spec into an ``nn.Module``; call it on a batch; the loss and the metric.
+"""Turn a ``--model`` spec into an ``nn.Module``, call it on a batch, and map checkpoint keys onto it.
+
+The loss and the metric are the task's (``tasks.py``).
 
 Specs:
     ``path/to/file.py:factory``   a factory function in a Python file (run as code: the user's own)
@@ -16,15 +18,13 @@ import json
 import logging
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .errors import DataError, ModelError
+from .errors import ModelError
 
 if TYPE_CHECKING:
     from .checkpoints import CheckpointSet
@@ -158,51 +158,6 @@ def output_tensor(output: Any) -> torch.Tensor:
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise ModelError(f"cannot find the prediction tensor in a model output of type {type(output).__name__}")
-
-
-@dataclass
-class Objective:
-    """Loss to minimise and metric to report. ``metric_name`` is ``accuracy`` (higher is better) or ``loss``."""
-
-    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor]
-    classification: bool
-
-    @property
-    def metric_name(self) -> str:
-        return "accuracy" if self.classification else "loss"
-
-    def correct(self, output: Any, label: torch.Tensor) -> int:
-        pred = output_tensor(output)
-        return int((pred.argmax(dim=-1) == label.reshape(pred.shape[:-1])).sum())
-
-
-def _auto_loss(classification: bool) -> Callable[[Any, torch.Tensor], torch.Tensor]:
-    def loss(output: Any, label: torch.Tensor) -> torch.Tensor:
-        own = getattr(output, "loss", None)
-        if isinstance(own, torch.Tensor):
-            return own
-        pred = output_tensor(output)
-        if classification:
-            n_classes = pred.shape[-1]
-            if label.numel() and (int(label.max()) >= n_classes or int(label.min()) < 0):
-                bad = int(label.max()) if int(label.max()) >= n_classes else int(label.min())
-                raise DataError(f"label {bad} is out of range for a model with {n_classes} outputs")
-            return F.cross_entropy(pred.reshape(-1, n_classes).float(), label.reshape(-1).long())
-        return F.mse_loss(pred.float().reshape(label.shape), label.float())
-
-    return loss
-
-
-def resolve_objective(name: str, classification: bool) -> Objective:
-    """``auto``, ``ce``, ``mse`` or ``module:function`` taking ``(output, label)`` and returning a scalar."""
-    if name == "auto":
-        return Objective(_auto_loss(classification), classification)
-    if name == "ce":
-        return Objective(_auto_loss(True), True)
-    if name == "mse":
-        return Objective(_auto_loss(False), False)
-    fn = _load_factory(name, "--loss")
-    return Objective(lambda out, y: fn(out, y), classification)
 
 
 class ModelKeys:

@@ -1,4 +1,8 @@
-"""Values users type on the command line: byte sizes and dtype names, parsed in one place."""
+"""Values users type on the command line or pass as plain strings: byte sizes and dtype names.
+
+Kept apart from the checkpoint I/O so that parsing ``--max-shard-size 2GiB`` or ``--dtype bf16``
+does not depend on how files are read or written.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import re
 import torch
 
 from .errors import InvalidArgumentError
+
+__all__ = ["dtype_name", "parse_dtype", "parse_size"]
 
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -61,5 +67,3 @@ def parse_size(value: int | str | None) -> int | None:
     if size <= 0:
         raise InvalidArgumentError(f"size {value!r} must be positive")
     return size
-
-

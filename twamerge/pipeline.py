@@ -27,16 +27,19 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from . import distributed, kernels
-from .checkpoints import CheckpointSet, check_output, dtype_name, open_checkpoints, parse_dtype, write_checkpoint
 from .config import DataConfig, FitConfig, ModelConfig, OutputConfig, ReadConfig
-from .data import load_data, split_holdout
+from .data import split_holdout
 from .distributed import Comm, SingleProcess, split_columns
-from .errors import BackendUnavailableError, FitError, OutputError, TwamergeError
-from .evaluation import Scorer, Splits, evaluate, has_batchnorm, recalibrate_batchnorm
+from .errors import BackendUnavailableError, FitError, ModelError, OutputError, TwamergeError
+from .evaluation import Scorer, Splits, evaluate, has_batchnorm, probe, recalibrate_batchnorm
 from .fit import FitOutcome, FlatBinding, train_coefficients
+from .io import CheckpointSet, check_output, open_checkpoints, refuse_existing, write_checkpoint
 from .merge import build_metadata, linear_merge
 from .methods import METHODS, greedy_soup, one_hot
-from .models import ModelKeys, build_model, resolve_objective
+from .models import ModelKeys, build_model
+from .options import dtype_name, parse_dtype
+from .precision import resolve_precision
+from .prepare import ModelContext, hf_dirs, load_inputs
 from .report import (
     BasisSummary,
     DataSummary,
@@ -104,29 +107,32 @@ def fit(
         with _stage(comm, timer, "open"):
             cs = open_stage(checkpoints, read, out, comm)
         try:
-            with _stage(comm, timer, "data"):
-                splits = data_stage(val, model, cfg)
             with _stage(comm, timer, "model"):
                 net = model_stage(model, cs, cfg, device)
-            with _stage(comm, timer, "subspace"):
-                basis = subspace_stage(cs, net, cfg, device, comm, progress)
+            with _stage(comm, timer, "data"):
+                splits = data_stage(val, model, cfg, cs, net)
+            with _stage(comm, timer, "probe"):
+                probe(net.model, splits.data, splits.fit, splits.task, cfg.batch_size, device, net.amp)
             with comm.phase("bind"):
-                binding = FlatBinding(net.model, basis.layout, device, n_cols=basis.chunk * comm.world_size)
-            scorer = Scorer(net.model, splits, cfg.batch_size, device, net.recalibrate, comm)
+                flat = bind_stage(net, cs, cfg, device, comm)
+            with _stage(comm, timer, "subspace"):
+                subspace = subspace_stage(cs, flat, cfg, device, comm, progress)
+            scorer = Scorer(net.model, splits, cfg.batch_size, device, net.recalibrate, comm, net.amp,
+                            cfg.eval_batch_size)
             # The baselines come first: the greedy soup and the best candidate can be the fit's start point.
             with timer.phase("evaluate"):
-                baselines = baselines_stage(cs, net, basis, binding, scorer, cfg, comm)
+                baselines = baselines_stage(cs, net, flat, subspace, scorer, cfg, comm)
             with _stage(comm, timer, "fit"):
-                trained = train_stage(cs, net, basis, binding, splits, baselines, cfg, device, comm, progress)
+                trained = train_stage(cs, net, flat, subspace, splits, baselines, cfg, device, comm, progress)
             with _stage(comm, timer, "merge"):
-                merged = merge_stage(cs, net, basis, trained, out, progress)
+                merged = merge_stage(cs, net, flat, subspace, trained, out, progress)
             with timer.phase("evaluate"):
-                twa = evaluate_stage(merged, net, basis, binding, scorer, cfg, comm)
-            per_rank = describe_ranks(basis, comm)
+                twa = evaluate_stage(merged, net, flat, subspace, scorer, cfg, comm)
+            per_rank = describe_ranks(flat, subspace, comm)
             report = None
             with comm.phase("write"):
                 if comm.is_main:
-                    report = write_stage(cs, val, model, cfg, out, splits, basis, binding, baselines, trained,
+                    report = write_stage(cs, val, model, cfg, out, splits, flat, subspace, baselines, trained,
                                          merged, twa, timer, per_rank)
             return comm.broadcast_object(report)
         except KeyboardInterrupt:
@@ -171,8 +177,7 @@ def check_side_outputs(out: OutputConfig) -> None:
     for path, what in ((out.report, "report"), (out.plot, "plot")):
         if path is None:
             continue
-        if path.exists() and not out.force:
-            raise OutputError(f"{path}: {what} exists; pass --force to overwrite it")
+        refuse_existing(path, what, force=out.force)
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.is_dir():
             raise OutputError(f"{path}: the folder {parent} does not exist")
@@ -195,13 +200,6 @@ def open_stage(checkpoints: Sequence[str | Path], read: ReadConfig, out: OutputC
     return cs
 
 
-def data_stage(val: DataConfig, model: ModelConfig, cfg: FitConfig) -> Splits:
-    """The validation data, its seeded split, and the objective its labels call for."""
-    data = load_data(val)
-    fit_idx, held_idx = split_holdout(data, cfg.holdout, cfg.seed)
-    return Splits(data, fit_idx, held_idx, resolve_objective(model.loss, data.is_classification))
-
-
 @dataclass
 class Network:
     """The model the fit trains through, how the checkpoint keys map onto it, and its BatchNorm policy."""
@@ -210,6 +208,7 @@ class Network:
     keys: ModelKeys
     spec: str
     recalibrate: bool
+    amp: torch.dtype | None = None  # the autocast dtype of forward and backward (--precision); None: float32
 
 
 def model_stage(model_cfg: ModelConfig, cs: CheckpointSet, cfg: FitConfig, device: torch.device) -> Network:
@@ -219,28 +218,93 @@ def model_stage(model_cfg: ModelConfig, cs: CheckpointSet, cfg: FitConfig, devic
     recalibrate = cfg.bn_recalibrate == "on" or (cfg.bn_recalibrate == "auto" and bn)
     if cfg.bn_recalibrate == "on" and not bn:
         log.warning("--bn-recalibrate on: the model has no BatchNorm layer; nothing to recalibrate")
-    return Network(model, keys, model_cfg.spec or str(cs.hf_dir), recalibrate)
+    amp = resolve_precision(cfg.precision, device, cs.dtype(keys.merged[0]) if keys.merged else None)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model, model_cfg.spec or str(cs.hf_dir))
+    return Network(model, keys, model_cfg.spec or str(cs.hf_dir), recalibrate, amp)
+
+
+def enable_gradient_checkpointing(model: nn.Module, spec: str) -> None:
+    """Recompute activations in the backward pass instead of keeping them (``--gradient-checkpointing``).
+
+    Hugging Face models (and any module with the same method) switch it on themselves; the
+    non-reentrant form is asked for because the fit's inputs never require gradients.
+    """
+    # transformers 5 renamed the method (the old name still works, with a deprecation warning).
+    for name, kwargs in (("activation_checkpointing_enable", "activation_checkpointing_kwargs"),
+                         ("gradient_checkpointing_enable", "gradient_checkpointing_kwargs")):
+        enable = getattr(model, name, None)
+        if callable(enable):
+            break
+    else:
+        raise ModelError(f"--gradient-checkpointing: the model of {spec} ({type(model).__name__}) has no "
+                         "gradient_checkpointing_enable(); drop the flag or add the method to the model")
+    try:
+        enable(**{kwargs: {"use_reentrant": False}})
+    except TypeError:  # a module whose method takes no such argument
+        enable()
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        model.config.use_cache = False  # a cache is useless in training and clashes with checkpointing
+
+
+def data_stage(val: DataConfig, model: ModelConfig, cfg: FitConfig, cs: CheckpointSet, net: Network) -> Splits:
+    """The validation data as the model takes it (text tokenized with the candidates' tokenizer), the
+    task (its loss and metric), and the seeded split."""
+    data, task = load_inputs(val, model, ModelContext(net.model, hf_dirs(cs.paths)))
+    log.info("task %s: loss %s, metric %s (%s is better)", task.name, type(task).__name__, task.metric_name,
+             "higher" if task.higher_is_better else "lower")
+    fit_idx, held_idx = split_holdout(data, cfg.holdout, cfg.seed)
+    return Splits(data, fit_idx, held_idx, task)
 
 
 @dataclass
-class Basis:
-    """The subspace this rank holds: the flat layout, its columns ``col_range`` of width ``chunk``."""
+class FlatSpace:
+    """Where the merged parameters live: the flat layout, this rank's columns, and the model bound to it.
+
+    The model's merged parameters are views of ``binding.flat`` (and their gradients of
+    ``binding.grad``). Binding comes before the subspace build, so the model's own parameters are
+    gone before the basis is allocated: the peak holds one copy of the weights, not two.
+    """
 
     layout: FlatLayout
-    subspace: Subspace
-    chunk: int
-    col_range: tuple[int, int]
+    chunk: int  # padded columns per rank
+    col_range: tuple[int, int]  # this rank's columns
+    binding: FlatBinding
+
+    def __post_init__(self) -> None:
+        self._index = {name: i for i, name in enumerate(self.layout.names)}
+
+    def param_view(self, key: str) -> torch.Tensor | None:
+        """The slice of the flat buffer that merged parameter ``key`` is a view of (None for other keys)."""
+        i = self._index.get(key)
+        if i is None:
+            return None
+        start = self.layout.offsets[i]
+        return self.binding.flat[start:start + self.layout.numel(i)].view(self.layout.shapes[i])
 
 
-def subspace_stage(cs: CheckpointSet, net: Network, cfg: FitConfig, device: torch.device, comm: Comm,
-                   progress: Progress | None) -> Basis:
-    """The two streaming passes: mean and Gram, then the quantized orthonormal basis (this rank's columns)."""
+def bind_stage(net: Network, cs: CheckpointSet, cfg: FitConfig, device: torch.device, comm: Comm) -> FlatSpace:
     names = net.keys.merged
     layout = make_layout(names, [tuple(cs.shape(n)) for n in names], cfg.blocks, cfg.group_size)
     chunk, ranges = split_columns(layout.n_cols, layout.group_size, comm.world_size)
-    subspace = build_subspace(cs, layout, bits=cfg.bits, comm=comm, rank_rtol=cfg.rank_rtol, device=device,
-                              backend=cfg.backend, progress=progress)
-    return Basis(layout, subspace, chunk, ranges[comm.rank])
+    binding = FlatBinding(net.model, layout, device, n_cols=chunk * comm.world_size, world_size=comm.world_size,
+                          dtype=flat_dtype(cs, names, net.amp))
+    return FlatSpace(layout, chunk, ranges[comm.rank], binding)
+
+
+def flat_dtype(cs: CheckpointSet, names: list[str], amp: torch.dtype | None) -> torch.dtype:
+    """bfloat16 when every merged tensor is stored in bfloat16 and the model computes in it (autocast),
+    else float32: bf16 weights and gradients halve the flat buffers without changing what the model computes."""
+    if amp == torch.bfloat16 and names and all(cs.dtype(n) == torch.bfloat16 for n in names):
+        return torch.bfloat16
+    return torch.float32
+
+
+def subspace_stage(cs: CheckpointSet, flat: FlatSpace, cfg: FitConfig, device: torch.device, comm: Comm,
+                   progress: Progress | None) -> Subspace:
+    """The two streaming passes: mean and Gram, then the quantized orthonormal basis (this rank's columns)."""
+    return build_subspace(cs, flat.layout, bits=cfg.bits, comm=comm, rank_rtol=cfg.rank_rtol, device=device,
+                          backend=cfg.backend, progress=progress)
 
 
 def uniform_buffers(cs: CheckpointSet, keys: ModelKeys) -> dict[str, torch.Tensor]:
@@ -252,15 +316,14 @@ def uniform_buffers(cs: CheckpointSet, keys: ModelKeys) -> dict[str, torch.Tenso
     return out
 
 
-def load_point(binding: FlatBinding, basis: Basis, beta: torch.Tensor, comm: Comm) -> None:
+def load_point(flat: FlatSpace, subspace: Subspace, beta: torch.Tensor, comm: Comm) -> None:
     """Make the model's merged parameters the subspace point ``mean + P~^T beta`` (every rank gets all of it)."""
-    local_w, _ = binding.local_buffers(comm)
-    own = basis.subspace.mean.numel()
-    basis.subspace.combine(beta.to(binding.flat.device), out=local_w[:own])
-    comm.all_gather(binding.flat, local_w)
+    local_w = flat.binding.local_w
+    subspace.combine(beta.to(local_w.device), out=local_w[:subspace.mean.numel()])
+    comm.all_gather(flat.binding.flat, local_w)
 
 
-def baselines_stage(cs: CheckpointSet, net: Network, basis: Basis, binding: FlatBinding, scorer: Scorer,
+def baselines_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: Subspace, scorer: Scorer,
                     cfg: FitConfig, comm: Comm) -> list[MethodResult]:
     """Every candidate, the uniform average and the greedy soup (ingredients chosen on the fit split).
 
@@ -269,24 +332,25 @@ def baselines_stage(cs: CheckpointSet, net: Network, basis: Basis, binding: Flat
     ingredients.
     """
     k, keys = len(cs), net.keys.model_keys()
-    higher = scorer.splits.objective.classification
+    higher = scorer.splits.task.higher_is_better
     candidates: list[MethodResult] = []
     if METHODS["candidate"].enabled(cfg) or METHODS["greedy"].enabled(cfg):
         for i in range(k):
-            scorer.load(lambda: {key: cs.get(i, key) for key in keys}, recalibrate=False)
+            scorer.load(lambda: ((key, cs.get(i, key)) for key in keys), recalibrate=False)
             candidates.append(MethodResult(Path(cs.paths[i]).name, "candidate", **scorer.score_both(),
                                            detail={"path": str(cs.paths[i])}))
     rows = list(candidates) if METHODS["candidate"].enabled(cfg) else []
     with comm.phase("uniform"):
-        load_point(binding, basis, torch.zeros(basis.layout.n_blocks, basis.subspace.rows), comm)
+        load_point(flat, subspace, torch.zeros(flat.layout.n_blocks, subspace.rows), comm)
     scorer.load(uniform_buffers(cs, net.keys), recalibrate=True)
     rows.append(MethodResult("uniform", "uniform", **scorer.score_both()))
     if METHODS["greedy"].enabled(cfg):
-        rows.append(_greedy_row(cs, scorer, candidates, higher))
+        rows.append(_greedy_row(cs, flat, scorer, candidates, higher))
     return rows
 
 
-def _greedy_row(cs: CheckpointSet, scorer: Scorer, candidates: list[MethodResult], higher: bool) -> MethodResult:
+def _greedy_row(cs: CheckpointSet, flat: FlatSpace, scorer: Scorer, candidates: list[MethodResult],
+                higher: bool) -> MethodResult:
     """Sort by fit-split metric, add each candidate to the running uniform soup if the fit metric strictly improves.
 
     Each trial is scored on both splits (only the fit split decides), so the soup's row needs no
@@ -297,7 +361,7 @@ def _greedy_row(cs: CheckpointSet, scorer: Scorer, candidates: list[MethodResult
     order = sorted(range(k), key=lambda i: -sign * candidates[i].fit["metric"])
 
     def try_soup(weights: list[float]) -> dict:
-        scorer.load(lambda: linear_merge(cs, weights), recalibrate=True)
+        scorer.load(lambda: linear_merge(cs, weights, into=flat.param_view), recalibrate=True)
         return scorer.score_both()
 
     soup, accepted = greedy_soup(order, candidates[order[0]].fit, k, try_soup,
@@ -331,17 +395,17 @@ def _start_point(init: str, baselines: list[MethodResult], subspace: Subspace, k
     return theta.float()
 
 
-def train_stage(cs: CheckpointSet, net: Network, basis: Basis, binding: FlatBinding, splits: Splits,
+def train_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: Subspace, splits: Splits,
                 baselines: list[MethodResult], cfg: FitConfig, device: torch.device, comm: Comm,
                 progress: Progress | None) -> FitOutcome:
     """Learn the coefficients on the fit rows, from the start point ``cfg.init`` names."""
-    theta0 = _start_point(cfg.init, baselines, basis.subspace, len(cs), splits.objective.classification,
+    theta0 = _start_point(cfg.init, baselines, subspace, len(cs), splits.task.higher_is_better,
                           cfg.coordinates)
     # The fit runs with the candidates' uniform-average buffers, not those of the last baseline scored.
     with torch.no_grad():
         net.model.load_state_dict(uniform_buffers(cs, net.keys), strict=False)
-    return train_coefficients(binding, basis.subspace, splits.data, splits.fit, splits.objective, cfg, device,
-                              comm, progress, theta0=theta0)
+    return train_coefficients(flat.binding, subspace, splits.data, splits.fit, splits.task, cfg, device,
+                              comm, progress, theta0=theta0, amp=net.amp)
 
 
 @dataclass
@@ -356,11 +420,11 @@ class Merged:
     trained: torch.Tensor  # [own columns] float32, the quantized-subspace point that was trained
 
 
-def merge_stage(cs: CheckpointSet, net: Network, basis: Basis, trained: FitOutcome, out: OutputConfig,
-                progress: Progress | None) -> Merged:
-    layout, subspace = basis.layout, basis.subspace
-    point = subspace.combine(trained.beta, out=torch.empty(subspace.mean.numel(), dtype=torch.float32,
-                                                           device=subspace.mean.device))
+def merge_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: Subspace, trained: FitOutcome,
+                out: OutputConfig, progress: Progress | None) -> Merged:
+    layout = flat.layout
+    # The gradient buffer is free once training is over: it holds the trained point, not a new D floats.
+    point = subspace.combine(trained.beta, out=flat.binding.local_g[:subspace.mean.numel()])
     alphas = subspace.alphas(trained.beta)  # [B, K] float64
     # Tensors that are not merged parameters (floating buffers) take the size-weighted mean alphas.
     sizes = torch.tensor([sum(layout.numel(i) for i in range(len(layout.names)) if layout.block_of[i] == b)
@@ -369,8 +433,10 @@ def merge_stage(cs: CheckpointSet, net: Network, basis: Basis, trained: FitOutco
     key_block = {name: layout.block_of[i] for i, name in enumerate(layout.names)}
     key_block.update({alias: key_block[target] for alias, target in net.keys.alias_of.items()})
     out_dtype = parse_dtype(out.dtype)
+    # Float32 results go straight into the flat buffer the model's parameters view: the merge is
+    # then loaded (and written from there) without a second D floats.
     tensors = linear_merge(cs, _weights_of(alphas, key_block, default_alphas), out_dtype=out_dtype,
-                           progress=progress)
+                           progress=progress, into=flat.param_view)
     return Merged(tensors, alphas, key_block, default_alphas, out_dtype, point)
 
 
@@ -388,8 +454,8 @@ class Evaluated:
     quantization_gap: float
 
 
-def evaluate_stage(merged: Merged, net: Network, basis: Basis, binding: FlatBinding, scorer: Scorer, cfg: FitConfig,
-                   comm: Comm) -> Evaluated:
+def evaluate_stage(merged: Merged, net: Network, flat: FlatSpace, subspace: Subspace, scorer: Scorer,
+                   cfg: FitConfig, comm: Comm) -> Evaluated:
     """Score exactly what is written (BatchNorm re-estimated for it, and written so)."""
     scorer.load(merged.tensors, recalibrate=True)
     recalibrated = {}
@@ -399,19 +465,19 @@ def evaluate_stage(merged: Merged, net: Network, basis: Basis, binding: FlatBind
             if merged.tensors[key].is_floating_point():
                 merged.tensors[key] = state[key].detach().to("cpu", merged.tensors[key].dtype).clone()
                 recalibrated[key] = merged.tensors[key]
-    gap = _quantization_gap(basis, binding.flat, merged.trained, comm)
+    gap = _quantization_gap(flat, subspace, merged.trained, comm)
     row = MethodResult("twa", "twa", **scorer.score_both(), detail={"init": cfg.init})
     return Evaluated(row, recalibrated, gap)
 
 
-def _quantization_gap(basis: Basis, flat: torch.Tensor, trained: torch.Tensor, comm: Comm) -> float:
+def _quantization_gap(flat: FlatSpace, subspace: Subspace, trained: torch.Tensor, comm: Comm) -> float:
     """``|written - trained| / |trained - centre|`` over the merged tensors (padding excluded).
 
-    ``flat`` is the full flat buffer holding what is written; ``trained`` and the subspace mean hold
+    ``flat.binding.flat`` holds what is written (all columns); ``trained`` and the subspace mean hold
     this rank's columns, whose squared sums are added over ranks. Sums run tensor by tensor, without copies.
     """
-    layout, mean = basis.layout, basis.subspace.mean
-    c0, c1 = basis.col_range
+    layout, mean, written = flat.layout, subspace.mean, flat.binding.flat
+    c0, c1 = flat.col_range
     sq = torch.zeros(2, dtype=torch.float64)
     error = None
     try:
@@ -419,7 +485,7 @@ def _quantization_gap(basis: Basis, flat: torch.Tensor, trained: torch.Tensor, c
             lo, hi = max(o, c0), min(o + layout.numel(i), c1)
             if lo >= hi:
                 continue
-            real, ref, centre = flat[lo:hi], trained[lo - c0:hi - c0], mean[lo - c0:hi - c0]
+            real, ref, centre = written[lo:hi], trained[lo - c0:hi - c0], mean[lo - c0:hi - c0]
             sq += torch.stack([(real - ref).double().square().sum(), (ref - centre).double().square().sum()]).cpu()
     except Exception as exc:
         error = exc
@@ -427,36 +493,38 @@ def _quantization_gap(basis: Basis, flat: torch.Tensor, trained: torch.Tensor, c
     return math.sqrt(gap2) / math.sqrt(moved2) if moved2 > 0 else 0.0
 
 
-def describe_ranks(basis: Basis, comm: Comm) -> list[dict] | None:
+def describe_ranks(flat: FlatSpace, subspace: Subspace, comm: Comm) -> list[dict] | None:
     """Each rank's columns, basis bytes and peak memory (a distributed fit's report); None in one process."""
     if comm.world_size == 1:
         return None
-    return comm.gather_objects({"col_range": list(basis.col_range), "basis_bytes": basis.subspace.basis_bytes(),
+    return comm.gather_objects({"col_range": list(flat.col_range), "basis_bytes": subspace.basis_bytes(),
                                 **peak_memory()})
 
 
 def write_stage(cs: CheckpointSet, val: DataConfig, model_cfg: ModelConfig, cfg: FitConfig, out: OutputConfig,
-                splits: Splits, basis: Basis, binding: FlatBinding, baselines: list[MethodResult],
+                splits: Splits, flat: FlatSpace, subspace: Subspace, baselines: list[MethodResult],
                 trained: FitOutcome, merged: Merged, twa: Evaluated, timer: Timer,
                 per_rank: list[dict] | None) -> dict:
     """Write the merged checkpoint, then the report and the plot (rank 0 alone)."""
     sources = cs.sources()
     metadata = build_metadata("twa", [{"path": s["path"], "sha256": s["sha256"]} for s in sources],
                               blocks=cfg.blocks, bits=cfg.bits, alphas=merged.alphas.tolist(),
-                              heldout=twa.row.heldout)
+                              heldout=twa.row.heldout, metric_name=splits.task.metric_name,
+                              higher_is_better=splits.task.higher_is_better)
     with timer.phase("write"):
         written = write_checkpoint(merged.tensors, out.path, metadata=metadata, force=out.force,
                                    max_shard_size=out.max_shard_size, hf_source_dir=cs.hf_dir)
-    layout, subspace = basis.layout, basis.subspace
+    layout = flat.layout
     data = splits.data
     report = build_report(
         settings=cfg,
         data=DataSummary(str(val.path), data.n, int(splits.fit.numel()), int(splits.heldout.numel()),
                          list(data.inputs), data.label),
-        model={"spec": model_cfg.spec or str(cs.hf_dir), "args": model_cfg.args, "loss": model_cfg.loss},
+        model={"spec": model_cfg.spec or str(cs.hf_dir), "args": model_cfg.args, "loss": model_cfg.loss,
+               "task": splits.task.name},
         candidates=sources,
-        metric_name=splits.objective.metric_name,
-        higher_is_better=splits.objective.classification,
+        metric_name=splits.task.metric_name,
+        higher_is_better=splits.task.higher_is_better,
         methods=[*baselines, twa.row],
         basis=BasisSummary(layout.block_names(), subspace.ranks, subspace.dropped, subspace.spread.tolist(),
                            layout.n_params, layout.n_cols, subspace.rows, cfg.bits, cfg.group_size,
@@ -468,7 +536,7 @@ def write_stage(cs: CheckpointSet, val: DataConfig, model_cfg: ModelConfig, cfg:
         outputs=[str(p) for p in written],
         timings=timer.seconds,
         memory={**peak_memory(), "basis_bytes": subspace.basis_bytes(),
-                "flat_buffer_bytes": 3 * binding.flat.numel() * 4},
+                "flat_buffer_bytes": 2 * flat.binding.flat.numel() * flat.binding.flat.element_size()},
         distributed=None if per_rank is None else {"world_size": len(per_rank),
                                                    "backend": torch.distributed.get_backend(), "ranks": per_rank},
     )
@@ -507,28 +575,30 @@ def evaluate_checkpoints(
     """Loss and metric of each checkpoint on all rows of ``val``.
 
     Returns:
-        ``{"metric_name", "rows", "checkpoints": [{"path", "loss", "metric", "n"}]}``.
+        ``{"metric_name", "higher_is_better", "task", "rows", "checkpoints": [{"path", "loss", "metric", "n"}]}``
+        (``n``: the task's items, e.g. tokens for a language model).
     """
     dev = select_device(device)
-    data = load_data(val)
-    objective = resolve_objective(model.loss, data.is_classification)
     cs = open_checkpoints(checkpoints, ema_key=read.ema_key, keys=read.keys, allow_nonfinite=read.allow_nonfinite,
                           min_count=1)
     try:
         net = build_model(model.spec, model.args, hf_dir=cs.hf_dir).to(dev)
         keys = ModelKeys(net, cs, model.spec).model_keys()
+        data, task = load_inputs(val, model, ModelContext(net, hf_dirs(cs.paths)))
         everything = torch.arange(data.n)
+        probe(net, data, everything, task, batch_size, dev)
         results = []
         for i in range(len(cs)):
             with torch.no_grad():
                 net.load_state_dict({k: cs.get(i, k) for k in keys}, strict=False)
             if bn_recalibrate:
                 recalibrate_batchnorm(net, data, everything, batch_size, dev)
-            score = evaluate(net, data, everything, objective, batch_size, dev, SingleProcess(dev))
+            score = evaluate(net, data, everything, task, batch_size, dev, SingleProcess(dev))
             results.append({"path": str(cs.paths[i]), **score})
     finally:
         cs.close()
-    return {"metric_name": objective.metric_name, "rows": data.n, "checkpoints": results}
+    return {"metric_name": task.metric_name, "higher_is_better": task.higher_is_better, "task": task.name,
+            "rows": data.n, "checkpoints": results}
 
 
 def apply_report(report_path: str | Path, checkpoints: Sequence[str | Path],
@@ -545,16 +615,17 @@ def apply_report(report_path: str | Path, checkpoints: Sequence[str | Path],
     try:
         check_output(out.path, force=out.force, hf_source_dir=cs.hf_dir)
         expected = [c["sha256"] for c in report["candidates"]]
+        if len(expected) != len(cs):
+            raise TwamergeError(f"{report_path}: the fit used {len(expected)} candidates; {len(cs)} were given")
+        alphas = torch.tensor(merge["block_alphas"], dtype=torch.float64)
+        # The merge reads every candidate once and hashes it on that read; the check comes after it.
+        merged = linear_merge(cs, _weights_of(alphas, merge["key_block"], merge["default_alphas"]),
+                              out_dtype=parse_dtype(merge.get("out_dtype")))
         got = [s["sha256"] for s in cs.sources()]
-        if len(expected) != len(got):
-            raise TwamergeError(f"{report_path}: the fit used {len(expected)} candidates; {len(got)} were given")
         for i, (e, g) in enumerate(zip(expected, got)):
             if e != g:
                 raise TwamergeError(f"{cs.paths[i]}: SHA-256 {g[:12]}... differs from the fit's candidate {i + 1} "
                                     f"({report['candidates'][i]['path']}, {e[:12]}...); pass the same files in the same order")
-        alphas = torch.tensor(merge["block_alphas"], dtype=torch.float64)
-        merged = linear_merge(cs, _weights_of(alphas, merge["key_block"], merge["default_alphas"]),
-                              out_dtype=parse_dtype(merge.get("out_dtype")))
         merged.update(_decode_tensors(merge.get("recalibrated_buffers", "")))
         written = write_checkpoint(merged, out.path, metadata=merge["metadata"], force=out.force,
                                    max_shard_size=out.max_shard_size, hf_source_dir=cs.hf_dir)

@@ -7,10 +7,8 @@ to re-emit the same merge without data or model.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -20,6 +18,7 @@ from typing import Any, Iterator
 import torch
 
 from .errors import OutputError, TwamergeError
+from .io.atomic import AtomicWrite, refuse_existing
 
 REPORT_VERSION = 1
 
@@ -140,6 +139,7 @@ def build_report(*, settings: Any, data: DataSummary, model: dict, candidates: l
         "model": model,
         "candidates": candidates,
         "metric_name": metric_name,
+        "higher_is_better": higher_is_better,
         "methods": [r.to_dict() for r in methods],
         "best_candidate": best.name if best else None,
         "twa_at_least_best": beats,
@@ -175,18 +175,14 @@ def atomic_output(path: Path, force: bool, what: str) -> Iterator[Path]:
     Refuses to overwrite ``path`` without ``force``.
     """
     path = Path(path)
-    if path.exists() and not force:
-        raise OutputError(f"{path}: {what} exists; pass --force to overwrite it")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write the {what} ({exc.strerror})") from exc
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    refuse_existing(path, what, force=force)
+    with AtomicWrite() as aw:
+        try:
+            tmp = aw.file(path, suffix=path.suffix or ".tmp")
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write the {what} ({exc.strerror})") from exc
+        yield tmp
+        aw.commit()
 
 
 def write_report(report: dict, path: Path, force: bool) -> None:

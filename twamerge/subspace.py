@@ -8,6 +8,9 @@ For each block ``b`` with centred directions ``D_b = [c_k - m_b]`` (K x n_b):
 3. a second streaming pass forms ``P_b = T_b D_b`` (orthonormal rows: classical Gram-Schmidt through
    inner products) and quantizes it to ``bits`` in groups of ``group_size`` columns.
 
+In one process a block whose candidates fit in ``CACHE_BYTES`` (every one-tensor block, the default
+``layer`` blocks) is read once: steps 1-3 run on the same read before the next block is read.
+
 Every block's columns are padded to a multiple of ``group_size`` in the flat space, so a
 quantization group never mixes two blocks (their directions are normalised separately and can
 differ in scale by orders of magnitude).
@@ -227,6 +230,12 @@ class StackedCandidates:
         return self.stacks[name].reshape(self.k, -1)[:, lo:hi]
 
 
+# Candidate bytes a block may hold in memory between the Gram pass and the basis pass, so that block
+# is read once instead of twice (single process). A block of one tensor is always held: the
+# reader returns that whole tensor anyway.
+CACHE_BYTES = 1 << 30
+
+
 def build_subspace(
     candidates: CandidateColumns,
     layout: FlatLayout,
@@ -237,8 +246,15 @@ def build_subspace(
     device: torch.device | str = "cpu",
     backend: str | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
+    check_finite: bool = False,
+    cache_bytes: int = CACHE_BYTES,
 ) -> Subspace:
-    """Two streaming passes over the candidates, one tensor at a time.
+    """Mean, Gram matrices and quantized basis, reading the candidates one tensor at a time.
+
+    In one process, each block is read once when its candidates fit in ``cache_bytes`` (always for
+    a block of one tensor, the default ``layer`` blocks): its Gram matrix, transform and quantized
+    basis are made from the same read. Larger blocks, and every block of a distributed fit (whose
+    Gram matrices are summed over the ranks first), are read a second time for the basis.
 
     Args:
         candidates: the K candidates (:class:`CandidateColumns`).
@@ -250,6 +266,14 @@ def build_subspace(
             A failure on any rank while reading raises on every rank after the first pass.
         rank_rtol: eigenvalues of a block's Gram matrix at or below ``rank_rtol * max`` are dropped.
         device: where the basis and mean live (the fit device).
+        check_finite: raise :class:`~twamerge.errors.NonFiniteError` naming the tensor (and the
+            candidate, and its file when ``candidates`` has ``paths``) when a tensor holds NaN/Inf.
+            The check reads nothing extra: any NaN/Inf makes that tensor's Gram matrix non-finite,
+            and only then are its values scanned to name the culprit. A caller that passes
+            ``check_finite=True`` can read without its own per-tensor scan (a ``CheckpointSet``
+            opened with ``allow_nonfinite=True``, or its ``allow_nonfinite`` set for the build);
+            with ``False`` (the default) non-finite values are not looked for.
+        cache_bytes: the most candidate bytes held to read a multi-tensor block once.
     """
     device = torch.device(device)
     comm = comm or SingleProcess()
@@ -258,92 +282,222 @@ def build_subspace(
     _, ranges = split_columns(layout.n_cols, g, comm.world_size)
     c0, c1 = ranges[comm.rank]
     load_slice = candidates.stack_slice
+    by_block = layout.block_names()
+    index_of = {name: i for i, name in enumerate(layout.names)}
+    members = [[index_of[n] for n in names] for names in by_block]
+    single = comm.world_size == 1
 
     def owned(i: int) -> tuple[int, int]:
         """The part ``[lo, hi)`` of tensor ``i`` (flattened) that falls in ``[c0, c1)``; empty when lo >= hi."""
         o0 = layout.offsets[i]
         return max(o0, c0) - o0, min(o0 + layout.numel(i), c1) - o0
 
-    mean = torch.zeros(c1 - c0, dtype=torch.float32, device=device)
+    def load(i: int) -> torch.Tensor:
+        lo, hi = owned(i)
+        return _as_compute(load_slice(layout.names[i], lo, hi)).reshape(k, -1).to(device)
+
+    def itemsize(i: int) -> int:
+        dtype = _dtype_of(candidates, layout.names[i])
+        return dtype.itemsize if dtype in INPUT_DTYPES else 4
+
+    # Every rank allocates K - 1 rows (the most a block can have); trimmed to the largest rank at the end.
+    rows = max(1, k - 1)
+    n_cols = c1 - c0
+    n_groups = 0 if bits in FLOAT_BITS else n_cols // g
+    mean = torch.zeros(n_cols, dtype=torch.float32, device=device)
+    codes = torch.empty(codes_shape(rows, n_cols, bits), dtype=storage_dtype(bits), device=device)
+    scales = torch.empty(rows, n_groups, dtype=torch.float32, device=device)
+    zeros = torch.empty(rows, n_groups, dtype=torch.float32, device=device)
     grams = torch.zeros(layout.n_blocks, k, k, dtype=torch.float64)
-    error: BaseException | None = None
-    try:
-        for i in progress(range(len(layout.names))):
+    transform = torch.zeros(layout.n_blocks, rows, k, dtype=torch.float64)
+    ranks = [0] * layout.n_blocks
+    spreads = [0.0] * layout.n_blocks
+    basis = _BasisWriter(layout, codes, scales, zeros, mean, bits, c0, c1, backend)
+
+    def finish(b: int) -> None:
+        if not bool(torch.isfinite(grams[b]).all()):
+            from .errors import NonFiniteError
+
+            raise NonFiniteError(
+                f"the candidates hold NaN/Inf in block {b} ({', '.join(by_block[b][:3])}"
+                f"{', ...' if len(by_block[b]) > 3 else ''}): no subspace can be built through them; "
+                "drop that checkpoint"
+            )
+        ranks[b], spreads[b], t = _transform(grams[b], k, rank_rtol)
+        transform[b, : t.shape[0]] = t
+
+    def gram_pass(b: int, keep: bool) -> dict[int, torch.Tensor]:
+        held: dict[int, torch.Tensor] = {}
+        for i in members[b]:
             lo, hi = owned(i)
             if lo >= hi:
                 continue
-            x = _as_compute(load_slice(layout.names[i], lo, hi)).reshape(k, -1).to(device).contiguous()
+            x = load(i)
             gram, m = kernels.gram(x, backend=backend)
-            grams[layout.block_of[i]] += gram.cpu()
+            gram = gram.cpu()
+            if check_finite and not bool(torch.isfinite(gram).all()):
+                gram = _locate_nonfinite(candidates, layout.names[i], x, k)
+            grams[b] += gram
             o = layout.offsets[i] + lo - c0
             mean[o:o + x.shape[1]] = m
+            if keep:
+                held[i] = x
+        return held
+
+    reread: list[int] = []
+    error: BaseException | None = None
+    try:
+        for b in progress(range(layout.n_blocks)):
+            held_bytes = sum(k * max(0, owned(i)[1] - owned(i)[0]) * itemsize(i) for i in members[b])
+            keep = single and (len(members[b]) == 1 or held_bytes <= cache_bytes)
+            held = gram_pass(b, keep)
+            if keep:
+                finish(b)
+                basis.write_block(b, transform[b], held.__getitem__)
+            else:
+                reread.append(b)
+            del held
     except (Exception, KeyboardInterrupt) as exc:
         error = exc
-    grams = comm.sum(grams, error)
+    if not single:
+        grams = comm.sum(grams, error)
+    elif error is not None:
+        raise error
+    cache: dict[int, torch.Tensor] = {}
 
-    transforms, ranks, spreads = [], [], []
-    for b in range(layout.n_blocks):
-        gram = (grams[b] + grams[b].T) / 2
-        lam, vec = torch.linalg.eigh(gram)
-        top = float(lam.max()) if lam.numel() else 0.0
-        keep = lam > rank_rtol * top if top > 0 else torch.zeros_like(lam, dtype=torch.bool)
-        t = (vec[:, keep] / lam[keep].sqrt()).T  # [r, K]
-        transforms.append(t)
-        ranks.append(int(keep.sum()))
-        spreads.append(math.sqrt(max(float(gram.trace()), 0.0) / k))
-    rows = max(1, max(ranks, default=0))
-    transform = torch.zeros(layout.n_blocks, rows, k, dtype=torch.float64)
-    for b, t in enumerate(transforms):
-        transform[b, : t.shape[0]] = t
+    def source(i: int) -> torch.Tensor:
+        if i not in cache:
+            cache.clear()
+            cache[i] = load(i)
+        return cache[i]
+
+    for b in progress(reread):
+        finish(b)
+        basis.write_block(b, transform[b], source)
+    cache.clear()
+
     dropped = sum(k - 1 - r for r in ranks)
     if dropped:
         log.warning("%d of %d directions dropped as duplicate or collinear (rank_rtol=%g)",
                     dropped, (k - 1) * layout.n_blocks, rank_rtol)
-
-    n_cols = c1 - c0
-    n_groups = 0 if bits in FLOAT_BITS else n_cols // g
-    codes = torch.empty(codes_shape(rows, n_cols, bits), dtype=storage_dtype(bits), device=device)
-    scales = torch.empty(rows, n_groups, dtype=torch.float32, device=device)
-    zeros = torch.empty(rows, n_groups, dtype=torch.float32, device=device)
-    # Whole groups per window: quantization groups and packed code bytes must not straddle two windows.
-    width = max(g, min(WINDOW, n_cols) // g * g)
-    # One flat staging buffer, viewed as a contiguous [K, w] window of whatever width is needed.
-    stage = torch.zeros(k * width, dtype=torch.float32, device=device)
-    by_block = layout.block_names()
-    index_of = {name: i for i, name in enumerate(layout.names)}
-    block_starts = layout.block_starts
-    for b in progress(range(layout.n_blocks)):
-        t32 = transform[b].float().to(device)
-        start, end = max(block_starts[b], c0), min(layout.block_ends[b], c1)
-        members = [index_of[n] for n in by_block[b]]
-        cache: dict[int, torch.Tensor] = {}
-        for w0 in range(start, end, width):
-            w1 = min(end, w0 + width)
-            window = stage[: k * (w1 - w0)].view(k, w1 - w0)
-            window.zero_()
-            for i in members:
-                o0, o1 = layout.offsets[i], layout.offsets[i] + layout.numel(i)
-                lo, hi = max(o0, w0), min(o1, w1)
-                if lo >= hi:
-                    continue
-                # The cache holds this rank's part of tensor i: flattened elements [own_lo, own_hi).
-                own_lo, own_hi = owned(i)
-                if i not in cache:
-                    cache.clear()
-                    cache[i] = load_slice(layout.names[i], own_lo, own_hi).reshape(k, -1).to(device)
-                base = o0 + own_lo
-                window[:, lo - w0: hi - w0] = cache[i][:, lo - base: hi - base]
-            c, s, z = kernels.orth_quantize(window, mean[w0 - c0:w1 - c0].contiguous(), t32, bits, g,
-                                            backend=backend)
-            _store_columns(codes, scales, zeros, c, s, z, bits, g, w0 - c0, w1 - c0)
+    used = max(1, max(ranks, default=0))
+    if used < rows:
+        # Rows past every block's rank hold zeros: drop them (rare: duplicates or collinear candidates).
+        codes, scales, zeros = codes[:used].clone(), scales[:used].clone(), zeros[:used].clone()
+        transform = transform[:, :used].contiguous()
     return Subspace(layout, mean, codes, scales, zeros, transform, ranks, torch.tensor(spreads, dtype=torch.float64),
                     bits, k, backend, (c0, c1))
 
 
-def _store_columns(codes, scales, zeros, c, s, z, bits, g, w0, w1) -> None:
-    if bits in FLOAT_BITS:
-        codes[:, w0:w1] = c
-        return
-    codes[:, w0 * bits // 8: w1 * bits // 8] = c
-    scales[:, w0 // g: w1 // g] = s
-    zeros[:, w0 // g: w1 // g] = z
+def _dtype_of(candidates: CandidateColumns, name: str) -> torch.dtype:
+    """Stored dtype of ``name`` when the reader says (``CheckpointSet.dtype``, stacked tensors), else float32."""
+    dtype = getattr(candidates, "dtype", None)
+    if callable(dtype):
+        return dtype(name)
+    stacks = getattr(candidates, "stacks", None)
+    return stacks[name].dtype if isinstance(stacks, dict) else torch.float32
+
+
+def _transform(gram: torch.Tensor, k: int, rank_rtol: float) -> tuple[int, float, torch.Tensor]:
+    """(rank, spread, T [rank, K]) of a block from its Gram matrix."""
+    gram = (gram + gram.T) / 2
+    lam, vec = torch.linalg.eigh(gram)
+    top = float(lam.max()) if lam.numel() else 0.0
+    keep = lam > rank_rtol * top if top > 0 else torch.zeros_like(lam, dtype=torch.bool)
+    t = (vec[:, keep] / lam[keep].sqrt()).T  # [r, K]
+    return int(keep.sum()), math.sqrt(max(float(gram.trace()), 0.0) / k), t
+
+
+def _locate_nonfinite(candidates: CandidateColumns, name: str, x: torch.Tensor, k: int) -> torch.Tensor:
+    """A tensor's Gram matrix is not finite: raise NonFiniteError naming the candidate that holds NaN/Inf.
+
+    When every value is finite after all (float32 products of values above about 1e19 overflow), the
+    Gram matrix is recomputed in float64 and returned.
+    """
+    from .errors import NonFiniteError
+
+    paths = getattr(candidates, "paths", None)
+    for j in range(k):
+        row = x[j].float()
+        finite = torch.isfinite(row)
+        if not bool(finite.all()):
+            n_nan = int(row.isnan().sum())
+            n_inf = int((~finite).sum()) - n_nan
+            where = f"{paths[j]}" if paths is not None and j < len(paths) else f"candidate {j}"
+            raise NonFiniteError(
+                f"{where}: tensor {name!r} holds {n_nan} NaN and {n_inf} Inf values; "
+                "drop that checkpoint or pass --allow-nonfinite to merge anyway"
+            )
+    centred = x.double() - x.double().mean(dim=0)
+    return (centred @ centred.T).cpu()
+
+
+class _BasisWriter:
+    """Writes a block's quantized basis rows window by window (whole groups), reading candidate columns
+    straight from the tensors where a window lies inside one tensor, through a staging buffer where a
+    window holds tensor boundaries or the block's padding."""
+
+    def __init__(self, layout, codes, scales, zeros, mean, bits, c0, c1, backend):
+        self.layout, self.codes, self.scales, self.zeros, self.mean = layout, codes, scales, zeros, mean
+        self.bits, self.c0, self.c1, self.backend = bits, c0, c1, backend
+        self.stage: torch.Tensor | None = None
+
+    def windows(self, b: int) -> list[tuple[int, int, int | None]]:
+        """``(w0, w1, tensor or None)`` in flat columns: direct runs inside one tensor, staged runs between."""
+        lay, g = self.layout, self.layout.group_size
+        start, end = max(lay.block_starts[b], self.c0), min(lay.block_ends[b], self.c1)
+        if start >= end:
+            return []
+        runs, cursor = [], start
+        for i in (i for i, bb in enumerate(lay.block_of) if bb == b):
+            o0, o1 = lay.offsets[i], lay.offsets[i] + lay.numel(i)
+            d0, d1 = max(-(-o0 // g) * g, start), min(o1 // g * g, end)
+            if d0 >= d1:
+                continue
+            if cursor < d0:
+                runs.append((cursor, d0, None))
+            runs.append((d0, d1, i))
+            cursor = d1
+        if cursor < end:
+            runs.append((cursor, end, None))
+        out = []
+        for r0, r1, i in runs:
+            for w0 in range(r0, r1, WINDOW // g * g or g):
+                out.append((w0, min(r1, w0 + (WINDOW // g * g or g)), i))
+        return out
+
+    def write_block(self, b: int, transform: torch.Tensor, source: Callable[[int], torch.Tensor]) -> None:
+        lay, g, k = self.layout, self.layout.group_size, transform.shape[1]
+        t32 = transform.float().to(self.mean.device)
+        members = [i for i, bb in enumerate(lay.block_of) if bb == b]
+        for w0, w1, direct in self.windows(b):
+            if direct is not None:
+                base = lay.offsets[direct] + max(0, self.c0 - lay.offsets[direct])
+                window = source(direct)[:, w0 - base: w1 - base]
+            else:
+                window = self._staged(w0, w1, k, members, source)
+            m = self.mean[w0 - self.c0: w1 - self.c0]
+            kernels.orth_quantize(window, m, t32, self.bits, g, self._columns(w0 - self.c0, w1 - self.c0),
+                                  backend=self.backend)
+
+    def _columns(self, w0: int, w1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of columns ``[w0, w1)`` of the basis being written."""
+        bits, g = self.bits, self.layout.group_size
+        if bits in FLOAT_BITS:
+            return self.codes[:, w0:w1], self.scales, self.zeros
+        return self.codes[:, w0 * bits // 8: w1 * bits // 8], self.scales[:, w0 // g: w1 // g], self.zeros[:, w0 // g: w1 // g]
+
+    def _staged(self, w0, w1, k, members, source) -> torch.Tensor:
+        lay = self.layout
+        if self.stage is None or self.stage.numel() < k * (w1 - w0):
+            self.stage = torch.zeros(k * max(w1 - w0, lay.group_size), dtype=torch.float32, device=self.mean.device)
+        window = self.stage[: k * (w1 - w0)].view(k, w1 - w0)
+        window.zero_()
+        for i in members:
+            o0, o1 = lay.offsets[i], lay.offsets[i] + lay.numel(i)
+            lo, hi = max(o0, w0), min(o1, w1)
+            if lo >= hi:
+                continue
+            base = o0 + max(0, self.c0 - o0)
+            window[:, lo - w0: hi - w0] = source(i)[:, lo - base: hi - base]
+        return window

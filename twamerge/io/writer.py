@@ -1,0 +1,300 @@
+"""Write a merged state dict: safetensors (byte-reproducible), torch, shards with an index, HF folders.
+
+All outputs go through ``AtomicWrite``: files are written under temporary names in the destination
+folder and renamed into place only when complete (an index last); a directory output is built in a
+temporary sibling directory and renamed as a whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..errors import OutputError, one_line
+from ..options import dtype_name
+from .atomic import AtomicWrite, refuse_existing
+from .formats.safetensors import ST_DTYPES
+from .hashing import remember_sha256, sha256_file
+
+log = logging.getLogger(__name__)
+
+__all__ = ["WRITE_SUFFIXES", "check_output", "save_safetensors", "write_checkpoint"]
+
+# Output suffixes: safetensors, or a torch.save state dict.
+WRITE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+# Files never copied from a Hugging Face source directory: weights of the source model.
+_WEIGHT_FILE_SUFFIXES = WRITE_SUFFIXES + (".h5", ".msgpack", ".onnx", ".ot", ".tflite", ".gguf")
+# Every dtype we read, we can write.
+_SAFETENSORS_DTYPES = {dtype: name for name, dtype in ST_DTYPES.items()}
+
+
+def _is_dir_output(out: Path, hf_source_dir: Path | None) -> bool:
+    known = out.suffix.lower() in WRITE_SUFFIXES
+    return not known and (out.suffix == "" or hf_source_dir is not None)
+
+
+def check_output(out: str | Path, *, force: bool = False, hf_source_dir: Path | None = None) -> None:
+    """Fail early, before any arithmetic, when ``out`` cannot or must not be written.
+
+    Raises:
+        OutputError: ``out`` exists without ``force``, has an unknown suffix, or its folder is not writable.
+    """
+    out = Path(out)
+    is_dir = _is_dir_output(out, hf_source_dir)
+    if not is_dir and out.suffix.lower() not in WRITE_SUFFIXES:
+        raise OutputError(
+            f"output {out} has suffix {out.suffix!r}; use .safetensors (default), .pt/.pth/.bin/.ckpt, or a name "
+            "without a suffix for a model directory"
+        )
+    for existing in (out, out.with_name(out.name + ".index.json")):
+        refuse_existing(existing, force=force)
+    if out.exists() and out.is_dir() != is_dir:
+        raise OutputError(f"{out} exists and is a {'directory' if out.is_dir() else 'file'}; choose another output")
+    ancestor = out.parent.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot write {out}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {out}: folder {ancestor} is not writable")
+
+
+def _prepare_tensors(tensors: Mapping[str, torch.Tensor], clone_views: bool) -> dict[str, torch.Tensor]:
+    """The tensors on CPU, contiguous; with ``clone_views`` a view into a larger storage gets its own copy.
+
+    The safetensors serializer writes each tensor's bytes on their own, so tensors may share memory
+    (tied weights, or views of one flat buffer holding a whole merge) and nothing is copied.
+    ``torch.save`` writes whole storages: a view of a larger buffer would drag all of it into the file.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for k, t in tensors.items():
+        if not isinstance(k, str):
+            raise TypeError(f"tensor names must be str, got {type(k).__name__} {k!r}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{k!r} is a {type(t).__name__}, expected a torch.Tensor")
+        t = t.detach().to("cpu")
+        partial = t.untyped_storage().nbytes() != t.numel() * t.element_size()
+        if not t.is_contiguous() or (clone_views and partial):
+            t = t.contiguous().clone()
+        out[k] = t
+    return out
+
+
+def _plan_shards(tensors: dict[str, torch.Tensor], max_shard_size: int | None) -> list[list[str]]:
+    if max_shard_size is None:
+        return [list(tensors)]
+    shards: list[list[str]] = [[]]
+    size = 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += n
+    return shards
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write the safetensors format byte-for-byte reproducibly.
+
+    ``safetensors.torch.save_file`` keeps the metadata in a hash map whose order changes from call to
+    call, so the same merge would get a different file (and SHA-256) each time. Here the header is
+    JSON with sorted keys (tensors by name, then ``__metadata__``), padded with spaces to 8 bytes, and
+    the data follow in header order: the layout of the format's specification, written in a stable
+    order, streamed tensor by tensor without a second copy.
+    """
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    # The output's SHA-256 (logged, and in `average`'s summary) is computed from the bytes as they are
+    # written, instead of reading the file back.
+    sha = hashlib.sha256()
+    with open(path, "wb") as f:
+        for part in (len(blob).to_bytes(8, "little"), blob):
+            f.write(part)
+            sha.update(part)
+        for name in names:
+            t = tensors[name].detach().to("cpu").contiguous()
+            if t.numel():
+                data = memoryview(t.reshape(-1).view(torch.uint8).numpy() if t.dtype != torch.bool else t.numpy())
+                f.write(data)
+                sha.update(data)
+    remember_sha256(path, sha.hexdigest())
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, fmt: str, metadata: dict[str, str]) -> None:
+    if fmt == "safetensors":
+        save_safetensors(tensors, path, metadata)
+    else:
+        torch.save(tensors, path)
+
+
+def _copy_hf_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    ignore = shutil.ignore_patterns(*(f"*{s}" for s in _WEIGHT_FILE_SUFFIXES), "*.index.json", ".*")
+    for entry in sorted(src.iterdir()):
+        if entry.name.startswith(".") or entry.name.lower().endswith(_WEIGHT_FILE_SUFFIXES + (".index.json",)):
+            continue
+        if entry.name == "README.md":
+            continue  # the source's model card describes the source, not the merge
+        if entry.is_dir():
+            shutil.copytree(entry, dst / entry.name, ignore=ignore)
+        else:
+            shutil.copy2(entry, dst / entry.name)
+        copied.append(entry.name)
+    return copied
+
+
+def _set_config_dtype(config_path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Make a copied ``config.json`` name the dtype the merged weights were written in.
+
+    transformers loads with the config's ``torch_dtype`` (``dtype`` since v5) when asked for
+    ``"auto"``; a merge written in bfloat16 must not claim float32. Left alone when the floating
+    tensors have mixed dtypes or the config names none.
+    """
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(dtypes) != 1 or not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    name = dtype_name(next(iter(dtypes)))
+    keys = [k for k in ("torch_dtype", "dtype") if isinstance(config.get(k), str)]
+    if keys and any(config[k] != name for k in keys):
+        for k in keys:
+            config[k] = name
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _previous_output_files(out: Path, base_name: str) -> list[Path]:
+    """The files a previous file output at ``out`` consists of: the file, its shards and index, metadata.
+
+    Shards are taken from the old index's weight map only (never by globbing), so files the user put
+    beside the output are not touched.
+    """
+    folder = out.parent
+    found = [p for p in (out, folder / f"{base_name}.index.json", folder / f"{base_name}.metadata.json")
+             if p.is_file()]
+    index = folder / f"{base_name}.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+        except (OSError, ValueError, AttributeError):
+            weight_map = {}
+        found += [folder / name for name in set(weight_map.values())
+                  if isinstance(name, str) and Path(name).name == name and (folder / name).is_file()]
+    return found
+
+
+def write_checkpoint(
+    tensors: Mapping[str, torch.Tensor],
+    out: str | Path,
+    *,
+    metadata: dict[str, str],
+    force: bool = False,
+    max_shard_size: int | None = None,
+    hf_source_dir: Path | None = None,
+) -> list[Path]:
+    """Write a state dict atomically and return the paths written (shards first, index last).
+
+    Format from ``out``: ``.safetensors`` (with ``metadata`` in its header), ``.pt/.pth/.bin/.ckpt``
+    (a plain ``torch.save`` state dict; ``metadata`` goes to ``<out>.metadata.json`` or the shard
+    index), or a directory when ``out`` has no suffix (or an unknown one with ``hf_source_dir``):
+    ``model.safetensors`` plus the config/tokenizer files of ``hf_source_dir``. Past ``max_shard_size``
+    bytes the tensors are split into ``<stem>-0000i-of-0000N<suffix>`` shards with a
+    ``<name>.index.json`` in the Hugging Face format.
+
+    Args:
+        tensors: ``{name: Tensor}``; any device, made contiguous; tensors sharing memory are cloned.
+        out: output file or directory.
+        metadata: str -> str, stored with the weights (``format: pt`` is added for transformers).
+        force: replace an existing output.
+        max_shard_size: bytes per shard, or None for one file.
+        hf_source_dir: a Hugging Face model directory whose non-weight files are copied.
+
+    Raises:
+        OutputError: the output exists without ``force`` or cannot be written. Nothing partial is left.
+        TypeError: a name or value is not str / Tensor, or metadata is not str -> str.
+    """
+    out = Path(out)
+    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                    for k, v in metadata.items()):
+        raise TypeError("metadata must be a dict of str -> str (JSON-encode anything else)")
+    metadata = {"format": "pt", **metadata}
+    check_output(out, force=force, hf_source_dir=hf_source_dir)
+    is_dir = _is_dir_output(out, hf_source_dir)
+    fmt = "safetensors" if is_dir or out.suffix.lower() == ".safetensors" else "torch"
+    prepared = _prepare_tensors(tensors, clone_views=fmt != "safetensors")
+    shards = _plan_shards(prepared, max_shard_size)
+    base = Path("model.safetensors") if is_dir else Path(out.name)
+    stem, suffix = base.stem, base.suffix
+    names = [base.name] if len(shards) == 1 else [
+        f"{stem}-{i + 1:05d}-of-{len(shards):05d}{suffix}" for i in range(len(shards))
+    ]
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create folder {out.parent}: {one_line(e)}") from e
+
+    # (path written now, final path), in write order, index last.
+    written: list[tuple[Path, Path]] = []
+    try:
+        with AtomicWrite() as aw:
+            tmp_dir = aw.directory(out) if is_dir else None
+
+            def stage(final_name: str) -> Path:
+                if tmp_dir is not None:
+                    p = tmp_dir / final_name
+                    written.append((p, out / final_name))
+                    return p
+                p = aw.file(out.parent / final_name)
+                written.append((p, out.parent / final_name))
+                return p
+
+            weight_map: dict[str, str] = {}
+            for name, keys in zip(names, shards):
+                part = {k: prepared[k] for k in keys}
+                _save(part, stage(name), fmt, metadata)
+                weight_map.update({k: name for k in keys})
+            if len(shards) > 1:
+                total = sum(t.numel() * t.element_size() for t in prepared.values())
+                index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+                stage(f"{base.name}.index.json").write_text(json.dumps(index, indent=2))
+            elif fmt == "torch":
+                stage(f"{base.name}.metadata.json").write_text(json.dumps(metadata, indent=2))
+            if tmp_dir is not None and hf_source_dir is not None:
+                copied = _copy_hf_files(Path(hf_source_dir), tmp_dir)
+                _set_config_dtype(tmp_dir / "config.json", prepared)
+                log.info("copied %s from %s", ", ".join(copied) or "nothing", hf_source_dir)
+
+            for tmp, final in written:
+                log.info("wrote %s (%d bytes, sha256 %s)", final, tmp.stat().st_size, sha256_file(tmp))
+
+            # With --force, what the previous output had and this one lacks (its shards, a single
+            # file now sharded or the reverse) goes too, or a loader could pick up stale weights.
+            previous = _previous_output_files(out, base.name) if force and not is_dir else []
+            aw.commit()
+            done = {final for _, final in written}
+            for stale in set(previous) - done:
+                stale.unlink(missing_ok=True)
+                log.info("removed %s, part of the output this one replaces", stale)
+    except OSError as e:
+        raise OutputError(f"cannot write {out}: {one_line(e)}") from e
+    return [final for _, final in written]

@@ -1,0 +1,444 @@
+"""From the columns of ``--val`` to the model's inputs and the task's labels.
+
+The rules, in order (each column not used is named in the log with the reason):
+
+1. ``--preprocess fn``: ``fn(columns)`` (a dict of lists) returns the model's inputs; nothing else is guessed.
+2. Token ids already present (``input_ids``, of any length per row) are used as they are.
+3. Else a text column (``--text``, or by name: ``text``, ``sentence``, ...; ``--text-pair``) is
+   tokenized with the candidates' tokenizer; ``prompt`` + ``completion`` rows for a causal LM
+   train and score on the completion only.
+4. A datasets ``Image`` column becomes float32 ``[N, C, H, W]`` in [0, 1], or goes through the
+   candidate folder's image processor (``preprocessor_config.json``).
+5. The other numeric columns are inputs (``--inputs`` names them); when the model's ``forward``
+   names its parameters, columns it does not take are dropped.
+
+Labels follow the task: integers, ClassLabels or strings through the config's ``label2id`` for
+classification; the ids themselves (-100 on padding) or a ``labels`` column for a causal LM; token
+labels padded with -100; none for ``--loss entropy``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import text as textmod
+from .config import DataConfig, ModelConfig
+from .data import LABEL_CANDIDATES, RawTable, TensorData, _ragged, read_table
+from .errors import DataError
+from .models import _load_factory
+from .tasks import IGNORE_INDEX, CausalLM, Task, resolve_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelContext:
+    """What the data preparation needs to know about the model and where its files are.
+
+    Attributes:
+        model: the built model (its ``config`` and ``forward`` signature are read).
+        hf_dirs: the candidates' Hugging Face folders (tokenizer and image processor files), in order.
+    """
+
+    model: nn.Module
+    hf_dirs: list[Path]
+
+    @property
+    def config(self) -> Any:
+        return getattr(self.model, "config", None)
+
+    @property
+    def name(self) -> str:
+        return type(self.model).__name__
+
+    def forward_names(self) -> set[str] | None:
+        """The parameters ``forward`` names (not ``*args``/``**kwargs``); None when unknown."""
+        try:
+            params = inspect.signature(self.model.forward).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names = {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        return names or None
+
+
+def load_inputs(val: DataConfig, model_cfg: ModelConfig, ctx: ModelContext) -> tuple[TensorData, Task]:
+    """Read ``--val``, decide the task, and build the model-ready columns.
+
+    Raises:
+        DataError: no usable inputs, no label column, an unknown string label, no tokenizer for text,
+            tokenizers that differ between candidates, ragged labels that do not match the ids.
+        ModelError: a bad ``--task``, ``--loss`` or ``--preprocess`` spec.
+    """
+    table = read_table(val)
+    for name, reason in table.dropped.items():
+        log.info("column %s of %s dropped: %s", name, table.source, reason)
+    preprocessed: set[str] = set()
+    if val.preprocess:
+        preprocessed = _preprocess(table, val.preprocess)
+    label = _find_label(table, val)
+    task = resolve_task(model_cfg.task, model_cfg.loss, ctx.model, table.columns.get(label) if label else None)
+    return _Builder(table, val, task, ctx, label, preprocessed).build(), task
+
+
+def _find_label(table: RawTable, val: DataConfig) -> str | None:
+    if val.label is not None:
+        if val.label not in table.columns:
+            raise DataError(f"--label {val.label}: not a column of {table.source}; columns: {', '.join(table.columns)}")
+        return val.label
+    return next((c for c in LABEL_CANDIDATES if c in table.columns), None)
+
+
+def _preprocess(table: RawTable, spec: str) -> set[str]:
+    """Replace the table's columns by what ``fn(columns)`` returns (labels kept); returns the new input names."""
+    fn = _load_factory(spec, "--preprocess")
+    raw = {k: (v if isinstance(v, torch.Tensor) else list(v)) for k, v in table.columns.items()}
+    try:
+        out = fn(raw)
+    except Exception as exc:
+        raise DataError(f"--preprocess {spec}: raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+                        ) from exc
+    if not isinstance(out, dict) or not out:
+        raise DataError(f"--preprocess {spec}: returned {type(out).__name__}, expected a dict of columns")
+    kept = {k: v for k, v in table.columns.items() if k in LABEL_CANDIDATES and k not in out}
+    for name in table.columns:
+        if name not in out and name not in kept:
+            log.info("column %s of %s dropped: replaced by --preprocess %s", name, table.source, spec)
+    table.columns = dict(kept)
+    table.images = set()
+    for name, value in out.items():
+        table.columns[name] = _as_column(value, name, spec)
+    lengths = {k: len(v) for k, v in table.columns.items()}
+    if len(set(lengths.values())) != 1:
+        raise DataError(f"--preprocess {spec}: columns have different lengths {lengths}")
+    return set(out) - set(LABEL_CANDIDATES)
+
+
+def _as_column(value: Any, name: str, spec: str) -> Any:
+    """A tensor for rectangular numbers, ragged 1-D tensors, or the list of strings as given."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return torch.from_numpy(np.ascontiguousarray(value))
+    values = list(value)
+    if values and isinstance(values[0], str):
+        return values
+    if values and isinstance(values[0], torch.Tensor):
+        try:
+            return torch.stack(values)
+        except RuntimeError:
+            return values
+    try:
+        array = np.asarray(values)
+        if array.dtype.kind in "biuf":
+            return torch.from_numpy(np.ascontiguousarray(array))
+    except ValueError:
+        pass
+    ragged = _ragged(values)
+    if ragged is None:
+        raise DataError(f"--preprocess {spec}: column {name} is neither numbers, lists of numbers nor text")
+    return ragged
+
+
+class _Builder:
+    """One preparation: the columns chosen so far, their pad values, and what was left out and why."""
+
+    def __init__(self, table: RawTable, val: DataConfig, task: Task, ctx: ModelContext, label: str | None,
+                 preprocessed: set[str]):
+        self.table, self.val, self.task, self.ctx, self.label = table, val, task, ctx, label
+        self.preprocessed = preprocessed
+        self.columns: dict[str, Any] = {}
+        self.pad: dict[str, float] = {}
+        self.inputs: list[str] = []
+        self.used: set[str] = set()
+        self.tok: Any = None
+        self.max_length: int | None = val.max_length
+
+    def build(self) -> TensorData:
+        table, val = self.table, self.val
+        if self.preprocessed:
+            for name in sorted(self.preprocessed, key=list(table.columns).index):
+                self._add_input(name, table.columns[name])
+        elif val.inputs:
+            missing = [c for c in val.inputs if c not in table.columns]
+            if missing:
+                raise DataError(f"--inputs {','.join(missing)}: not columns of {table.source}; "
+                                f"columns: {', '.join(table.columns)}")
+            for name in val.inputs:
+                self._take(name)
+        else:
+            self._choose_inputs()
+        if not self.inputs:
+            kinds = ", ".join(f"{c} ({table.kind(c)})" for c in table.columns)
+            raise DataError(f"--val {table.source}: no input columns for the model (columns: {kinds}); text is "
+                            f"found by name ({', '.join(textmod.TEXT_COLUMNS[:4])}, ...) or --text COL, numeric "
+                            "inputs by --inputs, anything else through --preprocess")
+        label_name = self._labels()
+        self._truncate()
+        for name in table.columns:
+            if name not in self.used and name != label_name:
+                log.info("column %s of %s dropped: %s", name, table.source, self._why_unused(name))
+        return TensorData(self.columns, tuple(self.inputs), label_name, table.source, self.pad)
+
+    # -- inputs ------------------------------------------------------------------------------------
+
+    def _choose_inputs(self) -> None:
+        table = self.table
+        kinds = {c: table.kind(c) for c in table.columns}
+        skip = {self.label} if self.label else set()
+        if "input_ids" in table.columns and kinds["input_ids"] in ("numeric", "ragged"):
+            self._load_tokenizer(optional=True)
+            for name in ("input_ids", "attention_mask", "token_type_ids"):
+                if name in table.columns and name not in skip:
+                    self._take(name)
+        else:
+            texts = [c for c, k in kinds.items() if k == "text" and c not in skip]
+            text, pair = textmod.find_text_columns(texts, self.val.text, self.val.text_pair)
+            if text is not None:
+                self._tokenize(text, pair)
+            elif isinstance(self.task, CausalLM) and {"prompt", "completion"} <= set(texts):
+                self._tokenize_sft()
+        for name, kind in kinds.items():
+            if name in self.used or name in skip:
+                continue
+            if kind == "image":
+                self._take(name)
+            elif kind in ("numeric", "ragged") and not (self.task.token_level and name == "labels"):
+                self._take(name)
+        self._drop_unnamed_by_forward()
+
+    def _take(self, name: str) -> None:
+        """Use the column ``name`` of the table as an input (images converted, text refused)."""
+        kind = self.table.kind(name)
+        value = self.table.columns[name]
+        if kind == "image":
+            value, name_out = self._images(name, value)
+            self.used.add(name)
+            self._add_input(name_out, value)
+            return
+        if kind not in ("numeric", "ragged"):
+            raise DataError(f"--inputs {name}: a {kind} column cannot go to the model as it is; "
+                            "text is tokenized from --text, other data needs --preprocess")
+        self.used.add(name)
+        self._add_input(name, value)
+
+    def _add_input(self, name: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor) and value.dtype == torch.float64:
+            value = value.float()
+        if isinstance(value, list) and value and isinstance(value[0], torch.Tensor) and value[0].dtype == torch.float64:
+            value = [v.float() for v in value]
+        self.columns[name] = value
+        self.used.add(name)
+        if name not in self.inputs:
+            self.inputs.append(name)
+        if name == "input_ids" and self.tok is not None:
+            self.pad[name] = textmod.pad_id(self.tok)
+        if name == "input_ids" and isinstance(value, list) and "attention_mask" not in self.table.columns \
+                and "attention_mask" not in self.columns and self._accepts("attention_mask"):
+            # Ragged ids get the mask a collator would build: 1 on tokens, 0 on the padding.
+            self.columns["attention_mask"] = [torch.ones_like(v) for v in value]
+            self.inputs.append("attention_mask")
+
+    def _accepts(self, name: str) -> bool:
+        names = self.ctx.forward_names()
+        return names is None or name in names
+
+    def _drop_unnamed_by_forward(self) -> None:
+        """When ``forward`` names some of the inputs, drop those it does not name (they would fail the call)."""
+        names = self.ctx.forward_names()
+        if names is None or not any(c in names for c in self.inputs):
+            return
+        for c in [c for c in self.inputs if c not in names]:
+            self.inputs.remove(c)
+            self.columns.pop(c)
+            log.info("column %s of %s dropped: %s.forward takes no argument %s", c, self.table.source,
+                     self.ctx.name, c)
+
+    # -- text --------------------------------------------------------------------------------------
+
+    def _load_tokenizer(self, optional: bool = False) -> Any:
+        if self.tok is not None:
+            return self.tok
+        if self.val.tokenizer is not None:
+            directory = Path(self.val.tokenizer)
+        else:
+            dirs = [d for d in self.ctx.hf_dirs if textmod.has_tokenizer(d)]
+            if not dirs:
+                if optional:
+                    return None
+                raise DataError(f"--val {self.table.source}: text needs a tokenizer, and the candidates are not "
+                                "Hugging Face folders with tokenizer files; pass --tokenizer DIR")
+            textmod.check_same_tokenizer(self.ctx.hf_dirs)
+            directory = dirs[0]
+        self.tok = textmod.load_tokenizer(directory)
+        if self.max_length is None:
+            self.max_length = textmod.default_max_length(self.ctx.config, self.tok)
+        return self.tok
+
+    def _tokenize(self, text: str, pair: str | None) -> None:
+        tok = self._load_tokenizer()
+        texts = self.table.columns[text]
+        pairs = self.table.columns[pair] if pair else None
+        out = textmod.tokenize(tok, texts, pairs, self.max_length)
+        self._tokens(out, f"{text}" + (f" + {pair}" if pair else ""))
+        self.used.update({text} | ({pair} if pair else set()))
+
+    def _tokenize_sft(self) -> None:
+        tok = self._load_tokenizer()
+        out = textmod.tokenize_prompt_completion(tok, self.table.columns["prompt"], self.table.columns["completion"],
+                                                 self.max_length)
+        self.columns["labels"] = out.columns.pop("labels")
+        self.pad["labels"] = IGNORE_INDEX
+        self._tokens(out, "prompt + completion (loss on the completion tokens only)")
+        self.used.update({"prompt", "completion"})
+
+    def _tokens(self, out: textmod.Tokenized, what: str) -> None:
+        names = [c for c in out.columns if c == "input_ids" or self._accepts(c)]
+        for c in out.columns:
+            if c not in names:
+                log.info("tokenizer output %s dropped: %s.forward takes no argument %s", c, self.ctx.name, c)
+        for c in names:
+            self._add_input(c, out.columns[c])
+        n = len(out.columns["input_ids"])
+        log.info("tokenized %s: %d rows, max length %d%s", what, n, self.max_length,
+                 f"; {out.at_limit} rows reach it and may be truncated" if out.at_limit else "")
+
+    # -- images ------------------------------------------------------------------------------------
+
+    def _images(self, name: str, images: list) -> tuple[torch.Tensor, str]:
+        """Images as float32 ``[N, C, H, W]``: through the candidates' image processor, or scaled to [0, 1]."""
+        target = "pixel_values" if self._accepts("pixel_values") and self.ctx.forward_names() else name
+        proc_dir = next((d for d in self.ctx.hf_dirs if (d / "preprocessor_config.json").is_file()), None)
+        if proc_dir is not None:
+            try:
+                import transformers
+
+                proc = transformers.AutoImageProcessor.from_pretrained(str(proc_dir), local_files_only=True)
+                pixels = proc(images=images, return_tensors="pt")["pixel_values"]
+            except Exception as exc:
+                raise DataError(f"column {name}: the image processor of {proc_dir} failed ({type(exc).__name__}: "
+                                f"{' '.join(str(exc).split())[:300]})") from exc
+            log.info("column %s: %d images through the image processor of %s -> %s %s", name, len(images),
+                     proc_dir, target, list(pixels.shape))
+            return pixels.float(), target
+        arrays = [np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img) for img in images]
+        shapes = sorted({a.shape for a in arrays})
+        if len(shapes) > 1:
+            raise DataError(f"column {name}: images of different sizes {shapes[:4]}; resize them with --preprocess, "
+                            "or put the model's preprocessor_config.json in the candidate folder")
+        x = torch.from_numpy(np.stack(arrays)).float() / 255.0  # [N, H, W] or [N, H, W, C]
+        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+        log.info("column %s: %d images as float32 %s in [0, 1]", name, len(images), list(x.shape))
+        return x.contiguous(), target
+
+    # -- labels ------------------------------------------------------------------------------------
+
+    def _labels(self) -> str | None:
+        """Put the label column into ``columns`` in the task's form; its name, or None without labels."""
+        task, table = self.task, self.table
+        if not task.needs_labels:
+            return None
+        if isinstance(task, CausalLM):
+            if "labels" in self.columns:  # prompt/completion masking
+                return "labels"
+            if self.label is not None and table.kind(self.label) in ("numeric", "ragged"):
+                self.columns[self.label] = table.columns[self.label]  # honoured as given
+                self.pad[self.label] = IGNORE_INDEX
+                return self.label
+            if "input_ids" not in self.columns:
+                raise DataError(f"--val {table.source}: a causal LM needs text or input_ids; columns: "
+                                f"{', '.join(table.columns)}")
+            return None  # the ids themselves, -100 on padding (tasks.CausalLM.labels)
+        if self.label is None:
+            raise DataError(f"--val {table.source}: no label column; expected one of {', '.join(LABEL_CANDIDATES)} "
+                            f"(columns: {', '.join(table.columns)}); name it with --label, or fit without labels "
+                            "with --loss entropy")
+        kind = table.kind(self.label)
+        values = table.columns[self.label]
+        if kind == "text":
+            values = self._map_strings(values)
+        elif self.label in table.class_names:
+            values = self._map_class_label(values, table.class_names[self.label])
+        elif kind not in ("numeric", "ragged"):
+            raise DataError(f"label column {self.label}: a {kind} column; expected numbers or strings")
+        if isinstance(values, torch.Tensor) and values.dtype == torch.bool:
+            values = values.long()
+        if task.name == "regression" and isinstance(values, torch.Tensor):
+            values = values.float()
+        self.columns[self.label] = values
+        self.pad[self.label] = IGNORE_INDEX
+        return self.label
+
+    def _label2id(self) -> dict[str, int] | None:
+        mapping = getattr(self.ctx.config, "label2id", None)
+        return {str(k): int(v) for k, v in mapping.items()} if mapping else None
+
+    def _map_strings(self, values: list[str]) -> torch.Tensor:
+        """String labels through the config's ``label2id``; an unknown label is an error naming it."""
+        mapping = self._label2id()
+        if mapping is None:
+            raise DataError(f"label column {self.label} holds strings (e.g. {values[0]!r}) and {self.ctx.name} has "
+                            "no config.label2id to map them; give integer labels")
+        unknown = sorted({v for v in values if v not in mapping})
+        if unknown:
+            raise DataError(f"label {unknown[0]!r} of column {self.label} is not in the model's label2id "
+                            f"({', '.join(list(mapping)[:10])})" + (f"; {len(unknown)} unknown labels" if
+                                                                   len(unknown) > 1 else ""))
+        return torch.tensor([mapping[v] for v in values], dtype=torch.long)
+
+    def _map_class_label(self, values: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """A ClassLabel's ids, renumbered through ``label2id`` when the model names the same classes."""
+        mapping = self._label2id()
+        if mapping is None or not set(names) <= set(mapping) or list(mapping) == names:
+            return values
+        table = torch.tensor([mapping[n] for n in names], dtype=torch.long)
+        return torch.where(values >= 0, table[values.clamp_min(0)], values)
+
+    # -- lengths -----------------------------------------------------------------------------------
+
+    def _truncate(self) -> None:
+        """Cut ragged columns (already tokenized ids, their labels) to ``--max-length`` (and the model's limit)."""
+        if self.max_length is None and self.ctx.config is not None and any(
+                isinstance(v, list) for v in self.columns.values()):
+            self.max_length = textmod.default_max_length(self.ctx.config, self.tok)
+        limit = self.max_length
+        ragged = {k: v for k, v in self.columns.items() if isinstance(v, list)}
+        if "input_ids" in ragged and self.label in ragged and self.task.token_level:
+            bad = [i for i, (a, b) in enumerate(zip(ragged["input_ids"], ragged[self.label])) if len(a) != len(b)]
+            if bad:
+                i = bad[0]
+                raise DataError(f"row {i}: {len(ragged['input_ids'][i])} input_ids but {len(ragged[self.label][i])} "
+                                f"{self.label}; token labels need one label per token (-100 to ignore one)")
+        if limit is None:
+            return
+        cut = 0
+        for name, rows in ragged.items():
+            long = sum(1 for r in rows if r.numel() > limit)
+            if long:
+                self.columns[name] = [r[:limit] for r in rows]
+                cut = max(cut, long)
+        if cut:
+            log.info("%d rows longer than %d tokens truncated (--max-length)", cut, limit)
+
+    def _why_unused(self, name: str) -> str:
+        kind = self.table.kind(name)
+        if name in self.columns or name in self.used:
+            return "not an input of the model"
+        if kind == "text":
+            return "a text column other than the one tokenized (choose it with --text)"
+        if kind == "image":
+            return "an image column not used"
+        return "not named by --inputs" if self.val.inputs else f"{self.task.name} does not use it"
+
+
+def hf_dirs(paths: list[Path]) -> list[Path]:
+    """The candidate paths that are Hugging Face folders (a config.json), in order."""
+    return [Path(p) for p in paths if Path(p).is_dir() and (Path(p) / "config.json").is_file()]
+
