@@ -4,11 +4,9 @@ end through the real `twamerge` command line (fit, average, eval).
 The smoke runs start together in one fixture (they spend most of their time importing and waiting on
 subprocesses), and each test then checks the structure and sanity of one run's outputs.
 
-Raw text (issue 10): finetune_soup and lm_soup hand `{"text"[, "label"]}` rows of `.jsonl` to the tool. Until the
-command line reads raw text, their runs stop at the first twamerge command that reads data; the tests marked
-`needs_text_cli` are then expected failures (strict: once the command line reads text they pass, and pytest
-reports the XPASS as a failure until the marker is removed). What does not need the tool (the text splits, the
-trained Hugging Face folders, lm_soup's own perplexities) is checked now by the `*_training_smoke` tests.
+Raw text (issue 10): finetune_soup and lm_soup hand `{"text"[, "label"]}` rows of `.jsonl` to the tool. The
+`*_training_smoke` tests check what the runs write before their first twamerge command (the text splits, the
+trained Hugging Face folders, lm_soup's own perplexities), so that a failure there is not reported as the tool's.
 """
 
 from __future__ import annotations
@@ -43,12 +41,6 @@ def _load(name: str, path: Path):
 fashion = _load("fashion_data", EXAMPLES / "early_training" / "data.py")
 fortunes = _load("fortunes_data", EXAMPLES / "finetune_soup" / "data.py")
 lm_data = _load("lm_soup_data", EXAMPLES / "lm_soup" / "data.py")
-
-# The CLI's raw-text support (issue 10): `--val` of text rows, tokenizer from the candidates' folders. Remove this
-# marker (and the expected failure with it) once `twamerge eval/fit --val rows.jsonl` reads text.
-needs_text_cli = pytest.mark.xfail(
-    strict=True, reason="needs the CLI's raw-text support (--val of text rows; issue 10), not in this branch yet"
-)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -306,7 +298,6 @@ def test_finetune_soup_training_smoke(smoke_runs):
             assert (t.parent / "tokenizer.json").exists()
 
 
-@needs_text_cli
 def test_finetune_soup_smoke(smoke_runs):
     out, res, _table = _result(smoke_runs, "finetune_soup")
     tunes = sorted((out / "finetunes").iterdir())
@@ -350,7 +341,6 @@ def test_lm_soup_training_smoke(smoke_runs):
     assert all(own[n]["test_ppl"] < own["pretrained"]["test_ppl"] for n in names), own
 
 
-@needs_text_cli
 def test_lm_soup_smoke(smoke_runs):
     out, res, _table = _result(smoke_runs, "lm_soup")
     assert res["stage"] == "merged"
