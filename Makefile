@@ -43,11 +43,12 @@ bench: venv
 	$(PY) benchmarks/kernels.py
 	$(PY) benchmarks/distributed.py
 
-# The full example runs behind docs/results.md (about 40 minutes on 2 CPU cores; not part of CI).
+# The full example runs behind docs/results.md (about 55 minutes on 2 CPU cores; not part of CI).
 results: venv sysdata
 	$(PY) examples/digits/run.py --out runs/demo
 	$(PY) examples/early_training/run.py --out runs/early_training
 	$(PY) examples/finetune_soup/run.py --out runs/finetune_soup
+	$(PY) examples/lm_soup/run.py --out runs/lm_soup
 	$(PY) examples/make_results.py --runs runs --out docs/results.md
 
 clean:

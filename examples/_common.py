@@ -238,6 +238,22 @@ def save_split(path: Path, columns: dict[str, np.ndarray], label: str = "label")
     return path
 
 
+def write_jsonl(path: Path, rows: Sequence[dict], columns: Sequence[str] | None = None) -> Path:
+    """One JSON object per line (all of each row's keys, or `columns` only): raw text splits, as a user keeps
+    them, for `--val`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r if columns is None else {c: r[c] for c in columns}, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
     """Indices of each part, stratified by label (fractions sum to 1)."""
     rng = np.random.default_rng(seed)

@@ -4,6 +4,7 @@ results.json / table.md, never typed in.
     python examples/digits/run.py --out runs/demo
     nice -n 10 python examples/early_training/run.py --out runs/early_training
     nice -n 10 python examples/finetune_soup/run.py --out runs/finetune_soup
+    nice -n 10 python examples/lm_soup/run.py --out runs/lm_soup
     python examples/make_results.py --runs runs --out docs/results.md
 """
 
@@ -25,7 +26,23 @@ SECTIONS = [
     ("demo", "digits", "Main job: digits (`make demo`)"),
     ("early_training", "early_training", "Early training: TWA over the first epochs vs. the full run"),
     ("finetune_soup", "finetune_soup", "Fine-tune soup: all-MiniLM-L6-v2 on fortune topics"),
+    ("lm_soup", "lm_soup", "Language-model soup: a small Llama on fortunes text"),
 ]
+
+# What each section is, for the page (also shown before the section has been run).
+INTROS = {
+    "lm_soup": (
+        "A 2-layer Llama (hidden 128, the all-MiniLM-L6-v2 tokenizer) pre-trained briefly on every Debian "
+        "fortunes topic, then fine-tuned five times on the topics computers, linux, science and work (three "
+        "specialists, two generalists at a low and a high learning rate). twamerge reads the fine-tunes' Hugging "
+        "Face folders and raw text (`{\"text\": ...}` rows of `val.jsonl`); the main command is exactly what a "
+        "user types:\n\n"
+        "    twamerge fit runs/lm_soup/finetunes/ft* --val runs/lm_soup/data/val.jsonl -o runs/lm_soup/merged "
+        "--report runs/lm_soup/report.json\n\n"
+        "Loss: mean next-token cross-entropy over the predicted tokens of the test split; lower perplexity is "
+        "better.\n"
+    ),
+}
 
 
 def load_run(path: Path) -> dict | None:
@@ -150,8 +167,19 @@ def main(argv: list[str] | None = None) -> None:
     for run_dir, kind, title in SECTIONS:
         res = load_run(args.runs / run_dir)
         parts.append(f"\n## {title}\n")
+        if kind in INTROS:
+            parts.append("\n" + INTROS[kind])
         if res is None:
-            parts.append(f"_Not run: `{args.runs / run_dir}/results.json` is missing._\n")
+            parts.append(
+                f"\n_Not run: `{args.runs / run_dir}/results.json` is missing "
+                f"(`python examples/{kind}/run.py --out {args.runs / run_dir}` writes it)._\n"
+            )
+            continue
+        if kind == "lm_soup" and res.get("stage") != "merged":
+            parts.append(
+                f"\n_Not merged yet: `{args.runs / run_dir}/results.json` stops after the training "
+                f"(`--no-twamerge`, or a failed twamerge command)._\n"
+            )
             continue
         if res.get("smoke"):
             parts.append("_This is a smoke run (tiny subset); rerun without `--smoke` for real numbers._\n")
@@ -214,6 +242,33 @@ def main(argv: list[str] | None = None) -> None:
                         ],
                     )
                 )
+        elif kind == "lm_soup":
+            own = res["own_eval"]
+            parts.append(
+                "\nThe example's own evaluation with transformers, before any twamerge command (perplexity):\n\n"
+                + C.markdown_table(
+                    ["model", "val perplexity", "test perplexity"],
+                    [[n, f"{r['val_ppl']:.2f}", f"{r['test_ppl']:.2f}"] for n, r in own.items()],
+                )
+            )
+            if res.get("alphas"):
+                plot_alphas(
+                    res["alphas"],
+                    [s["name"] for s in res["settings"]],
+                    "lm_soup: learned alphas per parameter tensor",
+                    img / "lm_soup_alphas.png",
+                )
+                parts.append("\n![alphas](img/lm_soup_alphas.png)\n")
+            ws, pre = res["wall_s"], res["pretrain"]
+            if "from" in pre:  # --pretrained: an earlier run's model
+                pre_txt = f"reused from `{pre['from']}`"
+            else:
+                pre_txt = (f"{minutes(ws['pretrain'])} ({pre['steps']} steps, {pre['epochs']} epochs of "
+                           f"{pre['tokens']} tokens, loss {pre['loss_first']:.2f} to {pre['loss_last']:.2f})")
+            parts.append(
+                f"\nPre-training: {pre_txt}; fine-tuning: {minutes(sum(ws['finetune'].values()))} for "
+                f"{len(ws['finetune'])} runs; twamerge: {minutes(ws['twamerge'])}.\n"
+            )
         parts.append("\n" + command_table(res))
     if machine:
         parts.append(

