@@ -26,11 +26,11 @@ def test_choices_name_the_field_and_what_is_allowed(field, value, allowed):
 
 def test_cli_choices_come_from_the_config():
     """The CLI's choices are the config's Literals and the kernels' bit widths, not copies."""
+    from twamerge.kernels.layout import SUPPORTED_BITS
     from typer.testing import CliRunner
 
     from twamerge import cli
     from twamerge.config import Coordinates, Init, Optimizer, Toggle, choices
-    from twamerge.kernels.layout import SUPPORTED_BITS
 
     def values(enum):
         return tuple(e.value for e in enum)

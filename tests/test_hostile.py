@@ -11,7 +11,6 @@ import base64
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap

@@ -265,7 +265,6 @@ def test_an_image_column_reaches_the_model_as_float_nchw(tmp_path):
 
 def test_preprocess_maps_raw_columns_to_inputs(run, tmp_path):
     import datasets
-
     from digits_run import MODEL_SPEC
 
     ds = datasets.load_from_disk(str(run.val))
@@ -282,7 +281,6 @@ def test_preprocess_maps_raw_columns_to_inputs(run, tmp_path):
 
 def test_entropy_fits_without_labels(run, tmp_path, lm):
     import datasets
-
     from digits_run import MODEL_SPEC
 
     x = datasets.load_from_disk(str(run.val))["x"]

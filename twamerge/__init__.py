@@ -6,7 +6,6 @@ package pulls in neither typer, rich nor triton.
 
 __version__ = "0.1.0"
 
-from .io import CheckpointSet, expand_paths, open_candidates, open_checkpoints, write_checkpoint  # noqa: E402
 from .config import DataConfig, FitConfig, ModelConfig, OutputConfig, ReadConfig  # noqa: E402
 from .errors import (  # noqa: E402
     BackendUnavailableError,
@@ -21,6 +20,7 @@ from .errors import (  # noqa: E402
     TwamergeError,
 )
 from .inspect_ckpt import inspect_checkpoints  # noqa: E402
+from .io import CheckpointSet, expand_paths, open_candidates, open_checkpoints, write_checkpoint  # noqa: E402
 from .merge import average_checkpoints, linear_merge  # noqa: E402
 from .methods import METHODS  # noqa: E402
 from .pipeline import apply_report, evaluate_checkpoints, fit  # noqa: E402

@@ -27,8 +27,8 @@ from rich.table import Table
 
 from . import __version__, config
 from .config import FitConfig, OutputConfig, ReadConfig, choices
-from .kernels.layout import SUPPORTED_BITS
 from .errors import InvalidArgumentError, TwamergeError, one_line
+from .kernels.layout import SUPPORTED_BITS
 from .methods import METHODS
 
 app = typer.Typer(

@@ -288,23 +288,6 @@ def read_table(cfg: DataConfig) -> RawTable:
     return table
 
 
-def check_finite_columns(columns: dict[str, torch.Tensor], path: Path, *, allow: bool = False) -> None:
-    """Refuse complex columns, and NaN/Inf anywhere (unless ``allow``), naming the column and first row."""
-    for name, col in columns.items():
-        if col.is_complex():
-            raise DataError(f"--val {path}: column {name!r} is complex ({col.dtype}); inputs and labels must be real")
-    if allow:
-        return
-    for name, col in columns.items():
-        if not col.is_floating_point():
-            continue
-        bad = ~torch.isfinite(col.float() if col.dtype.itemsize == 1 else col)
-        if bool(bad.any()):
-            rows = bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten()
-            raise DataError(f"--val {path}: column {name!r} holds NaN or Inf in {rows.numel()} rows, first row "
-                            f"{int(rows[0])}; clean the data or pass --allow-nonfinite-data")
-
-
 def check_finite_columns(columns: dict[str, Any], source: str, *, allow: bool = False) -> None:
     """Refuse complex columns, and NaN/Inf anywhere (unless ``allow``), naming the column and first row.
 

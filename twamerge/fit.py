@@ -29,8 +29,8 @@ from .distributed import Comm
 from .errors import FitError
 from .models import call_model
 from .precision import autocast
-from .tasks import Task
 from .subspace import FlatLayout, Subspace
+from .tasks import Task
 
 log = logging.getLogger(__name__)
 

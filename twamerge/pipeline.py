@@ -35,9 +35,9 @@ from .distributed import Comm, SingleProcess, split_columns
 from .errors import BackendUnavailableError, FitError, ModelError, OutputError, TwamergeError, one_line
 from .evaluation import Scorer, Splits, evaluate, has_batchnorm, probe, recalibrate_batchnorm
 from .fit import FitOutcome, FlatBinding, train_coefficients
-from .io.formats.checks import check_tensor
 from .io import AtomicWrite, CheckpointSet, check_output, open_checkpoints, refuse_existing, write_checkpoint
 from .io.atomic import check_name_length
+from .io.formats.checks import check_tensor
 from .merge import build_metadata, linear_merge
 from .methods import METHODS, greedy_soup, one_hot
 from .models import ModelKeys, build_model

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import OutputError, one_line
+from ..errors import OutputError
 
 __all__ = ["AtomicWrite", "atomic_file", "check_name_length", "refuse_existing", "signals_as_interrupt"]
 
