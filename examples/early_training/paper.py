@@ -262,10 +262,15 @@ def render(res: dict) -> tuple[str, str]:
             lines.append(f"{name} reaches the full run ({C.fmt_acc(acc)} vs {C.fmt_acc(full)}, mean over seeds) "
                          f"at {cost[key]:.3g} of {E} epochs of cost: {100 * saved:.0f}% of the epochs saved.")
         else:
-            at = (f"the regular run first reaches it at epoch {reached}" if reached is not None
-                  else "the regular run never reaches it")
+            if reached is None:
+                at = "the regular run never reaches it"
+            else:
+                gain = 1 - cost[key] / reached
+                at = (f"the regular run first reaches it at epoch {reached} (mean curve): at this accuracy TWA "
+                      + (f"saves {100 * gain:.0f}%" if gain >= 0 else f"costs {-100 * gain:.0f}% more")
+                      + " of the epochs")
             lines.append(f"{name} is {100 * (full - acc):.2f} points below the full run ({C.fmt_acc(acc)} vs "
-                         f"{C.fmt_acc(full)}, mean over seeds); {at}; its cost is {cost[key]:.3g} epochs.")
+                         f"{C.fmt_acc(full)}, mean over seeds); its cost is {cost[key]:.3g} epochs and {at}.")
     verdict = "\n".join(f"- {line}" for line in lines)
     tr = res["sizes"]["train"]
     table = (
