@@ -17,6 +17,7 @@ def test_bits_3_is_rejected():
     ("bn_recalibrate", "yes", "auto, on or off"),
     ("init", "worst", "uniform, greedy or best"),
     ("coordinates", "polar", "candidates or weights"),
+    ("schedule", "linear", "cosine, step or constant"),
     ("blocks", "size:0", "global, layer or size:N"),
 ])
 def test_choices_name_the_field_and_what_is_allowed(field, value, allowed):
@@ -30,7 +31,7 @@ def test_cli_choices_come_from_the_config():
     from typer.testing import CliRunner
 
     from twamerge import cli
-    from twamerge.config import Coordinates, Init, Optimizer, Toggle, choices
+    from twamerge.config import Coordinates, Init, Optimizer, Schedule, Toggle, choices
 
     def values(enum):
         return tuple(e.value for e in enum)
@@ -38,6 +39,7 @@ def test_cli_choices_come_from_the_config():
     assert values(cli.Bits) == tuple(str(b) for b in SUPPORTED_BITS)
     assert values(cli.Optimizer) == choices(Optimizer) and values(cli.Init) == choices(Init)
     assert values(cli.Coordinates) == choices(Coordinates) and values(cli.Toggle) == choices(Toggle)
+    assert values(cli.Schedule) == choices(Schedule) and FitConfig().schedule == "cosine"
     r = CliRunner().invoke(cli.app, ["fit", "x.safetensors", "--val", "v", "-o", "m.safetensors",
                                      "--optimizer", "adam"])
     assert r.exit_code == 2 and "adamw" in r.output and "sgd" in r.output

@@ -190,6 +190,10 @@ SMOKES = {
         EXAMPLES / "early_training" / "run.py",
         None if fashion.DEFAULT_DIR.exists() else "dataset-fashion-mnist not installed",
     ),
+    "early_training_paper": (
+        EXAMPLES / "early_training" / "paper.py",
+        None if fashion.DEFAULT_DIR.exists() else "dataset-fashion-mnist not installed",
+    ),
     "finetune_soup": (
         EXAMPLES / "finetune_soup" / "run.py",
         None
@@ -296,6 +300,27 @@ def test_finetune_soup_training_smoke(smoke_runs):
             cfg = json.loads((t.parent / "config.json").read_text())
             assert {r["label"] for r in rows} == set(cfg["label2id"]), cfg["label2id"]
             assert (t.parent / "tokenizer.json").exists()
+
+
+def test_early_training_paper_smoke(smoke_runs):
+    out, res, table = _result(smoke_runs, "early_training_paper")
+    (seed,) = res["per_seed"]
+    E, half = res["epochs"], res["half"]
+    assert half == E // 2 and len(seed["per_epoch"]) == E + 1 and all(_is_acc(a) for a in seed["per_epoch"])
+    assert set(seed["merges"]) == {"swa", "swa_bn", "twa_t1", "twa_t", "twa_v"}
+    assert all(_is_acc(a) for a in seed["merges"].values())
+    sdir = out / f"seed{seed['seed']}"
+    assert len(list((sdir / "ckpts").glob("epoch_*.safetensors"))) == E + 1
+    for key in seed["merges"]:
+        assert (sdir / f"{key}.safetensors").exists()
+    # The merges take the initialisation and the constant-lr epochs: E/2 + 1 coefficients per block.
+    assert all(len(b["alphas"]) == half + 1 for b in seed["alphas"])
+    cmds = json.loads((out / "commands.json").read_text())
+    fits = [c["command"] for c in cmds if c["command"].startswith("twamerge fit")]
+    assert len(fits) == 4 and sum("--schedule step" in c for c in fits) == 3
+    # The merges with BatchNorm re-estimated by `twamerge fit` are working models (above chance, 10%).
+    assert seed["merges"]["swa_bn"] > 0.2 and seed["merges"]["twa_t"] > 0.2
+    assert "full run" in table and "TWA-t" in table and "TWA-v" in table
 
 
 def test_finetune_soup_smoke(smoke_runs):

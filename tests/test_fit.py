@@ -12,7 +12,7 @@ from torch import nn
 from twamerge.config import FitConfig
 from twamerge.data import Batch, TensorData
 from twamerge.distributed import SingleProcess
-from twamerge.fit import FlatBinding, _step, train_coefficients
+from twamerge.fit import FlatBinding, _lr_lambda, _step, train_coefficients
 from twamerge.subspace import StackedCandidates, build_subspace, make_layout
 from twamerge.tasks import Classification
 
@@ -92,3 +92,43 @@ def test_train_coefficients_lowers_the_loss_and_is_seeded():
     assert a.steps == 20 == len(a.curve)
     assert torch.equal(a.beta, b.beta) and a.curve == b.curve
     assert sum(a.curve[-4:]) < sum(a.curve[:4])
+
+
+def test_lr_schedules_after_the_warm_up():
+    """20 steps, warm-up 0.2 (4 steps: 1/4..4/4), then 16 steps: step = /10 at 50% and 75% of those 16."""
+    warm = [0.25, 0.5, 0.75, 1.0]
+    step = [_lr_lambda(20, 0.2, "step")(s) for s in range(20)]
+    assert_close_list(step, warm + [1.0] * 8 + [0.1] * 4 + [0.01] * 4)
+    assert_close_list([_lr_lambda(20, 0.2, "constant")(s) for s in range(20)], warm + [1.0] * 16)
+    cos = [_lr_lambda(20, 0.2, "cosine")(s) for s in range(21)]
+    assert cos[:5] == warm + [1.0] and abs(cos[12] - 0.5) < 1e-12 and cos[20] < 1e-12
+    assert cos == [_lr_lambda(20, 0.2)(s) for s in range(21)]  # cosine stays the default
+    # No warm-up: the decays fall at exactly 50% and 75% of the steps.
+    assert_close_list([_lr_lambda(8, 0.0, "step")(s) for s in range(8)], [1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_train_coefficients_follows_the_schedule():
+    """The optimizer's learning rate at each step is cfg.lr times the schedule's factor."""
+    model, layout, sub = _setup()
+    gen = torch.Generator().manual_seed(0)
+    data = TensorData({"x": torch.randint(0, 10, (64, 3), generator=gen),
+                       "label": torch.randint(0, 10, (64,), generator=gen)}, ("x",), "label", "t")
+    seen = []
+    orig = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return orig(self, *a, **k)
+
+    cfg = FitConfig(epochs=2, batch_size=16, lr=0.1, warmup=0.0, schedule="step")
+    torch.optim.AdamW.step = spy
+    try:
+        train_coefficients(FlatBinding(model, layout, torch.device("cpu")), sub, data, torch.arange(64),
+                           Classification(), cfg, torch.device("cpu"), SingleProcess())
+    finally:
+        torch.optim.AdamW.step = orig
+    assert_close_list(seen, [0.1] * 4 + [0.01] * 2 + [0.001] * 2)
+
+
+def assert_close_list(a, b, tol=1e-12):
+    assert len(a) == len(b) and all(abs(x - y) <= tol for x, y in zip(a, b)), (a, b)

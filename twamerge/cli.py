@@ -203,6 +203,7 @@ KeysMode = _choice_enum("KeysMode", choices(config.KeysMode))
 Optimizer = _choice_enum("Optimizer", choices(config.Optimizer))
 Coordinates = _choice_enum("Coordinates", choices(config.Coordinates))
 Init = _choice_enum("Init", choices(config.Init))
+Schedule = _choice_enum("Schedule", choices(config.Schedule))
 Device = _choice_enum("Device", choices(config.Device))
 Backend = _choice_enum("Backend", choices(config.Backend))
 Toggle = _choice_enum("Toggle", choices(config.Toggle))
@@ -462,6 +463,9 @@ def fit_cmd(
     epochs: Annotated[int, typer.Option("--epochs", min=0, help="Passes over the fit split.")] = _D.epochs,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate, in units of the candidates' spread.")] = _D.lr,
     optimizer: Annotated[Optimizer, typer.Option("--optimizer")] = Optimizer(_D.optimizer),
+    schedule: Annotated[Schedule, typer.Option("--schedule", help="Learning rate after the warm-up: cosine (to "
+                                               "0), step (/10 at 50% and 75% of the steps, as in the paper) or "
+                                               "constant.")] = Schedule(_D.schedule),
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per fit step (and per "
                                             "BatchNorm recalibration batch).")] = _D.batch_size,
     eval_batch_size: Annotated[int, typer.Option("--eval-batch-size", min=1, help="Rows per batch when scoring "
@@ -516,7 +520,7 @@ def fit_cmd(
     with _fail_on_twamerge_error():
         try:
             cfg = FitConfig(blocks=blocks, bits=int(bits.value), group_size=group_size, epochs=epochs, lr=lr,
-                            optimizer=optimizer.value, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                            optimizer=optimizer.value, schedule=schedule.value, batch_size=batch_size, eval_batch_size=eval_batch_size,
                             holdout=holdout, seed=seed,
                             device=device.value, backend=backend.value if backend else None,
                             bn_recalibrate=bn_recalibrate.value, init=init.value, coordinates=coordinates.value,

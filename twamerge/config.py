@@ -25,6 +25,9 @@ Toggle = Literal["auto", "on", "off"]
 Coordinates = Literal["candidates", "weights"]
 # Where the fit starts: the uniform average (the paper), the greedy soup, or the best candidate.
 Init = Literal["uniform", "greedy", "best"]
+# Learning-rate schedule of the coefficients after the warm-up: cosine to 0, step (/10 at 50% and 75% of
+# the steps after the warm-up, as in the paper's TWA runs) or constant.
+Schedule = Literal["cosine", "step", "constant"]
 KeysMode = Literal["strict", "intersection"]
 # Forward/backward under autocast; the coefficients, combine and project stay float32.
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -143,6 +146,7 @@ class FitConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9
     warmup: float = 0.2
+    schedule: Schedule = "cosine"
     batch_size: int = 32
     # Scoring only reads the model (inference mode): larger batches cost no gradient memory.
     eval_batch_size: int = 256
@@ -174,6 +178,7 @@ class FitConfig:
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
         _check(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
         _check(0 <= self.warmup < 1, "warmup", self.warmup, "a fraction in [0, 1)")
+        _check_choice("schedule", self.schedule, Schedule)
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "an integer >= 1")
         _check(0 <= self.holdout < 1, "holdout", self.holdout, "a fraction in [0, 1)")

@@ -96,13 +96,20 @@ class FitOutcome:
     seconds_per_step: float | None = None
 
 
-def _lr_lambda(total: int, warmup: float) -> Callable[[int], float]:
+def _lr_lambda(total: int, warmup: float, schedule: str = "cosine") -> Callable[[int], float]:
+    """Factor of the base learning rate at each step: a linear warm-up over ``round(total * warmup)``
+    steps, then ``schedule`` over the remaining steps: cosine (to 0), step (1, then 0.1 from 50% and
+    0.01 from 75% of them) or constant (1)."""
     warm = int(round(total * warmup))
 
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
         progress = (step - warm) / max(1, total - warm)
+        if schedule == "constant":
+            return 1.0
+        if schedule == "step":
+            return 1.0 if progress < 0.5 else 0.1 if progress < 0.75 else 0.01
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
@@ -142,7 +149,7 @@ def train_coefficients(
     else:
         opt = torch.optim.SGD([theta], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     total = cfg.epochs * steps_per_epoch(fit_index.numel(), cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup, cfg.schedule))
     gen = torch.Generator().manual_seed(cfg.seed)
     outcome = FitOutcome(beta=(theta.detach() * scale).float())
     epochs = range(cfg.epochs)
