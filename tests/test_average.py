@@ -158,3 +158,18 @@ def test_float8_and_unsigned_tensors_merge_and_round_trip(tmp_path):
     merged = load_file(str(tmp_path / "m.safetensors"))
     assert merged["w8"].dtype == torch.float8_e4m3fn and merged["w8"].float().tolist() == [1.0, 1.0, -1.5]
     assert torch.equal(merged["u16"], a["u16"])
+
+
+def test_batchnorm_statistics_are_flagged(tmp_path, caplog):
+    """Averaged BatchNorm statistics do not fit the averaged weights: the summary counts them and a warning says
+    how to re-estimate them."""
+    import logging
+
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"c{i}.safetensors")
+        save_file(small_state_dict(i), str(paths[-1]))
+    with caplog.at_level(logging.WARNING, logger="twamerge"):
+        summary = average_checkpoints(paths, tmp_path / "m.safetensors")
+    assert summary["batchnorm_statistics_averaged"] == 2
+    assert any("re-estimate" in r.getMessage() and "--epochs 0" in r.getMessage() for r in caplog.records)

@@ -190,6 +190,13 @@ def average_checkpoints(
         if method == "weighted" and not normalize and abs(sum(w) - 1.0) > 1e-6:
             log.warning("weights sum to %g, not 1: the merged weights are scaled accordingly", sum(w))
         log.info("%s average of %d checkpoints, weights %s", method, k, [round(x, 6) for x in w])
+        bn_stats = [key for key in cs.keys if key.endswith((".running_mean", ".running_var"))]
+        if bn_stats:
+            # Averaged BatchNorm statistics do not describe the averaged weights' activations (measured:
+            # 18% test accuracy for a Fashion-MNIST CNN whose re-estimated average scores 82%).
+            log.warning("%d BatchNorm statistics (e.g. %s) are averaged like the weights; re-estimate them on "
+                        "data before use: `twamerge fit ... --epochs 0` writes the uniform average with "
+                        "re-estimated statistics", len(bn_stats), bn_stats[0])
         mismatched: list[str] = []
         merged = linear_merge(cs, w, out_dtype=out_dtype, progress=progress, on_int_mismatch=mismatched.append)
         sources = cs.sources()
@@ -218,6 +225,7 @@ def average_checkpoints(
             "float_params": float_params,
             "dropped_keys": cs.dropped_keys,
             "integer_mismatches": mismatched,
+            "batchnorm_statistics_averaged": len(bn_stats),
             "dtype": dtype_name(out_dtype) if out_dtype else "as input",
             "outputs": [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in written],
             "seconds": round(time.perf_counter() - t0, 3),
