@@ -520,7 +520,8 @@ def fit_cmd(
     with _fail_on_twamerge_error():
         try:
             cfg = FitConfig(blocks=blocks, bits=int(bits.value), group_size=group_size, epochs=epochs, lr=lr,
-                            optimizer=optimizer.value, schedule=schedule.value, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                            optimizer=optimizer.value, schedule=schedule.value, batch_size=batch_size,
+                            eval_batch_size=eval_batch_size,
                             holdout=holdout, seed=seed,
                             device=device.value, backend=backend.value if backend else None,
                             bn_recalibrate=bn_recalibrate.value, init=init.value, coordinates=coordinates.value,

@@ -2,8 +2,9 @@
 
 Every figure in a report comes from :func:`evaluate`: the task's sums (loss, metric numerator,
 items: rows or tokens) over a set of rows, added over ranks (each rank scores its contiguous share;
-one process is a world of one), then divided once. :class:`Scorer` is what the fit's stages use: it loads a state into the bound
-model, re-estimates BatchNorm statistics on the fit rows when asked, and scores both splits.
+one process is a world of one), then divided once. :class:`Scorer` is what the fit's stages use:
+it loads a state into the bound model, re-estimates BatchNorm statistics on the fit rows when
+asked, and scores both splits. :func:`probe` sends one batch forward before anything expensive.
 """
 
 from __future__ import annotations
@@ -114,9 +115,10 @@ def _sums(model: nn.Module, data: TensorData, index: torch.Tensor, task: Task, b
 class Scorer:
     """Loads states into the fit's model, recalibrates BatchNorm when asked, and scores both splits.
 
-    BatchNorm statistics are re-estimated in batches of the fit's ``batch_size`` (the batches the
-    model trains with); scoring runs in batches of ``eval_batch_size``. Every rank loads the whole state (the forward needs every weight) and recalibrates BatchNorm on
-    the whole fit split, identically; scoring is split across ranks and summed.
+    BatchNorm statistics are re-estimated in batches of the fit's ``batch_size`` (the batches the model
+    trains with); scoring runs in batches of ``eval_batch_size``. Every rank loads the whole state (the
+    forward needs every weight) and recalibrates BatchNorm on the whole fit split, identically; scoring
+    is split across ranks and summed.
     """
 
     def __init__(self, model: nn.Module, splits: Splits, batch_size: int, device: torch.device,

@@ -42,10 +42,11 @@ class FlatBinding:
     bfloat16 (``--precision bf16``): weights and gradients then take 2 bytes each per parameter,
     while combine and project still accumulate in float32.
 
-    ``layout.names`` are the parameters' names in the model. The original parameters are dropped
-    once their values are copied in, so the flat buffer does not sit beside a second copy. Tied parameters (one ``Parameter`` reachable under several names) stay tied: every slot that
-    held the old parameter receives the new one. ``n_cols`` (at least ``layout.n_cols``) pads both
-    buffers at the end: a distributed fit needs ``world_size * chunk`` columns for its collectives.
+    ``layout.names`` are the parameters' names in the model. The original parameters are dropped once
+    their values are copied in, so the flat buffer does not sit beside a second copy. Tied parameters
+    (one ``Parameter`` reachable under several names) stay tied: every slot that held the old parameter
+    receives the new one. ``n_cols`` (at least ``layout.n_cols``) pads both buffers at the end: a
+    distributed fit needs ``world_size * chunk`` columns for its collectives.
     """
 
     def __init__(self, model: nn.Module, layout: FlatLayout, device: torch.device, n_cols: int | None = None,

@@ -696,7 +696,8 @@ def apply_report(report_path: str | Path, checkpoints: Sequence[str | Path],
         for i, (e, g) in enumerate(zip(expected, got)):
             if e != g:
                 raise TwamergeError(f"{cs.paths[i]}: SHA-256 {g[:12]}... differs from the fit's candidate {i + 1} "
-                                    f"({report['candidates'][i]['path']}, {e[:12]}...); pass the same files in the same order")
+                                    f"({report['candidates'][i]['path']}, {e[:12]}...); pass the same files in the "
+                                    "same order")
         merged.update(_recalibrated(report_path, merge.get("recalibrated_buffers", ""), merged))
         written = write_checkpoint(merged, out.path, metadata=merge["metadata"], force=out.force,
                                    max_shard_size=out.max_shard_size, hf_source_dir=cs.hf_dir)
