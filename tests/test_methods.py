@@ -59,8 +59,11 @@ def test_greedy_soup_adds_only_strict_improvements():
         tried.append(chosen)
         return {"fit": {"metric": scores[chosen]}, "heldout": None}
 
-    soup, accepted = greedy_soup([2, 0, 1], {"metric": 0.5}, 3, try_soup, lambda a, b: a["metric"] > b["metric"])
-    assert soup == [2, 0] and accepted["fit"]["metric"] == 0.7
+    kept = []
+    soup, accepted = greedy_soup([2, 0, 1], {"metric": 0.5}, 3, try_soup, lambda a, b: a["metric"] > b["metric"],
+                                 on_accept=lambda r: kept.append(r["fit"]["metric"]) or {**r, "heldout": "scored"})
+    assert soup == [2, 0] and accepted["fit"]["metric"] == 0.7 and accepted["heldout"] == "scored"
+    assert kept == [0.7]  # only the kept trial is completed
     assert tried == [(0, 2), (0, 1, 2)]
     assert one_hot(3, [0, 2]) == [0.5, 0.0, 0.5]
     # Nothing improves: the soup is the first candidate alone, and no trial is reported as accepted.

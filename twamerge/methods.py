@@ -122,16 +122,19 @@ def data_free_weights(k: int, *, weights: Sequence[float] | None = None, ema: fl
 
 
 def greedy_soup(order: Sequence[int], first_score: dict, k: int,
-                try_soup: Callable[[list[float]], dict], better: Callable[[dict, dict], bool]
-                ) -> tuple[list[int], dict | None]:
+                try_soup: Callable[[list[float]], dict], better: Callable[[dict, dict], bool],
+                on_accept: Callable[[dict], dict] | None = None) -> tuple[list[int], dict | None]:
     """The greedy soup (Wortsman et al.): start from the best candidate, add each next one if it strictly helps.
 
     Args:
         order: candidate indices, best first (by the fit-split metric).
         first_score: the fit-split score of ``order[0]`` alone.
         k: the number of candidates.
-        try_soup: scores a trial merge given its weights (loads, recalibrates, scores).
+        try_soup: scores a trial merge given its weights (loads, recalibrates, scores the fit split):
+            returns ``{"fit": score, ...}``.
         better: ``better(a, b)`` when score ``a`` is strictly better than ``b``.
+        on_accept: called with an accepted trial's result while that trial is still the loaded one
+            (e.g. to score the held-out split only for the soups that are kept); returns the result kept.
 
     Returns:
         (the ingredients in ``order``'s order, what ``try_soup`` returned for the last accepted trial,
@@ -142,5 +145,5 @@ def greedy_soup(order: Sequence[int], first_score: dict, k: int,
         trial = soup + [i]
         result = try_soup(one_hot(k, trial))
         if better(result["fit"], best):
-            soup, best, accepted = trial, result["fit"], result
+            soup, best, accepted = trial, result["fit"], on_accept(result) if on_accept else result
     return soup, accepted

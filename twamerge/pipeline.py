@@ -383,8 +383,9 @@ def _greedy_row(cs: CheckpointSet, flat: FlatSpace, scorer: Scorer, candidates: 
                 higher: bool) -> MethodResult:
     """Sort by fit-split metric, add each candidate to the running uniform soup if the fit metric strictly improves.
 
-    Each trial is scored on both splits (only the fit split decides), so the soup's row needs no
-    merge of its own unless no candidate was ever added to the first.
+    Each trial is scored on the fit split, which alone decides; a kept trial is scored on the held-out
+    split too while it is loaded, so the soup's row needs no merge of its own unless no candidate
+    was ever added to the first.
     """
     k = len(candidates)
     sign = 1 if higher else -1
@@ -392,12 +393,17 @@ def _greedy_row(cs: CheckpointSet, flat: FlatSpace, scorer: Scorer, candidates: 
 
     def try_soup(weights: list[float]) -> dict:
         scorer.load(lambda: linear_merge(cs, weights, into=flat.param_view), recalibrate=True)
-        return scorer.score_both()
+        return {"fit": scorer.score("fit")}
+
+    def with_heldout(result: dict) -> dict:
+        return {**result, "heldout": scorer.score("heldout")}
 
     soup, accepted = greedy_soup(order, candidates[order[0]].fit, k, try_soup,
-                                 lambda a, b: is_better(a, b, higher))
-    scores = accepted if accepted is not None else try_soup(one_hot(k, soup))
-    return MethodResult("greedy", "greedy", **scores, detail={"ingredients": [candidates[j].name for j in sorted(soup)]})
+                                 lambda a, b: is_better(a, b, higher), on_accept=with_heldout)
+    if accepted is None:
+        accepted = with_heldout(try_soup(one_hot(k, soup)))
+    return MethodResult("greedy", "greedy", **accepted,
+                        detail={"ingredients": [candidates[j].name for j in sorted(soup)]})
 
 
 def _start_point(init: str, baselines: list[MethodResult], subspace: Subspace, k: int, higher: bool,
