@@ -271,3 +271,44 @@ def test_bf16_candidates_fit_with_bf16_flat_buffers(run, tmp_path):
     assert (alphas - 1 / len(bf16)).abs().max() > 1e-3  # the coefficients moved
     held = {m["name"]: m["heldout"]["metric"] for m in report["methods"]}
     assert held["twa"] >= held["uniform"] - 0.03
+
+
+def test_held_out_rows_are_never_used_to_fit_or_choose(run, tmp_path, monkeypatch):
+    """Training batches, BatchNorm re-estimation and every score that decides something (the greedy soup's
+    trials, --init best) use the fit rows; the held-out rows are only ever scored for the report."""
+    import importlib
+
+    evaluation = importlib.import_module("twamerge.evaluation")
+    fitmod = importlib.import_module("twamerge.fit")  # `twamerge.fit` the attribute is the function
+    used: dict[str, set[int]] = {"train": set(), "recalibrate": set()}
+    real_iter = fitmod.iter_batches
+
+    def spy_train(data, index, *args, **kwargs):
+        used["train"].update(index.tolist())
+        return real_iter(data, index, *args, **kwargs)
+
+    real_recal, real_eval = evaluation.recalibrate_batchnorm, evaluation.evaluate
+    scored_sets: list[frozenset[int]] = []
+
+    def spy_recal(model, data, index, *args, **kwargs):
+        used["recalibrate"].update(index.tolist())
+        return real_recal(model, data, index, *args, **kwargs)
+
+    def spy_eval(model, data, index, *args, **kwargs):
+        scored_sets.append(frozenset(index.tolist()))
+        return real_eval(model, data, index, *args, **kwargs)
+
+    monkeypatch.setattr(fitmod, "iter_batches", spy_train)
+    monkeypatch.setattr(evaluation, "recalibrate_batchnorm", spy_recal)
+    monkeypatch.setattr(evaluation, "evaluate", spy_eval)
+    bn = make_digits_run(tmp_path / "bn", epochs=4, batchnorm=True)
+    report = fit_digits(bn, tmp_path / "m.safetensors", model_args={"batchnorm": True}, init="best")
+    n, held = report["data"]["rows"], report["heldout_rows"]
+    assert used["train"] and used["recalibrate"] and used["train"] == used["recalibrate"]
+    heldout_rows = set(range(n)) - used["train"]
+    assert len(heldout_rows) == held
+    # Every scored set is either exactly the fit rows or exactly the held-out rows: nothing mixes them.
+    assert set(scored_sets) == {frozenset(used["train"]), frozenset(heldout_rows)}
+    # Held-out scores: one per reported row (candidates, uniform, the kept greedy soup, TWA), nothing more.
+    rows_with_heldout = sum(m["heldout"] is not None for m in report["methods"])
+    assert scored_sets.count(frozenset(heldout_rows)) == rows_with_heldout
