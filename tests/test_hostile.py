@@ -8,7 +8,6 @@ The generated cases live in ``test_hostile_props.py``.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from ckpt_fixtures import small_state_dict
+from cli_contract import assert_one_error_line, snapshot
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -32,30 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # -- the contract -----------------------------------------------------------------------------------
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """Every entry under ``root``: regular files by content hash, links by target, folders as such."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = "link:" + os.readlink(p)
-            elif p.is_dir():
-                out[rel] = "dir"
-            else:
-                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
 def run_cli(*args) -> object:
     return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_error_line(code: int, stderr: str, output: str = "") -> None:
-    assert code in (1, 2), f"exit {code}: {output or stderr}"
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr or output
 
 
 def assert_refused(root: Path, *args, contains: str | None = None) -> str:

@@ -22,7 +22,6 @@ import base64
 import hashlib
 import io
 import json
-import os
 import pickle
 import struct
 import tempfile
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ckpt_fixtures import small_state_dict
+from cli_contract import assert_one_error_line, snapshot
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
@@ -48,21 +48,6 @@ MLP = str(Path(__file__).resolve().parent / "assets" / "mlp.py") + ":build"
 # -- the contract -----------------------------------------------------------------------------------
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = "link:" + os.readlink(p)
-            elif p.is_dir():
-                out[rel] = "dir"
-            else:
-                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
 def outcome(root: Path, *args, must_fail: bool = False, marker: Path | None = None) -> object:
     """Run the CLI; assert a clean success or a clean refusal (see the module docstring)."""
     before = snapshot(root)
@@ -73,9 +58,7 @@ def outcome(root: Path, *args, must_fail: bool = False, marker: Path | None = No
         assert not marker.exists(), "a pickle payload ran"
     if r.exit_code == 0 and not must_fail:
         return r
-    assert r.exit_code in (1, 2), f"exit {r.exit_code}: {r.output}"
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert_one_error_line(r.exit_code, r.stderr, r.output)
     assert snapshot(root) == before, "a refused command changed files"
     return r
 
