@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,14 +166,25 @@ def test_refuse_existing_and_atomic_file(tmp_path):
     assert p.read_text() == "plot" and sorted(x.name for x in tmp_path.iterdir()) == ["r.json"]
 
 
-def test_the_output_hash_comes_from_the_bytes_written(tmp_path):
-    """The writer hashes what it writes; the cached hash is the file's real SHA-256 and survives the rename."""
+def test_the_output_hash_comes_from_the_bytes_written(tmp_path, monkeypatch):
+    """The writer hashes what it writes: the recorded hash is the file's real SHA-256 and survives the rename,
+    and asking for it reads nothing back."""
+    import builtins
     import hashlib
 
-    from twamerge.io import sha256_file, stats, write_checkpoint
+    from twamerge.io import sha256_file, write_checkpoint
 
     tensors = {"w": torch.randn(300, 7), "flag": torch.tensor([True, False]), "h": torch.randn(5).half()}
-    [out] = write_checkpoint(tensors, tmp_path / "o.safetensors", metadata={"a": "b"})
-    before = dict(stats.hash_bytes_read)
-    assert sha256_file(out) == hashlib.sha256(out.read_bytes()).hexdigest()
-    assert dict(stats.hash_bytes_read) == before
+    real_open, read_back = builtins.open, []
+
+    def spy(file, mode="r", *args, **kwargs):
+        if "r" in mode and isinstance(file, (str, os.PathLike)) and Path(file).parent == tmp_path:
+            read_back.append(Path(file).name)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    [out] = write_checkpoint(tensors, tmp_path / "o.safetensors", metadata={"a": "b"})  # logs its sha256
+    digest = sha256_file(out)
+    monkeypatch.undo()
+    assert read_back == []  # neither the temporary file nor the output was read to hash it
+    assert digest == hashlib.sha256(out.read_bytes()).hexdigest()

@@ -162,10 +162,11 @@ def test_check_finite_names_the_tensor_and_candidate(bad):
     stacks["t1"][3, 4] = bad
     layout = make_layout(list(stacks), [s.shape[1:] for s in stacks.values()], "layer", 8)
     with pytest.raises(NonFiniteError, match=r"candidate 3: tensor 't1' holds"):
-        build_subspace(StackedCandidates(stacks), layout, bits=8, check_finite=True)
-    # Not looked for by default (the reader scans), but a non-finite Gram matrix still stops the build.
+        build_subspace(StackedCandidates(stacks), layout, bits=8)  # checked by default
+    # Not looked for with check_finite=False (--allow-nonfinite), but a non-finite Gram matrix still stops
+    # the build, since no basis can be made from it.
     with pytest.raises(NonFiniteError, match=r"block 1 \(t1\)"):
-        build_subspace(StackedCandidates(stacks), layout, bits=8)
+        build_subspace(StackedCandidates(stacks), layout, bits=8, check_finite=False)
 
 
 def test_check_finite_names_the_file_when_the_reader_has_paths():

@@ -69,15 +69,26 @@ class FlatBinding:
             for attr, p in module._parameters.items():
                 if p is not None:
                     slots[id(p)].append((module, attr))
-        for i, key in enumerate(layout.names):
+        self._index = {name: i for i, name in enumerate(layout.names)}
+        for key in layout.names:
             old = model.get_parameter(key)
-            start, n = layout.offsets[i], layout.numel(i)
+            weights = self.param_view(key)
             with torch.no_grad():
-                self.flat[start:start + n].copy_(old.detach().reshape(-1))
-            new = nn.Parameter(self.flat[start:start + n].view(layout.shapes[i]))
-            new.grad = self.grad[start:start + n].view(layout.shapes[i])
+                weights.copy_(old.detach())
+            new = nn.Parameter(weights)
+            new.grad = self.param_view(key, self.grad)
             for module, attr in slots[id(old)]:
                 module._parameters[attr] = new
+
+    def param_view(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Merged parameter ``key`` as a view of ``buffer`` (default: the weights, ``flat``); None for
+        other keys. A merge written through these views lands in the model's parameters."""
+        i = self._index.get(key)
+        if i is None:
+            return None
+        start = self.layout.offsets[i]
+        buffer = self.flat if buffer is None else buffer
+        return buffer[start:start + self.layout.numel(i)].view(self.layout.shapes[i])
 
     def check_grads_in_place(self) -> None:
         """Autograd must accumulate into the flat views; if it replaced a .grad, project would miss it."""

@@ -33,7 +33,7 @@ from .config import DataConfig, FitConfig, ModelConfig, OutputConfig, ReadConfig
 from .data import split_holdout
 from .distributed import Comm, SingleProcess, split_columns
 from .errors import BackendUnavailableError, FitError, ModelError, OutputError, TwamergeError, one_line
-from .evaluation import Scorer, Splits, evaluate, has_batchnorm, probe, recalibrate_batchnorm
+from .evaluation import Scorer, Splits, evaluate, has_batchnorm, load_state, probe, recalibrate_batchnorm
 from .fit import FitOutcome, FlatBinding, train_coefficients
 from .io import AtomicWrite, CheckpointSet, check_output, open_checkpoints, refuse_existing, write_checkpoint
 from .io.atomic import check_name_length
@@ -292,17 +292,6 @@ class FlatSpace:
     col_range: tuple[int, int]  # this rank's columns
     binding: FlatBinding
 
-    def __post_init__(self) -> None:
-        self._index = {name: i for i, name in enumerate(self.layout.names)}
-
-    def param_view(self, key: str) -> torch.Tensor | None:
-        """The slice of the flat buffer that merged parameter ``key`` is a view of (None for other keys)."""
-        i = self._index.get(key)
-        if i is None:
-            return None
-        start = self.layout.offsets[i]
-        return self.binding.flat[start:start + self.layout.numel(i)].view(self.layout.shapes[i])
-
 
 def bind_stage(net: Network, cs: CheckpointSet, cfg: FitConfig, device: torch.device, comm: Comm) -> FlatSpace:
     names = net.keys.merged
@@ -326,15 +315,10 @@ def subspace_stage(cs: CheckpointSet, flat: FlatSpace, cfg: FitConfig, device: t
     """Mean and Gram, then the quantized orthonormal basis (this rank's columns), streaming over the candidates.
 
     The build checks the candidates for NaN/Inf itself, from each tensor's Gram matrix (a non-finite
-    value makes it non-finite), so the reader's own scan of every tensor is switched off meanwhile.
+    value makes it non-finite), unless ``--allow-nonfinite`` asked not to.
     """
-    scan = not cs.allow_nonfinite
-    cs.allow_nonfinite = True
-    try:
-        return build_subspace(cs, flat.layout, bits=cfg.bits, comm=comm, rank_rtol=cfg.rank_rtol, device=device,
-                              backend=cfg.backend, progress=progress, check_finite=scan)
-    finally:
-        cs.allow_nonfinite = not scan
+    return build_subspace(cs, flat.layout, bits=cfg.bits, comm=comm, rank_rtol=cfg.rank_rtol, device=device,
+                          backend=cfg.backend, progress=progress, check_finite=not cs.allow_nonfinite)
 
 
 def uniform_buffers(cs: CheckpointSet, keys: ModelKeys) -> dict[str, torch.Tensor]:
@@ -392,7 +376,7 @@ def _greedy_row(cs: CheckpointSet, flat: FlatSpace, scorer: Scorer, candidates: 
     order = sorted(range(k), key=lambda i: -sign * candidates[i].fit["metric"])
 
     def try_soup(weights: list[float]) -> dict:
-        scorer.load(lambda: linear_merge(cs, weights, into=flat.param_view), recalibrate=True)
+        scorer.load(lambda: linear_merge(cs, weights, into=flat.binding.param_view), recalibrate=True)
         return {"fit": scorer.score("fit")}
 
     def with_heldout(result: dict) -> dict:
@@ -438,8 +422,7 @@ def train_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: Subs
     theta0 = _start_point(cfg.init, baselines, subspace, len(cs), splits.task.higher_is_better,
                           cfg.coordinates)
     # The fit runs with the candidates' uniform-average buffers, not those of the last baseline scored.
-    with torch.no_grad():
-        net.model.load_state_dict(uniform_buffers(cs, net.keys), strict=False)
+    load_state(net.model, uniform_buffers(cs, net.keys))
     return train_coefficients(flat.binding, subspace, splits.data, splits.fit, splits.task, cfg, device,
                               comm, progress, theta0=theta0, amp=net.amp)
 
@@ -463,8 +446,9 @@ def merge_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: Subs
     point = subspace.combine(trained.beta, out=flat.binding.local_g[:subspace.mean.numel()])
     alphas = subspace.alphas(trained.beta)  # [B, K] float64
     # Tensors that are not merged parameters (floating buffers) take the size-weighted mean alphas.
-    sizes = torch.tensor([sum(layout.numel(i) for i in range(len(layout.names)) if layout.block_of[i] == b)
-                          for b in range(layout.n_blocks)], dtype=torch.float64)
+    sizes = torch.zeros(layout.n_blocks, dtype=torch.float64)
+    for i, b in enumerate(layout.block_of):
+        sizes[b] += layout.numel(i)
     default_alphas = ((alphas * sizes.unsqueeze(1)).sum(0) / sizes.sum()).tolist()
     key_block = {name: layout.block_of[i] for i, name in enumerate(layout.names)}
     key_block.update({alias: key_block[target] for alias, target in net.keys.alias_of.items()})
@@ -472,7 +456,7 @@ def merge_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: Subs
     # Float32 results go straight into the flat buffer the model's parameters view: the merge is
     # then loaded (and written from there) without a second D floats.
     tensors = linear_merge(cs, _weights_of(alphas, key_block, default_alphas), out_dtype=out_dtype,
-                           progress=progress, into=flat.param_view)
+                           progress=progress, into=flat.binding.param_view)
     return Merged(tensors, alphas, key_block, default_alphas, out_dtype, point)
 
 
@@ -666,8 +650,7 @@ def evaluate_checkpoints(
         probe(net, data, everything, task, batch_size, dev)
         results = []
         for i in range(len(cs)):
-            with torch.no_grad():
-                net.load_state_dict({k: cs.get(i, k) for k in keys}, strict=False)
+            load_state(net, ((k, cs.get(i, k)) for k in keys))
             if bn_recalibrate:
                 recalibrate_batchnorm(net, data, everything, batch_size, dev)
             score = evaluate(net, data, everything, task, batch_size, dev, SingleProcess(dev))

@@ -246,7 +246,7 @@ def build_subspace(
     device: torch.device | str = "cpu",
     backend: str | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
-    check_finite: bool = False,
+    check_finite: bool = True,
     cache_bytes: int = CACHE_BYTES,
 ) -> Subspace:
     """Mean, Gram matrices and quantized basis, reading the candidates one tensor at a time.
@@ -269,10 +269,8 @@ def build_subspace(
         check_finite: raise :class:`~twamerge.errors.NonFiniteError` naming the tensor (and the
             candidate, and its file when ``candidates`` has ``paths``) when a tensor holds NaN/Inf.
             The check reads nothing extra: any NaN/Inf makes that tensor's Gram matrix non-finite,
-            and only then are its values scanned to name the culprit. A caller that passes
-            ``check_finite=True`` can read without its own per-tensor scan (a ``CheckpointSet``
-            opened with ``allow_nonfinite=True``, or its ``allow_nonfinite`` set for the build);
-            with ``False`` (the default) non-finite values are not looked for.
+            and only then are its values scanned to name the culprit; so the readers do not scan
+            (``CheckpointSet.stack_slice``). ``False`` (``--allow-nonfinite``) does not look for them.
         cache_bytes: the most candidate bytes held to read a multi-tensor block once.
     """
     device = torch.device(device)

@@ -174,35 +174,37 @@ class CheckpointSet:
         t = self._cands[i].read(key)
         return self._checked(i, key, t) if check else t
 
-    def get_slice(self, i: int, key: str, start: int, stop: int) -> torch.Tensor:
+    def get_slice(self, i: int, key: str, start: int, stop: int, *, check: bool = True) -> torch.Tensor:
         """Elements ``[start, stop)`` of candidate ``i``'s flattened ``key``: 1-D, CPU, stored dtype.
 
         Safetensors files are read only in that byte range (a distributed fit's rank reads its columns).
 
         Raises:
-            NonFiniteError: the slice holds NaN/Inf (unless ``allow_nonfinite``).
+            NonFiniteError: the slice holds NaN/Inf (unless ``allow_nonfinite`` or ``check=False``).
         """
-        return self._checked(i, key, self._cands[i].read_range(key, start, stop))
+        t = self._cands[i].read_range(key, start, stop)
+        return self._checked(i, key, t) if check else t
 
     def _checked(self, i: int, key: str, t: torch.Tensor) -> torch.Tensor:
         return t if self.allow_nonfinite else check_finite(t, self._cands[i].path, key)
 
-    def stack(self, key: str) -> torch.Tensor:
-        """All candidates' ``key`` stacked: ``[K, *shape]``, stored dtype."""
+    def stack(self, key: str, *, check: bool = True) -> torch.Tensor:
+        """All candidates' ``key`` stacked: ``[K, *shape]``, stored dtype (``check`` as for ``get``)."""
         out = torch.empty((len(self), *self.shape(key)), dtype=self.dtype(key))
         for i in range(len(self)):
-            out[i].copy_(self.get(i, key))
+            out[i].copy_(self.get(i, key, check=check))
         return out
 
     def stack_slice(self, key: str, lo: int, hi: int) -> torch.Tensor:
         """Elements ``[lo, hi)`` of the flattened ``key`` in every candidate: ``[K, hi - lo]``, stored dtype.
 
         The whole tensor is read as one piece; a part only in that byte range where the format allows
-        (what the subspace passes of a distributed fit's rank read).
+        (what the subspace passes of a distributed fit's rank read). No NaN/Inf scan: its reader,
+        ``build_subspace``, finds non-finite values from each tensor's Gram matrix for nothing.
         """
         if (lo, hi) == (0, self.numel(key)):
-            return self.stack(key).reshape(len(self), -1)
-        return torch.stack([self.get_slice(i, key, lo, hi) for i in range(len(self))])
+            return self.stack(key, check=False).reshape(len(self), -1)
+        return torch.stack([self.get_slice(i, key, lo, hi, check=False) for i in range(len(self))])
 
     @property
     def hf_dir(self) -> Path | None:
