@@ -94,6 +94,28 @@ def test_train_coefficients_lowers_the_loss_and_is_seeded():
     assert sum(a.curve[-4:]) < sum(a.curve[:4])
 
 
+def _toy_fit(cfg, theta0=None):
+    model, layout, sub = _setup()
+    gen = torch.Generator().manual_seed(0)
+    data = TensorData({"x": torch.randint(0, 10, (64, 3), generator=gen),
+                       "label": torch.randint(0, 10, (64,), generator=gen)}, ("x",), "label", "t")
+    binding = FlatBinding(model, layout, torch.device("cpu"))
+    return sub, train_coefficients(binding, sub, data, torch.arange(64), Classification(), cfg, torch.device("cpu"),
+                                   SingleProcess(), theta0=theta0)
+
+
+def test_weight_decay_pulls_toward_the_start_point_not_the_uniform_average():
+    """The optimizer moves the offset from --init's start: a strong decay keeps the fit at the start."""
+    sub, _ = _toy_fit(FitConfig(epochs=0))
+    scale = sub.step_scale("candidates").float()
+    theta0 = torch.where(scale > 0, torch.full_like(scale, 0.7), torch.zeros_like(scale))
+    free = _toy_fit(FitConfig(epochs=5, batch_size=16, lr=0.1), theta0)[1].beta
+    held = _toy_fit(FitConfig(epochs=5, batch_size=16, lr=0.1, weight_decay=5.0), theta0)[1].beta
+    start = theta0 * scale
+    assert (held - start).norm() < 0.3 * (free - start).norm()
+    assert start.norm() > 0.5 * free.norm()  # far from uniform (beta = 0): decay toward 0 would show
+
+
 def test_lr_schedules_after_the_warm_up():
     """20 steps, warm-up 0.2 (4 steps: 1/4..4/4), then 16 steps: step = /10 at 50% and 75% of those 16."""
     warm = [0.25, 0.5, 0.75, 1.0]

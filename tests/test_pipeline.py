@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,6 +187,36 @@ def test_init_starts_the_fit_at_a_baseline(run, tmp_path, init):
         methods[best["name"]]["heldout"]["metric"] if init == "best" else methods["greedy"]["heldout"]["metric"])
 
 
+def test_restarts_average_the_coefficients_of_fits_with_successive_seeds(run, tmp_path, monkeypatch):
+    """--restarts 2 trains with seeds 0 and 1 (data order) on the same fit rows and merges the mean coefficients."""
+    from twamerge import pipeline
+
+    fits, merged = [], []
+    real_train, real_merge = pipeline.train_coefficients, pipeline.merge_stage
+
+    def train_spy(*args, **kwargs):
+        outcome = real_train(*args, **kwargs)
+        fits.append((args[5].seed, outcome.beta.clone()))
+        return outcome
+
+    def merge_spy(cs, net, flat, subspace, trained, *rest):
+        merged.append(trained.beta.clone())
+        return real_merge(cs, net, flat, subspace, trained, *rest)
+
+    monkeypatch.setattr(pipeline, "train_coefficients", train_spy)
+    monkeypatch.setattr(pipeline, "merge_stage", merge_spy)
+    kw = dict(epochs=1, greedy=False, eval_candidates=False, bits=32)
+    single = _fit(run, tmp_path / "one.safetensors", **kw)
+    both = _fit(run, tmp_path / "both.safetensors", restarts=2, **kw)
+    assert [seed for seed, _ in fits] == [0, 0, 1]
+    (_, alone), (_, first), (_, second) = fits
+    assert torch.equal(alone, first)  # the first restart is the plain fit
+    assert not torch.allclose(first, second, atol=1e-4)
+    assert torch.equal(merged[1], (first + second) / 2)
+    assert len(both["fit"]["curve"]) == len(single["fit"]["curve"]) > 0
+    assert both["data"]["fit_rows"] == single["data"]["fit_rows"]
+
+
 def test_forced_triton_without_a_gpu_is_a_typed_error(run, tmp_path, monkeypatch):
     pytest.importorskip("triton")
     from twamerge.errors import BackendUnavailableError
@@ -312,3 +343,48 @@ def test_held_out_rows_are_never_used_to_fit_or_choose(run, tmp_path, monkeypatc
     # Held-out scores: one per reported row (candidates, uniform, the kept greedy soup, TWA), nothing more.
     rows_with_heldout = sum(m["heldout"] is not None for m in report["methods"])
     assert scored_sets.count(frozenset(heldout_rows)) == rows_with_heldout
+
+
+def test_select_best_writes_the_best_baseline_on_held_out_rows_and_apply_repeats_it(tmp_path):
+    """--select best: with a random candidate in the pool and no training steps, TWA is the (poor) uniform
+    average, so the greedy soup or the best candidate is written, as it was scored: a soup's BatchNorm
+    statistics re-estimated, a candidate's file as it is. ``apply`` writes the same bytes."""
+    from twamerge.pipeline import _decode_tensors
+
+    bn = make_digits_run(tmp_path / "bn", epochs=4, batchnorm=True)
+    first = load_file(str(bn.checkpoints[0]))
+    noise = {k: (10 * torch.randn_like(v) if v.is_floating_point() else v) for k, v in first.items()}
+    save_file(noise, str(tmp_path / "bn" / "noise.safetensors"))
+    ckpts = [*bn.checkpoints, tmp_path / "bn" / "noise.safetensors"]
+    out = tmp_path / "m.safetensors"
+    report = fit_digits(bn, out, model_args={"batchnorm": True}, checkpoints=ckpts, epochs=0, select="best")
+    rows = {m["name"]: m for m in report["methods"]}
+    written = report["written"]
+    assert written["kind"] in ("greedy", "candidate") and written["chosen_on_heldout"]
+    contenders = [rows["twa"], rows["greedy"], rows["uniform"],
+                  max((m for m in report["methods"] if m["kind"] == "candidate"), key=lambda m: m["fit"]["metric"])]
+    best = max(contenders, key=lambda m: (m["heldout"]["metric"], -m["heldout"]["loss"]))
+    assert written["name"] == best["name"]
+    assert best["heldout"]["metric"] > rows["twa"]["heldout"]["metric"]
+    merged = load_file(str(out))
+    names = [Path(p).name for p in ckpts]
+    ingredients = rows["greedy"]["ingredients"] if written["kind"] == "greedy" else [written["name"]]
+    sources = [load_file(str(ckpts[names.index(n)])) for n in ingredients]
+    buffers = _decode_tensors(report["merge"]["recalibrated_buffers"])
+    for key, value in merged.items():
+        if written["kind"] == "candidate":
+            assert torch.equal(value, sources[0][key]), key
+        elif key in buffers:
+            assert torch.equal(value, buffers[key]), key  # re-estimated, as scored
+        elif value.is_floating_point():
+            mean = torch.stack([s[key].double() for s in sources]).mean(0).float()
+            assert torch.allclose(value, mean, atol=1e-6), key
+    assert bool(buffers) == (written["kind"] == "greedy")
+    again = tmp_path / "again.safetensors"
+    apply_report(out.with_suffix(".json"), ckpts, again)
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_select_best_without_held_out_rows_writes_twa(run, tmp_path):
+    report = _fit(run, tmp_path / "m.safetensors", select="best", holdout=0.0)
+    assert report["written"] == {"name": "twa", "kind": "twa", "chosen_on_heldout": False}

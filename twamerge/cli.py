@@ -203,6 +203,7 @@ KeysMode = _choice_enum("KeysMode", choices(config.KeysMode))
 Optimizer = _choice_enum("Optimizer", choices(config.Optimizer))
 Coordinates = _choice_enum("Coordinates", choices(config.Coordinates))
 Init = _choice_enum("Init", choices(config.Init))
+Select = _choice_enum("Select", choices(config.Select))
 Schedule = _choice_enum("Schedule", choices(config.Schedule))
 Device = _choice_enum("Device", choices(config.Device))
 Backend = _choice_enum("Backend", choices(config.Backend))
@@ -408,6 +409,8 @@ def _render_fit(result: dict[str, Any], console: Console) -> None:
     split = "heldout" if result["heldout_rows"] else "fit"
     console.print(f"twa {result['metric_name']} on the {split} split: {twa[split]['metric']:.4f} "
                   f"(best candidate: {result['best_candidate']})")
+    if result["written"]["kind"] != "twa":
+        console.print(f"--select best: wrote {result['written']['name']}, the best on the held-out split")
 
 
 def _print_table(report: dict[str, Any]) -> None:
@@ -424,7 +427,8 @@ def _print_table(report: dict[str, Any]) -> None:
         fit_, held = row.get("fit") or {}, row.get("heldout") or {}
         name = row["name"] + (f" ({len(row['ingredients'])} ingredients)" if row.get("ingredients") else "")
         table.add_row(name, f"{fit_['metric']:.4f}" if fit_ else "-", f"{held['metric']:.4f}" if held else "-",
-                      f"{held['loss']:.4f}" if held else "-", style="bold" if row["kind"] == "twa" else None)
+                      f"{held['loss']:.4f}" if held else "-",
+                      style="bold" if row["name"] == report["written"]["name"] else None)
     console.print(table)
     sub = report["subspace"]
     console.print(f"basis: {sub['rows']} rows x {sub['n_params']:,} params at {sub['bits']} bits = "
@@ -488,6 +492,14 @@ def fit_cmd(
     init: Annotated[Init, typer.Option("--init", help="Start point of the fit: the uniform average (as in the "
                                        "paper), the greedy soup, or the best candidate on the fit split.")
                     ] = Init(_D.init),
+    select: Annotated[Select, typer.Option("--select", help="What -o holds: the TWA merge, or the best on the "
+                                           "held-out rows of TWA, the greedy soup, the uniform average and the "
+                                           "best candidate on the fit split (its held-out figure is then "
+                                           "optimistic: it chose it).")] = Select(_D.select),
+    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0, help="Decoupled weight decay of the "
+                                                "coefficients, toward the start point (--init).")] = _D.weight_decay,
+    restarts: Annotated[int, typer.Option("--restarts", min=1, help="Fit N times with the seeds --seed, --seed+1, "
+                                          "... (data order) and average the coefficients.")] = _D.restarts,
     greedy: Annotated[bool, typer.Option("--greedy/--no-greedy", help="Include the baseline "
                                          f"{METHODS['greedy'].summary}.")] = _D.greedy,
     candidates: Annotated[bool, typer.Option("--candidates/--no-candidates", help="Score "
@@ -525,7 +537,7 @@ def fit_cmd(
                             holdout=holdout, seed=seed,
                             device=device.value, backend=backend.value if backend else None,
                             bn_recalibrate=bn_recalibrate.value, init=init.value, coordinates=coordinates.value,
-                            greedy=greedy and candidates, eval_candidates=candidates,
+                            weight_decay=weight_decay, restarts=restarts, select=select.value, greedy=greedy and candidates, eval_candidates=candidates,
                             gradient_checkpointing=gradient_checkpointing, precision=precision.value)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None

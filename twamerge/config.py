@@ -25,6 +25,9 @@ Toggle = Literal["auto", "on", "off"]
 Coordinates = Literal["candidates", "weights"]
 # Where the fit starts: the uniform average (the paper), the greedy soup, or the best candidate.
 Init = Literal["uniform", "greedy", "best"]
+# What fit writes: the TWA merge, or the best on the held-out rows of TWA, the greedy soup, the uniform
+# average and the best candidate on the fit rows (a guard against losing to picking).
+Select = Literal["twa", "best"]
 # Learning-rate schedule of the coefficients after the warm-up: cosine to 0, step (/10 at 50% and 75% of
 # the steps after the warm-up, as in the paper's TWA runs) or constant.
 Schedule = Literal["cosine", "step", "constant"]
@@ -158,6 +161,9 @@ class FitConfig:
     bn_recalibrate: Toggle = "auto"
     rank_rtol: float = 1e-5
     init: Init = "uniform"
+    select: Select = "twa"
+    # Fits from different data orders (seed, seed + 1, ...) whose coefficients are averaged.
+    restarts: int = 1
     coordinates: Coordinates = "candidates"
     # The optional baselines of the report (methods.BASELINES): the greedy soup and every candidate.
     greedy: bool = True
@@ -193,4 +199,6 @@ class FitConfig:
         _check(self.init != "greedy" or self.greedy, "init", self.init, "the greedy soup, which --no-greedy turns off")
         _check(self.init == "uniform" or self.eval_candidates or self.greedy, "init", self.init,
                "candidate scores, which --no-candidates turns off")
+        _check_choice("select", self.select, Select)
+        _check(self.restarts >= 1, "restarts", self.restarts, "an integer >= 1")
         _check(0 < self.rank_rtol < 1, "rank_rtol", self.rank_rtol, "in (0, 1)")

@@ -155,15 +155,18 @@ def train_coefficients(
     scale = subspace.step_scale(cfg.coordinates).float().to(device)  # [B, R]
     # theta = 0 is the uniform average (the paper's start); theta0 may start elsewhere (--init).
     start = torch.zeros(n_blocks, rows) if theta0 is None else theta0.float().cpu()
-    theta = nn.Parameter(torch.where(scale > 0, start.to(device), torch.zeros_like(scale)))
+    start = torch.where(scale > 0, start.to(device), torch.zeros_like(scale))
+    # The optimizer moves the offset from the start point, so weight decay pulls toward the start
+    # (the greedy soup with --init greedy), not toward the uniform average.
+    offset = nn.Parameter(torch.zeros_like(scale))
     if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW([theta], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW([offset], lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.SGD([theta], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD([offset], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     total = cfg.epochs * steps_per_epoch(fit_index.numel(), cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup, cfg.schedule))
     gen = torch.Generator().manual_seed(cfg.seed)
-    outcome = FitOutcome(beta=(theta.detach() * scale).float())
+    outcome = FitOutcome(beta=(start * scale).float())
     epochs = range(cfg.epochs)
     step = 0
     # Dropout draws from the global RNG: seed it for reproducibility, and restore it afterwards.
@@ -174,20 +177,20 @@ def train_coefficients(
         try:
             for _ in (progress(epochs) if progress else epochs):
                 for batch in iter_batches(data, fit_index, cfg.batch_size, gen):
-                    beta = theta.detach() * scale
+                    beta = (start + offset.detach()) * scale
                     value, grad = _step(binding, subspace, task, batch, beta, device, comm, (step, total), amp)
                     if not math.isfinite(value):
                         where = f" (summed over {comm.world_size} ranks)" if comm.world_size > 1 else ""
                         raise FitError(f"the loss became {value} at step {step + 1} of {total}{where}; nothing "
                                        "was written (lower --lr, or check the data and model)")
-                    theta.grad = grad * scale
+                    offset.grad = grad * scale
                     opt.step()
                     sched.step()
                     outcome.curve.append(value)
                     step += 1
         except KeyboardInterrupt:
             raise FitError(f"interrupted at step {step} of {total}; nothing was written") from None
-    outcome.beta = (theta.detach() * scale).float()
+    outcome.beta = ((start + offset.detach()) * scale).float()
     outcome.steps = step
     if step:
         outcome.seconds_per_step = (time.perf_counter() - start_time) / step

@@ -20,7 +20,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -39,7 +39,7 @@ from .io import AtomicWrite, CheckpointSet, check_output, open_checkpoints, refu
 from .io.atomic import check_name_length
 from .io.formats.checks import check_tensor
 from .merge import build_metadata, linear_merge
-from .methods import METHODS, greedy_soup, one_hot
+from .methods import METHODS, greedy_soup, one_hot, uniform_weights
 from .models import ModelKeys, build_model
 from .options import dtype_name, parse_dtype
 from .precision import resolve_precision
@@ -51,6 +51,7 @@ from .report import (
     MethodResult,
     Timer,
     best_candidate,
+    best_on_heldout,
     build_report,
     is_better,
     peak_memory,
@@ -132,12 +133,16 @@ def fit(
                 merged = merge_stage(cs, net, flat, subspace, trained, out, progress)
             with timer.phase("evaluate"):
                 twa = evaluate_stage(merged, net, flat, subspace, scorer, cfg, comm)
+            written = twa
+            if cfg.select == "best":
+                with timer.phase("select"):
+                    merged, written = select_stage(cs, net, flat, scorer, baselines, twa, merged, out, progress)
             per_rank = describe_ranks(flat, subspace, comm)
             report = None
             with comm.phase("write"):
                 if comm.is_main:
                     report = write_stage(cs, val, model, cfg, out, splits, flat, subspace, baselines, trained,
-                                         merged, twa, timer, per_rank)
+                                         merged, twa, written, timer, per_rank)
             return comm.broadcast_object(report)
         except KeyboardInterrupt:
             # The training loop names its step; anywhere else (baselines, merge) says what is known.
@@ -418,13 +423,29 @@ def _start_point(init: str, baselines: list[MethodResult], subspace: Subspace, k
 def train_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: Subspace, splits: Splits,
                 baselines: list[MethodResult], cfg: FitConfig, device: torch.device, comm: Comm,
                 progress: Progress | None) -> FitOutcome:
-    """Learn the coefficients on the fit rows, from the start point ``cfg.init`` names."""
+    """Learn the coefficients on the fit rows, from the start point ``cfg.init`` names.
+
+    With ``cfg.restarts`` > 1 the fit runs that many times with the seeds ``seed, seed + 1, ...``
+    (data order and dropout) and the coefficients are averaged: the merge is linear in them, so
+    this is the average of the fitted points, which smooths the noise of one data order.
+    """
     theta0 = _start_point(cfg.init, baselines, subspace, len(cs), splits.task.higher_is_better,
                           cfg.coordinates)
-    # The fit runs with the candidates' uniform-average buffers, not those of the last baseline scored.
-    load_state(net.model, uniform_buffers(cs, net.keys))
-    return train_coefficients(flat.binding, subspace, splits.data, splits.fit, splits.task, cfg, device,
-                              comm, progress, theta0=theta0, amp=net.amp)
+    buffers = uniform_buffers(cs, net.keys)
+    outcomes = []
+    for restart in range(cfg.restarts):
+        # Every fit runs with the candidates' uniform-average buffers, not those of the last model scored.
+        load_state(net.model, buffers)
+        outcomes.append(train_coefficients(flat.binding, subspace, splits.data, splits.fit, splits.task,
+                                           replace(cfg, seed=cfg.seed + restart), device, comm, progress,
+                                           theta0=theta0, amp=net.amp))
+    if len(outcomes) == 1:
+        return outcomes[0]
+    curves = torch.tensor([o.curve for o in outcomes], dtype=torch.float64)
+    seconds = [o.seconds_per_step for o in outcomes if o.seconds_per_step is not None]
+    return FitOutcome(beta=torch.stack([o.beta for o in outcomes]).mean(0), curve=curves.mean(0).tolist(),
+                      steps=sum(o.steps for o in outcomes),
+                      seconds_per_step=sum(seconds) / len(seconds) if seconds else None)
 
 
 @dataclass
@@ -441,10 +462,15 @@ class Merged:
 
 def merge_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: Subspace, trained: FitOutcome,
                 out: OutputConfig, progress: Progress | None) -> Merged:
-    layout = flat.layout
     # The gradient buffer is free once training is over: it holds the trained point, not a new D floats.
     point = subspace.combine(trained.beta, out=flat.binding.local_g[:subspace.mean.numel()])
-    alphas = subspace.alphas(trained.beta)  # [B, K] float64
+    return merge_alphas(cs, net, flat, subspace.alphas(trained.beta), out, progress, point)
+
+
+def merge_alphas(cs: CheckpointSet, net: Network, flat: FlatSpace, alphas: torch.Tensor, out: OutputConfig,
+                 progress: Progress | None, trained: torch.Tensor) -> Merged:
+    """``sum_k alphas[b, k] c_k`` for every tensor of block ``b``, from the original files."""
+    layout = flat.layout
     # Tensors that are not merged parameters (floating buffers) take the size-weighted mean alphas.
     sizes = torch.zeros(layout.n_blocks, dtype=torch.float64)
     for i, b in enumerate(layout.block_of):
@@ -457,7 +483,7 @@ def merge_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: Subs
     # then loaded (and written from there) without a second D floats.
     tensors = linear_merge(cs, _weights_of(alphas, key_block, default_alphas), out_dtype=out_dtype,
                            progress=progress, into=flat.binding.param_view)
-    return Merged(tensors, alphas, key_block, default_alphas, out_dtype, point)
+    return Merged(tensors, alphas, key_block, default_alphas, out_dtype, trained)
 
 
 def _weights_of(alphas: torch.Tensor, key_block: dict[str, int], default: list[float]) -> Callable[[str], list]:
@@ -478,6 +504,14 @@ def evaluate_stage(merged: Merged, net: Network, flat: FlatSpace, subspace: Subs
                    cfg: FitConfig, comm: Comm) -> Evaluated:
     """Score exactly what is written (BatchNorm re-estimated for it, and written so)."""
     scorer.load(merged.tensors, recalibrate=True)
+    recalibrated = _keep_recalibrated(merged, net)
+    gap = _quantization_gap(flat, subspace, merged.trained, comm)
+    row = MethodResult("twa", "twa", **scorer.score_both(), detail={"init": cfg.init})
+    return Evaluated(row, recalibrated, gap)
+
+
+def _keep_recalibrated(merged: Merged, net: Network) -> dict[str, torch.Tensor]:
+    """Put the model's re-estimated BatchNorm statistics into the merge to write; returns them."""
     recalibrated = {}
     if net.recalibrate:
         state = net.model.state_dict()
@@ -485,9 +519,33 @@ def evaluate_stage(merged: Merged, net: Network, flat: FlatSpace, subspace: Subs
             if merged.tensors[key].is_floating_point():
                 merged.tensors[key] = state[key].detach().to("cpu", merged.tensors[key].dtype).clone()
                 recalibrated[key] = merged.tensors[key]
-    gap = _quantization_gap(flat, subspace, merged.trained, comm)
-    row = MethodResult("twa", "twa", **scorer.score_both(), detail={"init": cfg.init})
-    return Evaluated(row, recalibrated, gap)
+    return recalibrated
+
+
+def select_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, scorer: Scorer, baselines: list[MethodResult],
+                 twa: Evaluated, merged: Merged, out: OutputConfig, progress: Progress | None
+                 ) -> tuple[Merged, Evaluated]:
+    """``--select best``: the merge to write is the best on the held-out rows (``report.best_on_heldout``).
+
+    When that is not TWA, its weights (the same in every block) are merged from the original files and
+    loaded as they were scored: BatchNorm re-estimated on the fit rows for the soups, a candidate as
+    it is. Returns what to write and its evaluation (its row as reported; TWA's quantization gap).
+    """
+    chosen = best_on_heldout([*baselines, twa.row], scorer.splits.task.higher_is_better)
+    if chosen is twa.row:
+        return merged, twa
+    k, names = len(cs), [Path(p).name for p in cs.paths]
+    if chosen.kind == "uniform":
+        weights = uniform_weights(k)
+    else:
+        weights = one_hot(k, [names.index(n) for n in chosen.detail.get("ingredients", [chosen.name])])
+    alphas = torch.tensor(weights, dtype=torch.float64).expand(flat.layout.n_blocks, k).clone()
+    written = merge_alphas(cs, net, flat, alphas, out, progress, merged.trained)
+    soup = chosen.kind != "candidate"
+    scorer.load(written.tensors, recalibrate=soup)
+    recalibrated = _keep_recalibrated(written, net) if soup else {}
+    log.info("--select best: writing %s, the best on the held-out rows", chosen.name)
+    return written, Evaluated(chosen, recalibrated, twa.quantization_gap)
 
 
 def _quantization_gap(flat: FlatSpace, subspace: Subspace, trained: torch.Tensor, comm: Comm) -> float:
@@ -523,7 +581,7 @@ def describe_ranks(flat: FlatSpace, subspace: Subspace, comm: Comm) -> list[dict
 
 def write_stage(cs: CheckpointSet, val: DataConfig, model_cfg: ModelConfig, cfg: FitConfig, out: OutputConfig,
                 splits: Splits, flat: FlatSpace, subspace: Subspace, baselines: list[MethodResult],
-                trained: FitOutcome, merged: Merged, twa: Evaluated, timer: Timer,
+                trained: FitOutcome, merged: Merged, twa: Evaluated, written: Evaluated, timer: Timer,
                 per_rank: list[dict] | None) -> dict:
     """Write the merged checkpoint, the report and the plot as one transaction (rank 0 alone).
 
@@ -533,7 +591,7 @@ def write_stage(cs: CheckpointSet, val: DataConfig, model_cfg: ModelConfig, cfg:
     """
     with AtomicWrite() as aw:
         report = _stage_outputs(aw, cs, val, model_cfg, cfg, out, splits, flat, subspace, baselines, trained,
-                                merged, twa, timer, per_rank)
+                                merged, twa, written, timer, per_rank)
         try:
             aw.commit()
         except OSError as exc:
@@ -543,16 +601,16 @@ def write_stage(cs: CheckpointSet, val: DataConfig, model_cfg: ModelConfig, cfg:
 
 def _stage_outputs(aw: AtomicWrite, cs: CheckpointSet, val: DataConfig, model_cfg: ModelConfig, cfg: FitConfig,
                    out: OutputConfig, splits: Splits, flat: FlatSpace, subspace: Subspace,
-                   baselines: list[MethodResult], trained: FitOutcome, merged: Merged, twa: Evaluated, timer: Timer,
-                   per_rank: list[dict] | None) -> dict:
+                   baselines: list[MethodResult], trained: FitOutcome, merged: Merged, twa: Evaluated,
+                   written: Evaluated, timer: Timer, per_rank: list[dict] | None) -> dict:
     sources = cs.sources()
-    metadata = build_metadata("twa", [{"path": s["path"], "sha256": s["sha256"]} for s in sources],
+    metadata = build_metadata(written.row.kind, [{"path": s["path"], "sha256": s["sha256"]} for s in sources],
                               blocks=cfg.blocks, bits=cfg.bits, alphas=merged.alphas.tolist(),
-                              heldout=twa.row.heldout, metric_name=splits.task.metric_name,
+                              heldout=written.row.heldout, metric_name=splits.task.metric_name,
                               higher_is_better=splits.task.higher_is_better)
     with timer.phase("write"):
-        written = write_checkpoint(merged.tensors, out.path, metadata=metadata, force=out.force,
-                                   max_shard_size=out.max_shard_size, hf_source_dir=cs.hf_dir, transaction=aw)
+        files = write_checkpoint(merged.tensors, out.path, metadata=metadata, force=out.force,
+                                 max_shard_size=out.max_shard_size, hf_source_dir=cs.hf_dir, transaction=aw)
     layout = flat.layout
     data = splits.data
     report = build_report(
@@ -572,13 +630,14 @@ def _stage_outputs(aw: AtomicWrite, cs: CheckpointSet, val: DataConfig, model_cf
         seconds_per_step=trained.seconds_per_step,
         merge=MergeRecord(merged.key_block, merged.alphas.tolist(), merged.default_alphas,
                           dtype_name(merged.out_dtype) if merged.out_dtype else None,
-                          _encode_tensors(twa.recalibrated), metadata),
-        outputs=[str(p) for p in written],
+                          _encode_tensors(written.recalibrated), metadata),
+        outputs=[str(p) for p in files],
         timings=timer.seconds,
         memory={**peak_memory(), "basis_bytes": subspace.basis_bytes(),
                 "flat_buffer_bytes": 2 * flat.binding.flat.numel() * flat.binding.flat.element_size()},
         distributed=None if per_rank is None else {"world_size": len(per_rank),
                                                    "backend": torch.distributed.get_backend(), "ranks": per_rank},
+        written=written.row,
     )
     if out.report is not None:
         from .report import write_report

@@ -77,6 +77,23 @@ def is_better(a: dict, b: dict, higher_is_better: bool) -> bool:
     return a["metric"] > b["metric"] if higher_is_better else a["metric"] < b["metric"]
 
 
+def best_on_heldout(rows: list[MethodResult], higher_is_better: bool) -> MethodResult:
+    """What ``--select best`` writes: of TWA, the greedy soup, the uniform average and the best candidate on
+    the fit split, the row with the best held-out metric; ties go to the lower held-out loss, then to the
+    first of that order (TWA first). Each contender was made on the fit rows, so the held-out rows
+    compare them fairly; the winner's held-out figure is then optimistic (it was chosen by it).
+    TWA when there are no held-out rows."""
+    twa = next(r for r in rows if r.kind == "twa")
+    if twa.heldout is None:
+        return twa
+    contenders = [twa, *(r for r in rows if r.kind in ("greedy", "uniform"))]
+    best = best_candidate(rows, "fit", higher_is_better)
+    if best is not None:
+        contenders.append(best)
+    sign = 1 if higher_is_better else -1
+    return max(contenders, key=lambda r: (sign * r.heldout["metric"], -r.heldout["loss"]))
+
+
 @dataclass
 class DataSummary:
     """The validation data of a fit and its split."""
@@ -122,15 +139,17 @@ def build_report(*, settings: Any, data: DataSummary, model: dict, candidates: l
                  higher_is_better: bool, methods: list[MethodResult], basis: BasisSummary, curve: list[float],
                  seconds_per_step: float | None = None,
                  merge: MergeRecord, outputs: list[str], timings: dict[str, float], memory: dict,
-                 distributed: dict | None = None) -> dict:
+                 distributed: dict | None = None, written: MethodResult | None = None) -> dict:
     """The JSON-able report of a fit, from its stages' results (no I/O, no torch).
 
     The comparison that CI gates on, ``twa_at_least_best``, is made on the held-out split when
-    there is one, else on the fit split (and the report then says ``heldout_rows: 0``).
+    there is one, else on the fit split (and the report then says ``heldout_rows: 0``). ``written``:
+    the row whose merge was written (``--select best``); TWA's when None.
     """
     split = "heldout" if data.heldout_rows else "fit"
     best = best_candidate(methods, split, higher_is_better)
     twa = next(r for r in methods if r.kind == "twa")
+    written = written or twa
     beats = None if best is None else not is_better(getattr(best, split), getattr(twa, split), higher_is_better)
     report = {
         "report_version": REPORT_VERSION,
@@ -146,6 +165,9 @@ def build_report(*, settings: Any, data: DataSummary, model: dict, candidates: l
         "methods": [r.to_dict() for r in methods],
         "best_candidate": best.name if best else None,
         "twa_at_least_best": beats,
+        # What -o holds. Under --select best its held-out figure chose it among four, so it is optimistic.
+        "written": {"name": written.name, "kind": written.kind,
+                    "chosen_on_heldout": getattr(settings, "select", "twa") == "best" and data.heldout_rows > 0},
         "blocks": [
             {"index": b, "keys": keys, "rank": basis.ranks[b], "dropped": basis.dropped[b],
              "spread": float(basis.spread[b]), "alphas": merge.block_alphas[b]}

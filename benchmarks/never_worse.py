@@ -1,0 +1,232 @@
+"""Does TWA lose to picking? A study of fit options on data no step of the merge has seen (issue 13, item 3).
+
+For every pool of candidates (``benchmarks/pools.py`` builds them; a pool is a folder with ``pool.json``)
+this script runs ``twamerge.fit`` with each option below on the pool's validation data, scores every
+written merge on the pool's test split with ``twamerge.evaluate_checkpoints``, and compares it with
+what picking would have given:
+
+* **best single**: the candidate with the best metric on all of ``--val`` (what a user picks by hand);
+* **greedy soup**: the soup ``fit`` itself reports (ingredients chosen on the fit rows, BatchNorm
+  re-estimated), written with ``--init greedy --epochs 0``.
+
+Options (each a ``FitConfig`` change from the defaults; the rules that choose use the held-out rows
+of the default fit, never the test split):
+
+    twa            the defaults (uniform start, 10 epochs, lr 0.05, 20% of --val held out)
+    init_greedy    start at the greedy soup
+    init_greedy_wd start at the greedy soup, weight decay 1.0 toward it
+    wd             weight decay 1.0 toward the uniform start
+    restarts3      three data orders, coefficients averaged
+    refit          the defaults fitted on all of --val (--holdout 0)
+    tuned_refit    lr chosen among 0.02 / 0.05 / 0.1 on the held-out rows, then refitted on all of --val
+    select         whichever of TWA, the greedy soup, the uniform average and the best candidate (on the
+                   fit rows) scores best on the held-out rows (ties: lower held-out loss, then TWA)
+    select_refit   the same choice, with the refitted TWA written when TWA is chosen
+
+Run (about an hour on 2 CPU cores for the pools of ``benchmarks/pools.py`` and the MiniLM soup):
+
+    python benchmarks/pools.py
+    python benchmarks/never_worse.py --pools /work/runs/pools --out runs/never_worse --md docs/never_worse.md
+
+Results are kept per pool in ``<out>/<pool>.json``, so a rerun continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+for _k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_k, "1")
+
+import torch  # noqa: E402
+
+from twamerge import DataConfig, FitConfig, ModelConfig, OutputConfig, evaluate_checkpoints, fit  # noqa: E402
+
+# Each option: (FitConfig changes, fitted on all of --val?). The picks (select*) are computed from these.
+OPTIONS: dict[str, tuple[dict, bool]] = {
+    "twa": ({}, False),
+    "init_greedy": ({"init": "greedy"}, False),
+    "init_greedy_wd": ({"init": "greedy", "weight_decay": 1.0}, False),
+    "wd": ({"weight_decay": 1.0}, False),
+    "restarts3": ({"restarts": 3}, False),
+    "lr0.02": ({"lr": 0.02}, False),
+    "lr0.1": ({"lr": 0.1}, False),
+    "refit": ({}, True),
+}
+TUNED_LRS = {"lr0.02": 0.02, "twa": 0.05, "lr0.1": 0.1}
+SHOWN = ["twa", "init_greedy", "init_greedy_wd", "wd", "restarts3", "refit", "tuned_refit", "select", "select_refit"]
+
+
+def pool_paths(root: Path, spec: dict) -> tuple[list[str], str, str]:
+    ckpts = sorted(glob.glob(str(root / spec.get("checkpoints", "ckpts/*.safetensors"))))
+    return ckpts, str(root / spec.get("val", "val")), str(root / spec.get("test", "test"))
+
+
+def output_path(work: Path, name: str, hf: bool) -> Path:
+    return work / name if hf else work / f"{name}.safetensors"
+
+
+def run_pool(root: Path, out: Path, threads: int) -> dict:
+    spec = json.loads((root / "pool.json").read_text())
+    ckpts, val, test = pool_paths(root, spec)
+    hf = Path(ckpts[0]).is_dir()
+    model = ModelConfig(spec.get("model"), spec.get("model_args") or {})
+    work = out / "work" / spec["name"]
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    torch.set_num_threads(threads)
+    res: dict = {"name": spec["name"], "in_tests": spec.get("in_tests", False),
+                 "description": spec.get("description", ""), "k": len(ckpts), "fits": {}, "seconds": {}}
+
+    # Picking by hand: every candidate on all of --val and on the test split.
+    t = time.perf_counter()
+    on_val = evaluate_checkpoints(ckpts, val=DataConfig(val), model=model, batch_size=256)
+    on_test = evaluate_checkpoints(ckpts, val=DataConfig(test), model=model, batch_size=256)
+    res["seconds"]["eval_candidates"] = time.perf_counter() - t
+    higher = on_val["higher_is_better"]
+    res.update(metric=on_val["metric_name"], higher_is_better=higher, val_rows=on_val["rows"],
+               test_rows=on_test["rows"])
+    res["candidates"] = [{"name": Path(v["path"]).name, "val": v["metric"], "val_loss": v["loss"],
+                          "test": te["metric"], "test_loss": te["loss"]}
+                         for v, te in zip(on_val["checkpoints"], on_test["checkpoints"])]
+    sign = 1 if higher else -1
+    best = max(res["candidates"], key=lambda c: (sign * c["val"], -c["val_loss"]))
+    res["best_single"] = best["name"]
+
+    outputs: dict[str, Path] = {}
+
+    def do_fit(name: str, changes: dict, all_rows: bool) -> None:
+        cfg = replace(FitConfig(), **changes, **({"holdout": 0.0} if all_rows else {}))
+        if all_rows or changes.get("init") is None:
+            # Baselines are only needed where they are the start point (init) or the evidence (twa).
+            if name != "twa":
+                cfg = replace(cfg, greedy=False, eval_candidates=False)
+        dst = output_path(work, name, hf)
+        t0 = time.perf_counter()
+        report = fit(ckpts, val=DataConfig(val), model=model, output=OutputConfig(dst), cfg=cfg)
+        res["seconds"][name] = time.perf_counter() - t0
+        res["fits"][name] = {"methods": report["methods"], "alphas": report["merge"]["block_alphas"]}
+        outputs[name] = dst
+        print(f"  {spec['name']}: {name} in {res['seconds'][name]:.0f}s", file=sys.stderr, flush=True)
+
+    for name, (changes, all_rows) in OPTIONS.items():
+        do_fit(name, changes, all_rows)
+    # The data-aware baselines as written files (BatchNorm re-estimated on the fit rows, like the report's).
+    do_fit("greedy", {"init": "greedy", "epochs": 0}, False)
+    do_fit("uniform", {"epochs": 0}, False)
+
+    rows = res["fits"]["twa"]["methods"]
+    tuned = max(TUNED_LRS, key=lambda n: _key(_row(res["fits"][n]["methods"], "twa")["heldout"], higher))
+    res["tuned_lr"] = TUNED_LRS[tuned]
+    if tuned == "twa":
+        outputs["tuned_refit"] = outputs["refit"]
+    else:
+        do_fit("tuned_refit", {"lr": TUNED_LRS[tuned]}, True)
+
+    # Scores on the test split of every written file (one model build and one data load).
+    files = list(dict.fromkeys(str(p) for p in outputs.values()))  # tuned_refit may be refit's file
+    t = time.perf_counter()
+    scored = evaluate_checkpoints(files, val=DataConfig(test), model=model, batch_size=256)
+    res["seconds"]["eval_outputs"] = time.perf_counter() - t
+    by_file = dict(zip(files, scored["checkpoints"]))
+    test = {n: by_file[str(p)]["metric"] for n, p in outputs.items()}
+    test_loss = {n: by_file[str(p)]["loss"] for n, p in outputs.items()}
+    cand_test = {c["name"]: c["test"] for c in res["candidates"]}
+
+    # The held-out pick, from the default fit's report only.
+    contenders = {"twa": _row(rows, "twa"), "greedy": _row(rows, "greedy"), "uniform": _row(rows, "uniform")}
+    by_fit = max((r for r in rows if r["kind"] == "candidate"), key=lambda r: sign * r["fit"]["metric"])
+    contenders["candidate"] = by_fit
+    order = ["twa", "greedy", "uniform", "candidate"]
+    choice = max(order, key=lambda n: (_key(contenders[n]["heldout"], higher), -order.index(n)))
+    res["select_choice"] = choice if choice != "candidate" else f"candidate {by_fit['name']}"
+    picked = cand_test[by_fit["name"]] if choice == "candidate" else test[choice]
+    test["select"] = picked
+    test["select_refit"] = test["refit"] if choice == "twa" else picked
+    res["test"] = test
+    res["test_loss"] = test_loss
+    res["picking"] = {"best_single": cand_test[best["name"]], "greedy": test["greedy"], "uniform": test["uniform"]}
+    shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
+def _row(rows: list[dict], kind: str) -> dict:
+    return next(r for r in rows if r["kind"] == kind)
+
+
+def _key(score: dict, higher: bool) -> tuple[float, float]:
+    """Sort key of a held-out score: metric first (its better direction), then the lower loss."""
+    return (score["metric"] if higher else -score["metric"], -score["loss"])
+
+
+def render(results: list[dict]) -> str:
+    lines = ["# Does TWA lose to picking?", "",
+             "Generated by `python benchmarks/never_worse.py` from its per-pool result files; do not edit by hand. "
+             "Every figure is measured on a test split that no step of any merge has seen. Picking: **best single** "
+             "is the candidate with the best metric on all of `--val`; **greedy** is the greedy soup `twamerge fit` "
+             "reports (ingredients chosen on the fit rows). Options: see the script's docstring.", ""]
+    head = ["pool", "K", "test rows", "best single", "greedy", "uniform", *SHOWN]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        f = (lambda x: f"{100 * x:.2f}") if r["metric"] == "accuracy" else (lambda x: f"{x:.4f}")
+        pick = r["picking"]
+        cells = [r["name"] + ("" if r["in_tests"] else " *"), str(r["k"]), str(r["test_rows"]),
+                 f(pick["best_single"]), f(pick["greedy"]), f(pick["uniform"]), *(f(r["test"][n]) for n in SHOWN)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "`*`: a pool the test suite does not contain.", "",
+              "Against the better of best single and greedy soup, per option (test metric, in points for accuracy; "
+              "positive is better; a loss is a pool where the option scores below the better pick):", "",
+              "| option | mean difference | min | max | wins | ties | losses |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for n in SHOWN:
+        diffs = []
+        for r in results:
+            sign = 1 if r["higher_is_better"] else -1
+            scale = 100 if r["metric"] == "accuracy" else 1
+            best_pick = max(r["picking"]["best_single"], r["picking"]["greedy"], key=lambda x: sign * x)
+            diffs.append(round(scale * sign * (r["test"][n] - best_pick), 6))
+        wins, ties = sum(d > 0 for d in diffs), sum(d == 0 for d in diffs)
+        lines.append(f"| {n} | {sum(diffs) / len(diffs):+.2f} | {min(diffs):+.2f} | {max(diffs):+.2f} | {wins} | "
+                     f"{ties} | {len(diffs) - wins - ties} |")
+    lines += ["", "Held-out choices of `select`: " + ", ".join(f"{r['name']}: {r['select_choice']}" for r in results)
+              + "; lr chosen for `tuned_refit`: " + ", ".join(f"{r['name']}: {r['tuned_lr']}" for r in results) + ".",
+              "", "Seconds per fit (default options): " + ", ".join(
+                  f"{r['name']}: {r['seconds']['twa']:.0f}" for r in results) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pools", type=Path, nargs="+", required=True,
+                    help="pool folders, or folders of pool folders (each with pool.json)")
+    ap.add_argument("--out", type=Path, default=Path("runs/never_worse"))
+    ap.add_argument("--md", type=Path, help="write the markdown tables here")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    roots = []
+    for p in args.pools:
+        roots += [p] if (p / "pool.json").exists() else sorted(q.parent for q in p.glob("*/pool.json"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for root in roots:
+        done = args.out / f"{root.name}.json"
+        if not done.exists():
+            print(f"pool {root.name}", file=sys.stderr, flush=True)
+            res = run_pool(root, args.out, args.threads)
+            done.write_text(json.dumps(res, indent=1))
+        results.append(json.loads(done.read_text()))
+    md = render(results)
+    print(md)
+    if args.md:
+        args.md.write_text(md)
+
+
+if __name__ == "__main__":
+    main()
