@@ -81,11 +81,12 @@ def test_per_key_weights_and_integer_mismatch_warning(tmp_path, caplog):
     with open_checkpoints([tmp_path / "a.safetensors", tmp_path / "b.safetensors"]) as cs:
         with caplog.at_level(logging.WARNING, logger="twamerge"):
             merged = linear_merge(cs, lambda key: [1.0, 0.0] if key.startswith("fc") else [0.0, 1.0])
+            linear_merge(cs, [0.5, 0.5])  # a fit merges many times (greedy trials): one warning per key
         with pytest.raises(InvalidArgumentError, match="got 3 weights"):
             linear_merge(cs, [0.3, 0.3, 0.4])
     assert torch.equal(merged["fc.weight"], a["fc.weight"]) and torch.equal(merged["conv.weight"], b["conv.weight"])
     assert int(merged["bn.num_batches_tracked"]) == 100
-    assert any("bn.num_batches_tracked" in r.getMessage() for r in caplog.records)
+    assert sum("bn.num_batches_tracked" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_minilm_hf_dirs_to_directory_output(tmp_path):

@@ -105,7 +105,10 @@ def _merge_keys(
             first = cs.get(0, key)
             # Compared with the candidates this merge uses: a greedy-soup trial reads nothing of the others.
             if any(not torch.equal(first, cs.get(i, key)) for i in range(1, k) if w[i] != 0.0):
-                log.warning("integer tensor %r differs across checkpoints; keeping the first checkpoint's value", key)
+                if key not in cs.int_mismatch_warned:
+                    cs.int_mismatch_warned.add(key)
+                    log.warning("integer tensor %r differs across checkpoints; keeping the first checkpoint's value",
+                                key)
                 if on_int_mismatch is not None:
                     on_int_mismatch(key)
             out[key] = first

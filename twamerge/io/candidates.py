@@ -107,6 +107,8 @@ class CheckpointSet:
         self._keys = keys
         self.dropped_keys = dropped
         self.allow_nonfinite = allow_nonfinite
+        # Integer keys already reported as differing (a fit merges many times: warn once per key).
+        self.int_mismatch_warned: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._cands)
