@@ -14,7 +14,7 @@ of the default fit, never the test split):
 
     twa            the defaults (uniform start, 10 epochs, lr 0.05, 20% of --val held out)
     init_greedy    start at the greedy soup
-    init_greedy_wd start at the greedy soup, weight decay 1.0 toward it
+    init_greedy_wd start at the greedy soup, weight decay 1.0 toward it (also 0.1 and 0.3)
     wd             weight decay 1.0 toward the uniform start
     restarts3      three data orders, coefficients averaged
     refit          the defaults fitted on all of --val (--holdout 0)
@@ -26,7 +26,7 @@ of the default fit, never the test split):
 Run (about an hour on 2 CPU cores for the pools of ``benchmarks/pools.py`` and the MiniLM soup):
 
     python benchmarks/pools.py
-    python benchmarks/never_worse.py --pools /work/runs/pools --out runs/never_worse --md docs/never_worse.md
+    python benchmarks/never_worse.py --pools runs/pools runs/finetune_soup --out runs/never_worse --md docs/never_worse.md
 
 Results are kept per pool in ``<out>/<pool>.json``, so a rerun continues where it stopped.
 """
@@ -55,6 +55,8 @@ OPTIONS: dict[str, tuple[dict, bool]] = {
     "twa": ({}, False),
     "init_greedy": ({"init": "greedy"}, False),
     "init_greedy_wd": ({"init": "greedy", "weight_decay": 1.0}, False),
+    "init_greedy_wd0.1": ({"init": "greedy", "weight_decay": 0.1}, False),
+    "init_greedy_wd0.3": ({"init": "greedy", "weight_decay": 0.3}, False),
     "wd": ({"weight_decay": 1.0}, False),
     "restarts3": ({"restarts": 3}, False),
     "lr0.02": ({"lr": 0.02}, False),
@@ -62,7 +64,7 @@ OPTIONS: dict[str, tuple[dict, bool]] = {
     "refit": ({}, True),
 }
 TUNED_LRS = {"lr0.02": 0.02, "twa": 0.05, "lr0.1": 0.1}
-SHOWN = ["twa", "init_greedy", "init_greedy_wd", "wd", "restarts3", "refit", "tuned_refit", "select", "select_refit"]
+SHOWN = ["twa", "init_greedy", "init_greedy_wd0.1", "init_greedy_wd0.3", "init_greedy_wd", "wd", "restarts3", "refit", "tuned_refit", "select", "select_refit"]
 
 
 def pool_paths(root: Path, spec: dict) -> tuple[list[str], str, str]:
@@ -74,7 +76,8 @@ def output_path(work: Path, name: str, hf: bool) -> Path:
     return work / name if hf else work / f"{name}.safetensors"
 
 
-def run_pool(root: Path, out: Path, threads: int) -> dict:
+def run_pool(root: Path, out: Path, threads: int, previous: dict | None = None) -> dict:
+    """Fit and score every option not yet in ``previous`` (a pool's earlier result), and the picks."""
     spec = json.loads((root / "pool.json").read_text())
     ckpts, val, test = pool_paths(root, spec)
     hf = Path(ckpts[0]).is_dir()
@@ -83,20 +86,22 @@ def run_pool(root: Path, out: Path, threads: int) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     torch.set_num_threads(threads)
-    res: dict = {"name": spec["name"], "in_tests": spec.get("in_tests", False),
-                 "description": spec.get("description", ""), "k": len(ckpts), "fits": {}, "seconds": {}}
+    res: dict = previous or {"name": spec["name"], "in_tests": spec.get("in_tests", False),
+                             "description": spec.get("description", ""), "k": len(ckpts), "fits": {},
+                             "seconds": {}, "test": {}, "test_loss": {}}
 
-    # Picking by hand: every candidate on all of --val and on the test split.
-    t = time.perf_counter()
-    on_val = evaluate_checkpoints(ckpts, val=DataConfig(val), model=model, batch_size=256)
-    on_test = evaluate_checkpoints(ckpts, val=DataConfig(test), model=model, batch_size=256)
-    res["seconds"]["eval_candidates"] = time.perf_counter() - t
-    higher = on_val["higher_is_better"]
-    res.update(metric=on_val["metric_name"], higher_is_better=higher, val_rows=on_val["rows"],
-               test_rows=on_test["rows"])
-    res["candidates"] = [{"name": Path(v["path"]).name, "val": v["metric"], "val_loss": v["loss"],
-                          "test": te["metric"], "test_loss": te["loss"]}
-                         for v, te in zip(on_val["checkpoints"], on_test["checkpoints"])]
+    if "candidates" not in res:
+        # Picking by hand: every candidate on all of --val and on the test split.
+        t = time.perf_counter()
+        on_val = evaluate_checkpoints(ckpts, val=DataConfig(val), model=model, batch_size=256)
+        on_test = evaluate_checkpoints(ckpts, val=DataConfig(test), model=model, batch_size=256)
+        res["seconds"]["eval_candidates"] = time.perf_counter() - t
+        res.update(metric=on_val["metric_name"], higher_is_better=on_val["higher_is_better"],
+                   val_rows=on_val["rows"], test_rows=on_test["rows"])
+        res["candidates"] = [{"name": Path(v["path"]).name, "val": v["metric"], "val_loss": v["loss"],
+                              "test": te["metric"], "test_loss": te["loss"]}
+                             for v, te in zip(on_val["checkpoints"], on_test["checkpoints"])]
+    higher = res["higher_is_better"]
     sign = 1 if higher else -1
     best = max(res["candidates"], key=lambda c: (sign * c["val"], -c["val_loss"]))
     res["best_single"] = best["name"]
@@ -105,10 +110,9 @@ def run_pool(root: Path, out: Path, threads: int) -> dict:
 
     def do_fit(name: str, changes: dict, all_rows: bool) -> None:
         cfg = replace(FitConfig(), **changes, **({"holdout": 0.0} if all_rows else {}))
-        if all_rows or changes.get("init") is None:
+        if (all_rows or changes.get("init") is None) and name != "twa":
             # Baselines are only needed where they are the start point (init) or the evidence (twa).
-            if name != "twa":
-                cfg = replace(cfg, greedy=False, eval_candidates=False)
+            cfg = replace(cfg, greedy=False, eval_candidates=False)
         dst = output_path(work, name, hf)
         t0 = time.perf_counter()
         report = fit(ckpts, val=DataConfig(val), model=model, output=OutputConfig(dst), cfg=cfg)
@@ -117,31 +121,31 @@ def run_pool(root: Path, out: Path, threads: int) -> dict:
         outputs[name] = dst
         print(f"  {spec['name']}: {name} in {res['seconds'][name]:.0f}s", file=sys.stderr, flush=True)
 
-    for name, (changes, all_rows) in OPTIONS.items():
-        do_fit(name, changes, all_rows)
     # The data-aware baselines as written files (BatchNorm re-estimated on the fit rows, like the report's).
-    do_fit("greedy", {"init": "greedy", "epochs": 0}, False)
-    do_fit("uniform", {"epochs": 0}, False)
-
-    rows = res["fits"]["twa"]["methods"]
+    written = {**OPTIONS, "greedy": ({"init": "greedy", "epochs": 0}, False), "uniform": ({"epochs": 0}, False)}
+    for name, (changes, all_rows) in written.items():
+        if name not in res["test"]:
+            do_fit(name, changes, all_rows)
     tuned = max(TUNED_LRS, key=lambda n: _key(_row(res["fits"][n]["methods"], "twa")["heldout"], higher))
     res["tuned_lr"] = TUNED_LRS[tuned]
-    if tuned == "twa":
-        outputs["tuned_refit"] = outputs["refit"]
-    else:
+    if tuned != "twa" and "tuned_refit" not in res["test"]:
         do_fit("tuned_refit", {"lr": TUNED_LRS[tuned]}, True)
 
-    # Scores on the test split of every written file (one model build and one data load).
-    files = list(dict.fromkeys(str(p) for p in outputs.values()))  # tuned_refit may be refit's file
-    t = time.perf_counter()
-    scored = evaluate_checkpoints(files, val=DataConfig(test), model=model, batch_size=256)
-    res["seconds"]["eval_outputs"] = time.perf_counter() - t
-    by_file = dict(zip(files, scored["checkpoints"]))
-    test = {n: by_file[str(p)]["metric"] for n, p in outputs.items()}
-    test_loss = {n: by_file[str(p)]["loss"] for n, p in outputs.items()}
+    if outputs:
+        # Scores on the test split of every file written now (one model build and one data load).
+        t = time.perf_counter()
+        scored = evaluate_checkpoints([str(p) for p in outputs.values()], val=DataConfig(test), model=model,
+                                      batch_size=256)
+        res["seconds"]["eval_outputs"] = res["seconds"].get("eval_outputs", 0.0) + time.perf_counter() - t
+        for name, score in zip(outputs, scored["checkpoints"]):
+            res["test"][name], res["test_loss"][name] = score["metric"], score["loss"]
+    test = res["test"]
+    if tuned == "twa":
+        test["tuned_refit"], res["test_loss"]["tuned_refit"] = test["refit"], res["test_loss"]["refit"]
     cand_test = {c["name"]: c["test"] for c in res["candidates"]}
 
-    # The held-out pick, from the default fit's report only.
+    # The held-out pick (what --select best writes), from the default fit's report only.
+    rows = res["fits"]["twa"]["methods"]
     contenders = {"twa": _row(rows, "twa"), "greedy": _row(rows, "greedy"), "uniform": _row(rows, "uniform")}
     by_fit = max((r for r in rows if r["kind"] == "candidate"), key=lambda r: sign * r["fit"]["metric"])
     contenders["candidate"] = by_fit
@@ -151,8 +155,6 @@ def run_pool(root: Path, out: Path, threads: int) -> dict:
     picked = cand_test[by_fit["name"]] if choice == "candidate" else test[choice]
     test["select"] = picked
     test["select_refit"] = test["refit"] if choice == "twa" else picked
-    res["test"] = test
-    res["test_loss"] = test_loss
     res["picking"] = {"best_single": cand_test[best["name"]], "greedy": test["greedy"], "uniform": test["uniform"]}
     shutil.rmtree(work, ignore_errors=True)
     return res
@@ -217,10 +219,10 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for root in roots:
         done = args.out / f"{root.name}.json"
-        if not done.exists():
+        previous = json.loads(done.read_text()) if done.exists() else None
+        if previous is None or any(n not in previous["test"] for n in OPTIONS):
             print(f"pool {root.name}", file=sys.stderr, flush=True)
-            res = run_pool(root, args.out, args.threads)
-            done.write_text(json.dumps(res, indent=1))
+            done.write_text(json.dumps(run_pool(root, args.out, args.threads, previous), indent=1))
         results.append(json.loads(done.read_text()))
     md = render(results)
     print(md)

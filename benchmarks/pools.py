@@ -9,7 +9,8 @@ pools of different kinds, trained here once, offline, with fixed seeds. Each poo
     <pool>/test/                 test data nothing ever fits on (same format)
     <pool>/pool.json             {"name", "model", "model_args", "in_tests", "description", "train_seconds"}
 
-The pools (seeds 0 and 1 of each change the initialisation, the data order and which images go where):
+The kinds of pool (each seed, 0 and 1 by default, changes the initialisation, the data order and which images go
+where; a pool is named <kind>_s<seed>):
 
 * fmnist_cnn16_s{0,1}: epochs of one run, the BatchNorm CNN of examples/early_training/cnn.py on Fashion-MNIST
   (Debian's dataset-fashion-mnist), SGD with a cosine schedule, 16 epoch checkpoints;
@@ -21,13 +22,14 @@ The pools (seeds 0 and 1 of each change the initialisation, the data order and w
 
 Model specs in pool.json are relative to the repository root, so run twamerge from there, e.g.
 
-    twamerge eval /work/runs/pools/digits_s0/ckpts --val /work/runs/pools/digits_s0/test \\
+    twamerge eval runs/pools/digits_s0/ckpts --val runs/pools/digits_s0/test \\
         --model examples/digits/model.py:build --json
 
 Run it (about 1.5 minutes in all on 2 shared CPU cores, most of it the two CNN pools and writing the data):
 
-    python benchmarks/pools.py                                  # every pool, under /work/runs/pools
+    python benchmarks/pools.py                                  # every pool, under runs/pools
     python benchmarks/pools.py --only digits_s0,digits_s1       # a subset
+    python benchmarks/pools.py --seeds 2,3 --only fmnist_mlp_soup8,mnist_mlp_epochs   # more seeds of two kinds
     python benchmarks/pools.py --out /tmp/pools --force         # rebuild pools that already exist
 """
 
@@ -355,16 +357,18 @@ class Pool:
     seed: int
 
 
-POOLS = {
-    p.name: p
-    for seed in (0, 1)
-    for p in (
-        Pool(f"fmnist_cnn16_s{seed}", fmnist_cnn, seed),
-        Pool(f"fmnist_mlp_soup8_s{seed}", fmnist_mlp_soup, seed),
-        Pool(f"mnist_mlp_epochs_s{seed}", mnist_mlp_epochs, seed),
-        Pool(f"digits_s{seed}", digits, seed),
-    )
+KINDS: dict[str, Callable[[Path, int], dict]] = {
+    "fmnist_cnn16": fmnist_cnn,
+    "fmnist_mlp_soup8": fmnist_mlp_soup,
+    "mnist_mlp_epochs": mnist_mlp_epochs,
+    "digits": digits,
 }
+
+
+def pools_for(seeds: list[int]) -> dict[str, Pool]:
+    """Every kind at every seed, named ``<kind>_s<seed>``."""
+    return {f"{kind}_s{seed}": Pool(f"{kind}_s{seed}", builder, seed)
+            for seed in seeds for kind, builder in KINDS.items()}
 
 
 def build_pool(pool: Pool, out: Path, force: bool, threads: int) -> dict | None:
@@ -386,23 +390,26 @@ def build_pool(pool: Pool, out: Path, force: bool, threads: int) -> dict | None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("/work/runs/pools"), help="root folder of the pools")
-    ap.add_argument("--only", default="", help=f"comma-separated pool names, of: {', '.join(POOLS)}")
+    ap.add_argument("--out", type=Path, default=Path("runs/pools"), help="root folder of the pools")
+    ap.add_argument("--seeds", default="0,1", help="comma-separated seeds: one pool of each kind per seed")
+    ap.add_argument("--only", default="", help=f"comma-separated pool names or kinds ({', '.join(KINDS)})")
     ap.add_argument("--force", action="store_true", help="rebuild pools whose pool.json already exists")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared 2-core machine two threads made these small "
                          "nets 10-20x slower, waiting on each other; the examples use 2)")
     args = ap.parse_args(argv)
 
-    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(POOLS)
-    unknown = [n for n in names if n not in POOLS]
+    pools = pools_for([int(x) for x in args.seeds.split(",")])
+    wanted = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in pools and n not in KINDS]
     if unknown:
-        ap.error(f"unknown pool(s) {', '.join(unknown)}; known: {', '.join(POOLS)}")
+        ap.error(f"unknown pool(s) {', '.join(unknown)}; known: {', '.join([*KINDS, *pools])}")
+    names = [n for n, p in pools.items() if not wanted or n in wanted or n.rsplit("_s", 1)[0] in wanted]
     # A fixed thread count also keeps the float results reproducible (it can change the summation order).
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in names:
-        build_pool(POOLS[name], args.out, args.force, args.threads)
+        build_pool(pools[name], args.out, args.force, args.threads)
 
 
 if __name__ == "__main__":
