@@ -537,7 +537,8 @@ def fit_cmd(
                             holdout=holdout, seed=seed,
                             device=device.value, backend=backend.value if backend else None,
                             bn_recalibrate=bn_recalibrate.value, init=init.value, coordinates=coordinates.value,
-                            weight_decay=weight_decay, restarts=restarts, select=select.value, greedy=greedy and candidates, eval_candidates=candidates,
+                            weight_decay=weight_decay, restarts=restarts, select=select.value,
+                            greedy=greedy and candidates, eval_candidates=candidates,
                             gradient_checkpointing=gradient_checkpointing, precision=precision.value)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None

@@ -56,7 +56,6 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-@torch.no_grad()  # forward passes only: no graph or saved activations (the statistics are the same)
 def recalibrate_batchnorm(model: nn.Module, data: TensorData, index: torch.Tensor, batch_size: int,
                           device: torch.device, amp: torch.dtype | None = None) -> bool:
     """Re-estimate BatchNorm running statistics on ``index`` (as SWA's update_bn). Returns whether any BN exists."""
