@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="pool folders (pool.json, or an examples/finetune_soup output), or folders of them")
     ap.add_argument("--out", type=Path, default=Path("runs/never_worse"))
     ap.add_argument("--md", type=Path, help="write the markdown tables here")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (small nets run faster on one)")
     args = ap.parse_args(argv)
     roots = []
     for p in args.pools:
