@@ -17,6 +17,8 @@ of the default fit, never the test split):
     init_greedy_wd start at the greedy soup, weight decay 1.0 toward it (also 0.1 and 0.3)
     wd             weight decay 1.0 toward the uniform start
     restarts3      three data orders, coefficients averaged
+    global         one coefficient vector for the whole model (--blocks global): K - 1 numbers to fit, not
+                   (K - 1) per tensor
     refit          the defaults fitted on all of --val (--holdout 0)
     tuned_refit    lr chosen among 0.02 / 0.05 / 0.1 on the held-out rows, then refitted on all of --val
     select         whichever of TWA, the greedy soup, the uniform average and the best candidate (on the
@@ -42,6 +44,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -64,13 +67,14 @@ OPTIONS: dict[str, tuple[dict, bool]] = {
     "init_greedy_wd0.3": ({"init": "greedy", "weight_decay": 0.3}, False),
     "wd": ({"weight_decay": 1.0}, False),
     "restarts3": ({"restarts": 3}, False),
+    "global": ({"blocks": "global"}, False),
     "lr0.02": ({"lr": 0.02}, False),
     "lr0.1": ({"lr": 0.1}, False),
     "refit": ({}, True),
 }
 TUNED_LRS = {"lr0.02": 0.02, "twa": 0.05, "lr0.1": 0.1}
-SHOWN = ["twa", "init_greedy", "init_greedy_wd0.1", "init_greedy_wd0.3", "init_greedy_wd", "wd", "restarts3", "refit",
-         "tuned_refit", "select", "select_refit", "select_any"]
+SHOWN = ["twa", "init_greedy", "init_greedy_wd0.1", "init_greedy_wd0.3", "init_greedy_wd", "wd", "restarts3", "global",
+         "refit", "tuned_refit", "select", "select_refit", "select_any"]
 
 
 # The output folder of examples/finetune_soup/run.py is a pool too (the MiniLM fine-tunes as Hugging Face folders,
@@ -246,8 +250,16 @@ def render(results: list[dict]) -> str:
         mean = lambda xs: f"{sum(xs) / len(xs):+.2f}" if xs else "-"  # noqa: E731
         lines.append(f"| {n} | {mean(vs_single)} | {mean(vs_greedy)} | {mean(vs_better)} | {mean(hidden)} | "
                      f"{min(vs_better):+.2f} | {wins} / {ties} / {len(vs_better) - wins - ties} |")
-    lines += ["", "## Pools", "", *(f"- `{r['name']}` (K = {r['k']}, {r['val_rows']} `--val` rows, {r['test_rows']} "
-                                      f"test rows): {r['description']}" for r in results)]
+    # One line per kind of pool (its seeds differ in initialisation, data order and which rows go where).
+    kinds: dict[str, list[dict]] = {}
+    for r in results:
+        kinds.setdefault(re.sub(r"_s\d+$", "", r["name"]), []).append(r)
+    lines += ["", "## Pools", ""]
+    for kind, rs in kinds.items():
+        r = rs[0]
+        names = ", ".join(f"`{x['name']}`" for x in rs)
+        described = re.sub(r"\(seed \d+\)", "(per seed)", r["description"]) if len(rs) > 1 else r["description"]
+        lines.append(f"- {names} (K = {r['k']}, {r['val_rows']} `--val` rows, {r['test_rows']} test rows): {described}")
     lines += ["", "Held-out choices of `select`: " + ", ".join(f"{r['name']}: {r['select_choice']}" for r in results)
               + "; lr chosen for `tuned_refit`: " + ", ".join(f"{r['name']}: {r['tuned_lr']}" for r in results) + ".",
               "", "Seconds per fit (default options): " + ", ".join(
