@@ -14,7 +14,8 @@ def _score(metric: float, loss: float | None = None, n: int = 10) -> dict:
     return {"loss": metric if loss is None else loss, "metric": metric, "n": n}
 
 
-def _report(methods: list[MethodResult], *, higher: bool, heldout_rows: int = 10) -> dict:
+def _report(methods: list[MethodResult], *, higher: bool, heldout_rows: int = 10,
+            written: MethodResult | None = None) -> dict:
     basis = BasisSummary(block_keys=[["a.weight"], ["a.bias"]], ranks=[2, 1], dropped=[0, 1], spread=[0.5, 0.1],
                          n_params=12, n_cols=32, rows=2, bits=8, group_size=16, basis_bytes=96,
                          quantization_gap=1e-3)
@@ -26,7 +27,7 @@ def _report(methods: list[MethodResult], *, higher: bool, heldout_rows: int = 10
                         candidates=[{"path": f"c{i}", "format": "safetensors", "sha256": "0" * 64} for i in range(3)],
                         metric_name="accuracy" if higher else "loss", higher_is_better=higher, methods=methods,
                         basis=basis, curve=[2.0, 1.5, 1.25], merge=merge, outputs=["m.safetensors"],
-                        timings={"fit": 1.0}, memory={"cpu_peak_rss_bytes": 1})
+                        timings={"fit": 1.0}, memory={"cpu_peak_rss_bytes": 1}, written=written)
 
 
 def _rows(fit_metrics, held_metrics, twa_fit, twa_held):
@@ -76,3 +77,13 @@ def test_best_candidate_takes_the_first_of_equals():
     rows = [MethodResult(f"c{i}", "candidate", _score(0.5), _score(0.5)) for i in range(3)]
     assert best_candidate(rows, "heldout", True).name == "c0"
     assert best_candidate(rows, "heldout", False).name == "c0"
+
+
+def test_the_gate_of_the_written_merge_is_its_own():
+    """--select best may write another row than TWA: --fail-if-worse gates on that row."""
+    rows = _rows([0.5, 0.5, 0.5], [0.3, 0.8, 0.1], 0.5, 0.9)
+    uniform = next(r for r in rows if r.kind == "uniform")  # held-out 0.0, below c1's 0.8
+    report = _report(rows, higher=True, written=uniform)
+    assert report["twa_at_least_best"] is True
+    assert report["written"]["name"] == "uniform" and report["written"]["at_least_best"] is False
+    assert _report(rows, higher=True)["written"]["at_least_best"] is True  # TWA's own, by default

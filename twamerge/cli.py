@@ -510,8 +510,8 @@ def fit_cmd(
                                                          "time (Hugging Face models).")] = _D.gradient_checkpointing,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the JSON report here.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the alphas and the fit curve (PNG).")] = None,
-    fail_if_worse: Annotated[bool, typer.Option("--fail-if-worse", help=f"Exit {EXIT_WORSE} when the merge loses "
-                                                "to the best candidate on held-out data.")] = False,
+    fail_if_worse: Annotated[bool, typer.Option("--fail-if-worse", help=f"Exit {EXIT_WORSE} when the written merge "
+                                                "loses to the best candidate on held-out data.")] = False,
     dtype: Annotated[OutDType, typer.Option("--dtype", help="Output dtype of floating tensors.")] = OutDType("auto"),
     key: KeyOpt = None,
     keys: KeysOpt = KeysMode("strict"),
@@ -553,8 +553,9 @@ def fit_cmd(
     summary = {k: v for k, v in result.items() if k not in ("merge",)}
     summary["alphas"] = result["merge"]["block_alphas"]
     _emit(summary, json_out, _render_fit)
-    if fail_if_worse and result["twa_at_least_best"] is False:
-        typer.echo(f"error: twa loses to the best candidate ({result['best_candidate']}) on held-out data", err=True)
+    if fail_if_worse and result["written"]["at_least_best"] is False:
+        typer.echo(f"error: {result['written']['name']} loses to the best candidate ({result['best_candidate']}) "
+                   "on held-out data", err=True)
         raise typer.Exit(EXIT_WORSE)
 
 

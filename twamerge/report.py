@@ -142,15 +142,19 @@ def build_report(*, settings: Any, data: DataSummary, model: dict, candidates: l
                  distributed: dict | None = None, written: MethodResult | None = None) -> dict:
     """The JSON-able report of a fit, from its stages' results (no I/O, no torch).
 
-    The comparison that CI gates on, ``twa_at_least_best``, is made on the held-out split when
-    there is one, else on the fit split (and the report then says ``heldout_rows: 0``). ``written``:
-    the row whose merge was written (``--select best``); TWA's when None.
+    The comparisons with the best candidate (``twa_at_least_best``, and ``written.at_least_best``,
+    which ``--fail-if-worse`` gates on) are made on the held-out split when there is one, else on the
+    fit split (and the report then says ``heldout_rows: 0``). ``written``: the row whose merge was
+    written (``--select best``); TWA's when None.
     """
     split = "heldout" if data.heldout_rows else "fit"
     best = best_candidate(methods, split, higher_is_better)
     twa = next(r for r in methods if r.kind == "twa")
     written = written or twa
-    beats = None if best is None else not is_better(getattr(best, split), getattr(twa, split), higher_is_better)
+
+    def at_least_best(row: MethodResult) -> bool | None:
+        return None if best is None else not is_better(getattr(best, split), getattr(row, split), higher_is_better)
+
     report = {
         "report_version": REPORT_VERSION,
         "tool": "twamerge",
@@ -164,10 +168,12 @@ def build_report(*, settings: Any, data: DataSummary, model: dict, candidates: l
         "higher_is_better": higher_is_better,
         "methods": [r.to_dict() for r in methods],
         "best_candidate": best.name if best else None,
-        "twa_at_least_best": beats,
+        "twa_at_least_best": at_least_best(twa),
         # What -o holds. Under --select best its held-out figure chose it among four, so it is optimistic.
+        # --fail-if-worse gates on what was written.
         "written": {"name": written.name, "kind": written.kind,
-                    "chosen_on_heldout": getattr(settings, "select", "twa") == "best" and data.heldout_rows > 0},
+                    "chosen_on_heldout": getattr(settings, "select", "twa") == "best" and data.heldout_rows > 0,
+                    "at_least_best": at_least_best(written)},
         "blocks": [
             {"index": b, "keys": keys, "rank": basis.ranks[b], "dropped": basis.dropped[b],
              "spread": float(basis.spread[b]), "alphas": merge.block_alphas[b]}
