@@ -343,8 +343,11 @@ def test_file_size_limit_while_writing_pt(tmp_path):
 def test_signal_during_a_write_leaves_nothing(tmp_path, sig):
     paths = pair(tmp_path / "in")
     before = snapshot(tmp_path)
+    # The signal at its default action, as in a terminal: under nohup SIGHUP arrives ignored, and the
+    # tool rightly keeps a caller's choice (io.atomic.signals_as_interrupt), so the write would finish.
     code = f"""
         import os, signal, sys, time
+        signal.signal(signal.{sig}, signal.SIG_DFL)
         import twamerge.io.writer as w
         def save(tensors, path, metadata):
             with open(path, "wb") as f:
