@@ -387,4 +387,5 @@ def test_select_best_writes_the_best_baseline_on_held_out_rows_and_apply_repeats
 
 def test_select_best_without_held_out_rows_writes_twa(run, tmp_path):
     report = _fit(run, tmp_path / "m.safetensors", select="best", holdout=0.0)
-    assert report["written"] == {"name": "twa", "kind": "twa", "chosen_on_heldout": False}
+    assert report["written"] == {"name": "twa", "kind": "twa", "chosen_on_heldout": False,
+                                 "at_least_best": report["twa_at_least_best"]}
