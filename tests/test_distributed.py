@@ -31,6 +31,8 @@ CFG = dict(epochs=3, batch_size=64, greedy=False, eval_candidates=False)
 # projections in another order and split each batch's mean loss in two, so the coefficient
 # gradients differ in float32 rounding (~1e-7 relative); 18 AdamW steps keep that far below 1e-4.
 ALPHA_ATOL = 1e-4
+# --select best with the baselines on and no training step: the baselines decide what is written.
+SELECT_CFG = dict(select="best", epochs=0, greedy=True, eval_candidates=True)
 
 
 def _scenarios(root: Path) -> dict[str, dict]:
@@ -49,9 +51,9 @@ def _worker(rank: int, root: str) -> None:
                 data = DataConfig(sc["val"], allow_nonfinite_data=name == "nan_loss")  # nan_loss: a NaN row
                 report = fit(sc["checkpoints"], val=data, model=ModelConfig(MODEL_SPEC, args),
                              output=OutputConfig(sc["output"], report=sc["output"] + ".json"),
-                             cfg=FitConfig(**CFG, device="cpu"))
+                             cfg=FitConfig(**{**CFG, **sc.get("cfg", {})}, device="cpu"))
                 results[name] = {"alphas": report["merge"]["block_alphas"], "distributed": report["distributed"],
-                                 "outputs": report["outputs"]}
+                                 "outputs": report["outputs"], "written": report["written"]}
             except Exception as exc:  # noqa: BLE001 - the test inspects type and message
                 results[name] = {"error": type(exc).__name__, "message": str(exc)}
     finally:
@@ -89,6 +91,8 @@ def outcome(tmp_path_factory):
                               # shards of the two splits, in eval batches of 256), then trains: call 7 is step 3
                               "model_args_rank1": {"interrupt_at": 7}},
         "nan_loss": {"checkpoints": cands, "val": str(root / "nanval"), "output": str(root / "nl.safetensors")},
+        "select": {"checkpoints": cands, "val": str(run.val), "output": str(root / "select.safetensors"),
+                   "cfg": SELECT_CFG},
     }
     (root / "scenarios.json").write_text(json.dumps(scenarios))
     mp.spawn(_worker, args=(str(root),), nprocs=WORLD, join=True)
@@ -178,6 +182,19 @@ def test_same_alphas_as_one_process(outcome):
     # Only rank 0 wrote, and what it wrote is the merge of its alphas.
     assert ranks[0]["ok"]["outputs"] == [scenarios["ok"]["output"]]
     assert Path(scenarios["ok"]["output"]).exists() and Path(scenarios["ok"]["output"] + ".json").exists()
+
+
+def test_select_best_writes_what_one_process_writes(outcome, tmp_path):
+    """The held-out choice is made from scores summed over the ranks: the same merge as one process, byte for byte."""
+    root, scenarios, ranks, _ = outcome
+    sc = scenarios["select"]
+    single = fit(sc["checkpoints"], val=DataConfig(sc["val"]), model=ModelConfig(MODEL_SPEC),
+                 output=tmp_path / "one.safetensors", cfg=FitConfig(**{**CFG, **SELECT_CFG}, device="cpu"))
+    assert ranks[0]["select"]["written"] == ranks[1]["select"]["written"] == single["written"]
+    if single["written"]["kind"] != "twa":
+        # The same tensors; the metadata's held-out loss is a sum over ranks, equal up to rounding.
+        got, want = load_file(sc["output"]), load_file(str(tmp_path / "one.safetensors"))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_basis_bytes_per_rank_about_half(outcome):
