@@ -16,6 +16,7 @@ def test_bits_3_is_rejected():
     ("optimizer", "adam", "adamw or sgd"),
     ("bn_recalibrate", "yes", "auto, on or off"),
     ("init", "worst", "uniform, greedy or best"),
+    ("select", "all", "twa or best"),
     ("coordinates", "polar", "candidates or weights"),
     ("schedule", "linear", "cosine, step or constant"),
     ("blocks", "size:0", "global, layer or size:N"),
@@ -23,6 +24,19 @@ def test_bits_3_is_rejected():
 def test_choices_name_the_field_and_what_is_allowed(field, value, allowed):
     with pytest.raises(ValueError, match=f"{field}={value!r} is invalid; expected {allowed}"):
         FitConfig(**{field: value})
+
+
+def test_init_needs_the_baseline_it_starts_from():
+    with pytest.raises(ValueError, match="candidate scores, which --no-candidates turns off"):
+        FitConfig(init="best", eval_candidates=False)
+    with pytest.raises(ValueError, match="the greedy soup, which --no-greedy turns off"):
+        FitConfig(init="greedy", greedy=False)
+    FitConfig(init="greedy", eval_candidates=False)  # the soup scores the candidates itself
+
+
+def test_select_best_needs_held_out_rows():
+    with pytest.raises(ValueError, match=r"select='best' is invalid; expected held-out rows to choose on"):
+        FitConfig(select="best", holdout=0.0)
 
 
 def test_cli_choices_come_from_the_config():

@@ -217,6 +217,34 @@ def test_restarts_average_the_coefficients_of_fits_with_successive_seeds(run, tm
     assert both["data"]["fit_rows"] == single["data"]["fit_rows"]
 
 
+def test_init_greedy_without_candidate_rows_starts_at_the_soup(run, tmp_path):
+    """The library may keep the greedy soup and drop the candidates' rows: the start still finds its ingredients."""
+    report = _fit(run, tmp_path / "g.safetensors", init="greedy", eval_candidates=False, epochs=0, bits=32)
+    assert not [m for m in report["methods"] if m["kind"] == "candidate"]
+    chosen = next(m for m in report["methods"] if m["kind"] == "greedy")["ingredients"]
+    names = [Path(p).name for p in run.checkpoints]
+    alphas = torch.tensor(report["merge"]["block_alphas"])
+    weights = torch.tensor([1 / len(chosen) if n in chosen else 0.0 for n in names], dtype=alphas.dtype)
+    assert torch.allclose(alphas, weights.expand_as(alphas), atol=1e-4)
+
+
+def test_candidates_with_the_same_file_name_start_at_the_right_one(run, tmp_path):
+    """Rows name candidates by file name, which folders can repeat: --init best picks its weights by index."""
+    import shutil
+
+    same = []
+    for i, path in enumerate(run.checkpoints):
+        (tmp_path / f"run{i}").mkdir()
+        same.append(tmp_path / f"run{i}" / "model.safetensors")
+        shutil.copy(path, same[-1])
+    report = _fit(run, tmp_path / "m.safetensors", checkpoints=same, init="best", epochs=0, bits=32)
+    rows = [m for m in report["methods"] if m["kind"] == "candidate"]
+    best = max(range(len(rows)), key=lambda i: rows[i]["fit"]["metric"])
+    assert best > 0 and {m["name"] for m in rows} == {"model.safetensors"}
+    alphas = torch.tensor(report["merge"]["block_alphas"])
+    assert torch.allclose(alphas[:, best], torch.ones(len(alphas), dtype=alphas.dtype), atol=1e-4)
+
+
 def test_forced_triton_without_a_gpu_is_a_typed_error(run, tmp_path, monkeypatch):
     pytest.importorskip("triton")
     from twamerge.errors import BackendUnavailableError
@@ -383,9 +411,3 @@ def test_select_best_writes_the_best_baseline_on_held_out_rows_and_apply_repeats
     again = tmp_path / "again.safetensors"
     apply_report(out.with_suffix(".json"), ckpts, again)
     assert again.read_bytes() == out.read_bytes()
-
-
-def test_select_best_without_held_out_rows_writes_twa(run, tmp_path):
-    report = _fit(run, tmp_path / "m.safetensors", select="best", holdout=0.0)
-    assert report["written"] == {"name": "twa", "kind": "twa", "chosen_on_heldout": False,
-                                 "at_least_best": report["twa_at_least_best"]}

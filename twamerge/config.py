@@ -197,8 +197,10 @@ class FitConfig:
         _check_choice("init", self.init, Init)
         _check_choice("precision", self.precision, Precision)
         _check(self.init != "greedy" or self.greedy, "init", self.init, "the greedy soup, which --no-greedy turns off")
-        _check(self.init == "uniform" or self.eval_candidates or self.greedy, "init", self.init,
+        _check(self.init != "best" or self.eval_candidates, "init", self.init,
                "candidate scores, which --no-candidates turns off")
         _check_choice("select", self.select, Select)
+        _check(self.select != "best" or self.holdout > 0, "select", self.select,
+               "held-out rows to choose on (--holdout > 0)")
         _check(self.restarts >= 1, "restarts", self.restarts, "an integer >= 1")
         _check(0 < self.rank_rtol < 1, "rank_rtol", self.rank_rtol, "in (0, 1)")

@@ -350,14 +350,16 @@ def baselines_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: 
     (``beta = 0``) with the candidates' mean buffers and reads no weights; a greedy trial reads its
     ingredients.
     """
-    k, keys = len(cs), net.keys.model_keys()
+    keys = net.keys.model_keys()
     higher = scorer.splits.task.higher_is_better
     candidates: list[MethodResult] = []
     if METHODS["candidate"].enabled(cfg) or METHODS["greedy"].enabled(cfg):
-        for i in range(k):
+        for i in range(len(cs)):
             scorer.load(lambda: ((key, cs.get(i, key)) for key in keys), recalibrate=False)
+            # Rows name a candidate by its file name, which need not be unique (a/model.safetensors,
+            # b/model.safetensors): the index is what picks its weights.
             candidates.append(MethodResult(Path(cs.paths[i]).name, "candidate", **scorer.score_both(),
-                                           detail={"path": str(cs.paths[i])}))
+                                           detail={"path": str(cs.paths[i]), "index": i}))
     rows = list(candidates) if METHODS["candidate"].enabled(cfg) else []
     with comm.phase("uniform"):
         load_point(flat, subspace, torch.zeros(flat.layout.n_blocks, subspace.rows), comm)
@@ -392,7 +394,15 @@ def _greedy_row(cs: CheckpointSet, flat: FlatSpace, scorer: Scorer, candidates: 
     if accepted is None:
         accepted = with_heldout(try_soup(one_hot(k, soup)))
     return MethodResult("greedy", "greedy", **accepted,
-                        detail={"ingredients": [candidates[j].name for j in sorted(soup)]})
+                        detail={"ingredients": [candidates[j].name for j in sorted(soup)], "indices": sorted(soup)})
+
+
+def _baseline_weights(row: MethodResult, k: int) -> list[float]:
+    """The weights of the ``k`` candidates in a baseline row: the uniform average, one candidate, or the greedy
+    soup's ingredients."""
+    if row.kind == "uniform":
+        return uniform_weights(k)
+    return one_hot(k, row.detail["indices"] if row.kind == "greedy" else [row.detail["index"]])
 
 
 def _start_point(init: str, baselines: list[MethodResult], subspace: Subspace, k: int, higher: bool,
@@ -406,13 +416,9 @@ def _start_point(init: str, baselines: list[MethodResult], subspace: Subspace, k
     """
     if init == "uniform":
         return None
-    candidates = [r for r in baselines if r.kind == "candidate"]
-    names = [c.name for c in candidates]
-    if init == "best":
-        weights = one_hot(k, [names.index(best_candidate(candidates, "fit", higher).name)])
-    else:
-        greedy = next(r for r in baselines if r.kind == "greedy")
-        weights = one_hot(k, [names.index(n) for n in greedy.detail["ingredients"]])
+    row = (best_candidate(baselines, "fit", higher) if init == "best"
+           else next(r for r in baselines if r.kind == "greedy"))
+    weights = _baseline_weights(row, k)
     target = torch.tensor(weights, dtype=torch.float64) - 1.0 / k
     beta = torch.stack([torch.linalg.pinv(t.T) @ target for t in subspace.transform])  # [B, R]
     scale = subspace.step_scale(coordinates)
@@ -444,7 +450,6 @@ def train_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: Subs
     curves = torch.tensor([o.curve for o in outcomes], dtype=torch.float64)
     seconds = [o.seconds_per_step for o in outcomes if o.seconds_per_step is not None]
     return FitOutcome(beta=torch.stack([o.beta for o in outcomes]).mean(0), curve=curves.mean(0).tolist(),
-                      steps=sum(o.steps for o in outcomes),
                       seconds_per_step=sum(seconds) / len(seconds) if seconds else None)
 
 
@@ -534,12 +539,8 @@ def select_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, scorer: Score
     chosen = best_on_heldout([*baselines, twa.row], scorer.splits.task.higher_is_better)
     if chosen is twa.row:
         return merged, twa
-    k, names = len(cs), [Path(p).name for p in cs.paths]
-    if chosen.kind == "uniform":
-        weights = uniform_weights(k)
-    else:
-        weights = one_hot(k, [names.index(n) for n in chosen.detail.get("ingredients", [chosen.name])])
-    alphas = torch.tensor(weights, dtype=torch.float64).expand(flat.layout.n_blocks, k).clone()
+    weights = _baseline_weights(chosen, len(cs))
+    alphas = torch.tensor(weights, dtype=torch.float64).expand(flat.layout.n_blocks, len(weights)).clone()
     written = merge_alphas(cs, net, flat, alphas, out, progress, merged.trained)
     soup = chosen.kind != "candidate"
     scorer.load(written.tensors, recalibrate=soup)
