@@ -102,8 +102,7 @@ class FlatBinding:
 @dataclass
 class FitOutcome:
     beta: torch.Tensor  # [B, R] float32
-    curve: list[float] = field(default_factory=list)  # training loss per step
-    steps: int = 0
+    curve: list[float] = field(default_factory=list)  # training loss per step (one entry per step)
     # Wall time of the steps alone (not the optimizer's set-up: torch's first AdamW costs ~2 s once).
     seconds_per_step: float | None = None
 
@@ -191,7 +190,6 @@ def train_coefficients(
         except KeyboardInterrupt:
             raise FitError(f"interrupted at step {step} of {total}; nothing was written") from None
     outcome.beta = ((start + offset.detach()) * scale).float()
-    outcome.steps = step
     if step:
         outcome.seconds_per_step = (time.perf_counter() - start_time) / step
     return outcome
