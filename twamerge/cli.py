@@ -468,7 +468,8 @@ def fit_cmd(
     lr: Annotated[float, typer.Option("--lr", help="Learning rate, in units of the candidates' spread.")] = _D.lr,
     optimizer: Annotated[Optimizer, typer.Option("--optimizer")] = Optimizer(_D.optimizer),
     schedule: Annotated[Schedule, typer.Option("--schedule", help="Learning rate after the warm-up: cosine (to "
-                                               "0), step (/10 at 50% and 75% of the steps, as in the paper) or "
+                                               "0), step (/10 at 50% and 75% of the steps after the warm-up, as in "
+                                               "the paper) or "
                                                "constant.")] = Schedule(_D.schedule),
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per fit step (and per "
                                             "BatchNorm recalibration batch).")] = _D.batch_size,
@@ -499,15 +500,15 @@ def fit_cmd(
     weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0, help="Decoupled weight decay of the "
                                                 "coefficients, toward the start point (--init).")] = _D.weight_decay,
     restarts: Annotated[int, typer.Option("--restarts", min=1, help="Fit N times with the seeds --seed, --seed+1, "
-                                          "... (data order) and average the coefficients.")] = _D.restarts,
+                                          "... (data order, dropout) and average the coefficients.")] = _D.restarts,
     greedy: Annotated[bool, typer.Option("--greedy/--no-greedy", help="Include the baseline "
                                          f"{METHODS['greedy'].summary}.")] = _D.greedy,
     candidates: Annotated[bool, typer.Option("--candidates/--no-candidates", help="Score "
                                              f"{METHODS['candidate'].summary} (needed for the greedy soup).")
                           ] = _D.eval_candidates,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations "
-                                                         "in the backward pass: less memory, about a third more "
-                                                         "time (Hugging Face models).")] = _D.gradient_checkpointing,
+                                                         "in the backward pass: less memory, one more forward "
+                                                         "pass per step (Hugging Face models).")] = _D.gradient_checkpointing,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the JSON report here.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the alphas and the fit curve (PNG).")] = None,
     fail_if_worse: Annotated[bool, typer.Option("--fail-if-worse", help=f"Exit {EXIT_WORSE} when the written merge "

@@ -1,7 +1,9 @@
 """Mixed precision of the forward and backward passes (``--precision``).
 
-Only the model's forward and backward run under autocast; the trained coefficients, the flat
-weights, combine and project stay float32, and losses are summed in float32 (``tasks``).
+Only the model's forward and backward run under autocast; the trained coefficients stay float32,
+combine and project accumulate in float32, and losses are summed in float32 (``tasks``). The flat
+weights and gradients are bfloat16 only when every merged candidate tensor is stored in bfloat16 and
+the model computes in it (``pipeline.flat_dtype``); else float32.
 """
 
 from __future__ import annotations
