@@ -47,7 +47,6 @@ import os
 import re
 import shutil
 import sys
-import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -58,6 +57,7 @@ for _k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 import torch  # noqa: E402
 
 from twamerge import DataConfig, FitConfig, ModelConfig, OutputConfig, evaluate_checkpoints, fit  # noqa: E402
+from twamerge.report import MethodResult, best_candidate, best_on_heldout  # noqa: E402
 
 # Each option: (FitConfig changes, fitted on all of --val?). The picks (select*) are computed from these.
 OPTIONS: dict[str, tuple[dict, bool]] = {
@@ -179,25 +179,21 @@ def run_pool(root: Path, out: Path, threads: int, previous: dict | None = None) 
 def add_picks(res: dict) -> None:
     """The held-out picks, from the default fit's report only (no fit, no test score is used to choose).
 
-    ``select`` is what ``--select best`` writes: the best on the held-out rows of TWA, the greedy soup,
-    the uniform average and the best candidate on the fit rows. ``select_any`` lets every candidate
-    compete on the held-out rows instead (the best of K noisy held-out scores: an optimistic contender).
+    ``select`` is what ``--select best`` writes (the tool's own rule, ``report.best_on_heldout``).
+    ``select_any`` lets every candidate compete on the held-out rows instead of the best on the fit rows
+    (the best of K noisy held-out scores: an optimistic contender).
     """
     higher, test = res["higher_is_better"], res["test"]
-    sign = 1 if higher else -1
     cand_test = {c["name"]: c["test"] for c in res["candidates"]}
-    rows = res["fits"]["twa"]["methods"]
-    candidates = [r for r in rows if r["kind"] == "candidate"]
-    for name, candidate in (("select", max(candidates, key=lambda r: sign * r["fit"]["metric"])),
-                            ("select_any", max(candidates, key=lambda r: _key(r["heldout"], higher)))):
-        contenders = {"twa": _row(rows, "twa"), "greedy": _row(rows, "greedy"), "uniform": _row(rows, "uniform"),
-                      "candidate": candidate}
-        order = list(contenders)
-        choice = max(order, key=lambda n: (_key(contenders[n]["heldout"], higher), -order.index(n)))
-        res[f"{name}_choice"] = choice if choice != "candidate" else f"candidate {candidate['name']}"
-        test[name] = cand_test[candidate["name"]] if choice == "candidate" else test[choice]
+    rows = [MethodResult(r["name"], r["kind"], r["fit"], r["heldout"]) for r in res["fits"]["twa"]["methods"]]
+    others = [r for r in rows if r.kind != "candidate"]
+    for name, contenders in (("select", rows),
+                             ("select_any", [*others, best_candidate(rows, "heldout", higher)])):
+        chosen = best_on_heldout(contenders, higher)
+        res[f"{name}_choice"] = chosen.kind if chosen.kind != "candidate" else f"candidate {chosen.name}"
+        test[name] = cand_test[chosen.name] if chosen.kind == "candidate" else test[chosen.kind]
         if name == "select":
-            test["select_refit"] = test["refit"] if choice == "twa" else test[name]
+            test["select_refit"] = test["refit"] if chosen.kind == "twa" else test[name]
 
 
 def _row(rows: list[dict], kind: str) -> dict:
@@ -209,11 +205,12 @@ def _key(score: dict, higher: bool) -> tuple[float, float]:
     return (score["metric"] if higher else -score["metric"], -score["loss"])
 
 
-def _options_text() -> str:
-    """The option list of this module's docstring, for the generated page."""
+def _docstring_block(first: str) -> str:
+    """The indented block of this module's docstring that starts with the line beginning ``first`` (the
+    option list, the commands), for the generated page."""
     doc = __doc__ or ""
-    start = doc.index("    twa ")
-    return textwrap.dedent(doc[start:doc.index("\n\n", start)])
+    start = doc.index(first)
+    return doc[start:doc.index("\n\n", start)]
 
 
 def render(results: list[dict]) -> str:
@@ -222,13 +219,8 @@ def render(results: list[dict]) -> str:
              "Every figure is measured on a test split that no step of any merge has seen. Picking: **best single** "
              "is the candidate with the best metric on all of `--val`; **greedy** is the greedy soup `twamerge fit` "
              "reports (ingredients chosen on the fit rows). The options:", "",
-             *("    " + line for line in _options_text().splitlines()), "", "Commands:", "",
-             "    python benchmarks/pools.py --seeds 0,1",
-             "    python benchmarks/pools.py --seeds 2,3,4 --only fmnist_mlp_soup8,mnist_mlp_epochs",
-             "    python benchmarks/pools.py --seeds 2,3 --only fmnist_cnn16",
-             "    python examples/finetune_soup/run.py --out runs/finetune_soup --variants layer:8",
-             "    python benchmarks/never_worse.py --pools runs/pools runs/finetune_soup --out runs/never_worse "
-             "--md docs/never_worse.md", ""]
+             *_docstring_block("    twa ").splitlines(), "", "Commands:", "",
+             *_docstring_block("    python ").splitlines(), ""]
     head = ["pool", "K", "test rows", "best single", "greedy", "uniform", *SHOWN]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
