@@ -80,7 +80,8 @@ def test_best_candidate_takes_the_first_of_equals():
 
 
 def test_the_gate_of_the_written_merge_is_its_own():
-    """--select best may write another row than TWA: --fail-if-worse gates on that row."""
+    """--select best may write another row than TWA: ``written.at_least_best`` (what --fail-if-worse reads)
+    is that row's comparison with the best candidate, not TWA's."""
     rows = _rows([0.5, 0.5, 0.5], [0.3, 0.8, 0.1], 0.5, 0.9)
     uniform = next(r for r in rows if r.kind == "uniform")  # held-out 0.0, below c1's 0.8
     report = _report(rows, higher=True, written=uniform)
