@@ -29,13 +29,12 @@ from torch import nn
 
 from twamerge import DataConfig, FitConfig, ModelConfig, OutputConfig, fit
 
-MODEL_FILE = '''
-from torch import nn
+SPEC = f"{Path(__file__).resolve()}:build"
 
 
-def build():
+def build() -> nn.Module:
+    """The fitted model (``--model benchmarks/gpu_fit_check.py:build``): an MLP on the 8x8 digits."""
     return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-'''
 
 
 def make_run(root: Path, epochs: int = 8) -> tuple[list[Path], list[Path], Path, str]:
@@ -43,14 +42,13 @@ def make_run(root: Path, epochs: int = 8) -> tuple[list[Path], list[Path], Path,
     from sklearn.datasets import load_digits
 
     root.mkdir(parents=True, exist_ok=True)
-    (root / "model.py").write_text(MODEL_FILE)
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)
     perm = np.random.default_rng(0).permutation(len(y))
     train, val = perm[:1200], perm[1200:]
     np.savez(root / "val.npz", x=x[val], label=y[val].astype(np.int64))
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    model = build()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     xt, yt = torch.from_numpy(x[train]), torch.from_numpy(y[train]).long()
     f32, bf16 = [], []
@@ -66,7 +64,7 @@ def make_run(root: Path, epochs: int = 8) -> tuple[list[Path], list[Path], Path,
         bf16.append(root / "bf16" / f"epoch_{epoch:02d}.safetensors")
         bf16[-1].parent.mkdir(exist_ok=True)
         save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(bf16[-1]))
-    return f32, bf16, root / "val.npz", f"{root / 'model.py'}:build"
+    return f32, bf16, root / "val.npz", SPEC
 
 
 def run_fit(name: str, ckpts: list[Path], val: Path, spec: str, out: Path, **cfg) -> dict:
@@ -74,7 +72,8 @@ def run_fit(name: str, ckpts: list[Path], val: Path, spec: str, out: Path, **cfg
                  cfg=FitConfig(epochs=5, greedy=False, eval_candidates=False, **cfg))
     twa = next(m for m in report["methods"] if m["kind"] == "twa")
     return {"fit": name, "heldout_accuracy": twa["heldout"]["metric"], "alphas": report["merge"]["block_alphas"],
-            "seconds_per_step": report["fit"]["seconds_per_step"], "memory": report["memory"]}
+            "seconds_per_step": report["fit"]["seconds_per_step"], "memory": report["memory"],
+            "n_cols": report["subspace"]["n_cols"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         results[1]["max_alpha_diff_vs_cpu"] = diff
         if diff > 1e-3:
             failures.append(f"cuda_triton alphas differ from the CPU's by {diff:.2e} (> 1e-3)")
+        bf16_fit = results[2]
+        if bf16_fit["memory"]["flat_buffer_bytes"] != 2 * 2 * bf16_fit["n_cols"]:
+            failures.append(f"bf16 fit: flat buffers of {bf16_fit['memory']['flat_buffer_bytes']} bytes, not bf16 "
+                            f"weights + gradients ({4 * bf16_fit['n_cols']})")
         drop = results[0]["heldout_accuracy"] - results[2]["heldout_accuracy"]
         if drop > 0.02:
             failures.append(f"bf16 held-out accuracy is {drop:.3f} below float32 (> 0.02)")
