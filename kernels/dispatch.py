@@ -1,18 +1,23 @@
-"""The one place that decides between the Triton kernels and the torch references.
+"""The one place that decides between the Triton kernels, the C kernels and the torch references.
 
 Inputs to the decision: the explicit ``backend`` argument (from config or ``--backend``), else the
-``TWAMERGE_BACKEND`` environment variable, whether triton imports, and where the tensor lives
-(CUDA, or CPU under ``TRITON_INTERPRET=1``).
+``TWAMERGE_BACKEND`` environment variable, whether triton imports, whether the C kernels build
+(``native.py``), and where the tensor lives (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
-* ``auto``: Triton for CUDA tensors when triton imports; the torch reference otherwise. The
+* ``auto``: Triton for CUDA tensors when triton imports; on CPU the C kernels for combine and
+  project (the two ops of every fit step) when they build, the torch reference otherwise. The
   choice and its reason are logged once per op.
 * ``triton``: Triton or :class:`BackendUnavailableError` (never a quiet fallback). CPU tensors are
   accepted only under ``TRITON_INTERPRET=1``.
+* ``native``: the C kernels for combine and project or :class:`BackendUnavailableError`; gram and
+  orth_quantize have no C kernel and run the reference.
 * ``torch``: always the reference.
 
-Sizes matter too: each Triton kernel has limits (:func:`triton_limit`; e.g. the gram kernel holds
-all K candidates of a tile in registers). Past a limit, ``auto`` runs the reference (logged once
-per op with the reason) and a forced ``triton`` raises :class:`BackendUnavailableError` naming it.
+Sizes and dtypes matter too: each Triton kernel has limits (:func:`triton_limit`; e.g. the gram
+kernel holds all K candidates of a tile in registers) and the C kernels take packed codes and
+float32 or bfloat16 vectors (``native.unsupported``). Past a limit, ``auto`` runs the reference
+(logged once per op with the reason) and a forced backend raises :class:`BackendUnavailableError`
+naming it.
 """
 
 from __future__ import annotations
@@ -24,12 +29,13 @@ from typing import Callable
 
 import torch
 
-from . import reference
+from . import native, reference
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "native", "torch")
 OPS = ("gram", "orth_quantize", "combine", "project")
+NATIVE_OPS = ("combine", "project")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -102,8 +108,12 @@ def _log_once(op: str, choice: str, reason: str) -> None:
 
 
 def resolve(op: str, device: torch.device, backend: str | None = None, *, k: int | None = None,
-            group_size: int | None = None) -> str:
-    """Return ``"triton"`` or ``"torch"`` for running ``op`` on ``device`` (sizes as in :func:`triton_limit`)."""
+            group_size: int | None = None, bits: int | None = None, dtype: torch.dtype | None = None) -> str:
+    """Return ``"triton"``, ``"native"`` or ``"torch"`` for running ``op`` on ``device``.
+
+    Sizes as in :func:`triton_limit`; ``bits`` and ``dtype`` (of combine's ``out`` or project's
+    ``grad``) as in ``native.unsupported``.
+    """
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     backend = (backend or env_backend()).lower()
@@ -112,6 +122,8 @@ def resolve(op: str, device: torch.device, backend: str | None = None, *, k: int
     if backend == "torch":
         _log_once(op, "torch", "requested")
         return "torch"
+    if backend == "native":
+        return _resolve_native(op, device, bits, dtype)
     ok, why = triton_status()
     runnable_here = device.type == "cuda" or (device.type == "cpu" and interpreting())
     if backend == "triton":
@@ -127,20 +139,50 @@ def resolve(op: str, device: torch.device, backend: str | None = None, *, k: int
             raise BackendUnavailableError(f"--backend triton was requested but {limit}; pass --backend auto or torch")
         _log_once(op, "triton", "requested")
         return "triton"
-    limit = triton_limit(op, k=k, group_size=group_size) if ok and device.type == "cuda" else None
-    if limit:
-        _log_once(op, "torch", "auto: " + limit)
+    if device.type == "cuda":
+        limit = triton_limit(op, k=k, group_size=group_size) if ok else None
+        if limit:
+            _log_once(op, "torch", "auto: " + limit)
+            return "torch"
+        if ok:
+            _log_once(op, "triton", "auto: CUDA tensor and triton imports")
+            return "triton"
+        _log_once(op, "torch", "auto: " + why)
         return "torch"
-    if ok and device.type == "cuda":
-        _log_once(op, "triton", "auto: CUDA tensor and triton imports")
-        return "triton"
-    _log_once(op, "torch", "auto: " + (why if not ok else f"tensor on {device}, not CUDA"))
+    if device.type == "cpu" and op in NATIVE_OPS:
+        reason = native.unsupported(op, bits=bits, dtype=dtype)
+        if reason is None:
+            built, reason = native.status()
+            if built:
+                _log_once(op, "native", "auto: CPU tensor, " + reason)
+                return "native"
+        _log_once(op, "torch", "auto: " + reason)
+        return "torch"
+    _log_once(op, "torch", f"auto: tensor on {device}" + ("" if op in NATIVE_OPS else f", no C kernel for {op}"))
     return "torch"
 
 
-def _impl(op: str, device: torch.device, backend: str | None, **sizes: int) -> Callable:
-    if resolve(op, device, backend, **sizes) == "torch":
+def _resolve_native(op: str, device: torch.device, bits: int | None, dtype: torch.dtype | None) -> str:
+    if op not in NATIVE_OPS:
+        _log_once(op, "torch", f"--backend native: no C kernel for {op}")
+        return "torch"
+    if device.type != "cpu":
+        raise BackendUnavailableError(f"--backend native runs on CPU tensors; tensors are on {device}")
+    reason = native.unsupported(op, bits=bits, dtype=dtype)
+    if reason is None:
+        built, reason = native.status()
+        if built:
+            _log_once(op, "native", "requested")
+            return "native"
+    raise BackendUnavailableError(f"--backend native was requested but {reason}; pass --backend auto or torch")
+
+
+def _impl(op: str, device: torch.device, backend: str | None, **sizes) -> Callable:
+    choice = resolve(op, device, backend, **sizes)
+    if choice == "torch":
         return getattr(reference, f"{op}_torch")
+    if choice == "native":
+        return getattr(native, f"{op}_native")
     module = importlib.import_module(f"{__package__}.triton_{op}")
     return getattr(module, f"{op}_triton")
 
@@ -158,9 +200,12 @@ def orth_quantize(x, mean, transform, bits, group_size, out=None, *, backend: st
 
 def combine(mean, codes, scales, zeros, beta, group_block, bits, group_size, out=None, *, backend: str | None = None):
     """Dispatching :func:`reference.combine_torch`."""
-    return _impl("combine", mean.device, backend, group_size=group_size)(mean, codes, scales, zeros, beta, group_block, bits, group_size, out)
+    impl = _impl("combine", mean.device, backend, group_size=group_size, bits=bits,
+                 dtype=torch.float32 if out is None else out.dtype)
+    return impl(mean, codes, scales, zeros, beta, group_block, bits, group_size, out)
 
 
 def project(grad, codes, scales, zeros, group_block, n_blocks, bits, group_size, *, backend: str | None = None):
     """Dispatching :func:`reference.project_torch`."""
-    return _impl("project", grad.device, backend, group_size=group_size)(grad, codes, scales, zeros, group_block, n_blocks, bits, group_size)
+    impl = _impl("project", grad.device, backend, group_size=group_size, bits=bits, dtype=grad.dtype)
+    return impl(grad, codes, scales, zeros, group_block, n_blocks, bits, group_size)

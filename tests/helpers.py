@@ -35,3 +35,21 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, *, atol: float
             f"max abs err {diff.max().item() if diff.numel() else float('nan'):.3e}, rel RMS {rel_rms:.3e}, "
             f"NaN/Inf disagreements {int(nan_mismatch.sum())}, first at {first}"
         )
+
+
+class PoisonedTorch:
+    """Stands in for the ``torch`` module inside a twamerge.kernels module: ``empty`` returns poisoned memory."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        t = torch.empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype == torch.uint8:
+            t.fill_(0xA5)
+        elif t.dtype != torch.bool:
+            t.fill_(-7)
+        return t

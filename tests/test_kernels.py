@@ -19,7 +19,7 @@ import math
 
 import pytest
 import torch
-from helpers import TOLERANCES, assert_close
+from helpers import TOLERANCES, PoisonedTorch, assert_close
 from twamerge.kernels import dispatch, reference
 from twamerge.kernels.dispatch import BackendUnavailableError
 from twamerge.kernels.layout import FLOAT_BITS, SUPPORTED_BITS
@@ -47,24 +47,6 @@ def device():
     pytest.skip("TRITON_INTERPRET is off and there is no CUDA device")
 
 
-class _PoisonedTorch:
-    """Stands in for the ``torch`` module inside twamerge.kernels: ``empty`` returns poisoned memory."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        t = torch.empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype == torch.uint8:
-            t.fill_(0xA5)
-        elif t.dtype != torch.bool:
-            t.fill_(-7)
-        return t
-
-
 @pytest.fixture(autouse=True)
 def poison_empty(monkeypatch):
     """Every ``torch.empty`` in the kernel modules and the reference returns NaN / 0xA5 garbage, so an
@@ -72,7 +54,7 @@ def poison_empty(monkeypatch):
     names = ["reference"] + (list(KERNEL_MODULES) if HAS_TRITON else [])
     for name in names:
         module = name if name == "reference" else f"triton_{name}"
-        monkeypatch.setattr(importlib.import_module(f"twamerge.kernels.{module}"), "torch", _PoisonedTorch())
+        monkeypatch.setattr(importlib.import_module(f"twamerge.kernels.{module}"), "torch", PoisonedTorch())
     yield
 
 
@@ -468,10 +450,14 @@ def test_mixed_devices_rejected():
         _ops()["project"].project_triton(torch.zeros(32, device="cuda"), codes, scales, zeros, gb, 1, 4, 8)
 
 
-def test_dispatch_auto_uses_torch_for_cpu(monkeypatch):
+def test_dispatch_auto_on_cpu_uses_torch_or_the_c_kernels(monkeypatch):
+    """Never Triton for CPU tensors under auto: the C kernels for combine and project when they build
+    (tests/test_native.py), the reference for everything else."""
     monkeypatch.delenv("TWAMERGE_BACKEND", raising=False)
+    c_built = dispatch.native.status()[0]
     for op in dispatch.OPS:
-        assert dispatch.resolve(op, torch.device("cpu"), "auto") == "torch"
+        want = "native" if op in dispatch.NATIVE_OPS and c_built else "torch"
+        assert dispatch.resolve(op, torch.device("cpu"), "auto", bits=8, dtype=torch.float32) == want
     x = torch.randn(3, 16)
     g, m = dispatch.gram(x)
     g_ref, m_ref = reference.gram_torch(x)

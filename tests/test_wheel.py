@@ -8,6 +8,7 @@ path (torch still comes from the current environment: reinstalling it would take
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,7 @@ def test_wheel_ships_twamerge_kernels(tmp_path):
     (wheel,) = dist.glob("twamerge-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "twamerge/kernels/__init__.py" in names and "twamerge/py.typed" in names
+    assert "twamerge/kernels/native.c" in names  # the C kernels' source, compiled on first use
     # A top-level ``kernels`` package would collide with the PyPI project of that name.
     assert not any(n.startswith("kernels/") for n in names)
     assert any(n.endswith("entry_points.txt") for n in names)
@@ -49,9 +51,12 @@ def test_wheel_ships_twamerge_kernels(tmp_path):
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
         "import twamerge, twamerge.kernels, twamerge.cli;"
+        "from twamerge.kernels import native; ok, why = native.status(); assert ok, why;"
         "print(twamerge.__file__); print(twamerge.kernels.__file__)"
     )
-    res = subprocess.run([sys.executable, "-c", code, str(site)], capture_output=True, text=True, cwd=tmp_path)
+    env = {**os.environ, "TWAMERGE_CACHE_DIR": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "-c", code, str(site)], capture_output=True, text=True, cwd=tmp_path,
+                         env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     pkg, kern = (Path(p) for p in res.stdout.split())
     assert pkg.is_relative_to(site) and kern == site / "twamerge" / "kernels" / "__init__.py"

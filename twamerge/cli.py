@@ -481,8 +481,9 @@ def fit_cmd(
                                                  "(bf16 on a GPU that supports it when the candidates are 16-bit, "
                                                  "else fp32), fp32, bf16, fp16; the coefficients stay float32.")
                          ] = Precision(_D.precision),
-    backend: Annotated[Optional[Backend], typer.Option("--backend", help="Kernels: auto (Triton on CUDA), triton, "
-                                                       "torch; default: TWAMERGE_BACKEND, else auto.")] = None,
+    backend: Annotated[Optional[Backend], typer.Option("--backend", help="Kernels: auto (Triton on CUDA, C loops "
+                                                       "compiled on first use on CPU), triton, native (the C loops), "
+                                                       "torch (references); default: TWAMERGE_BACKEND, else auto.")] = None,
     bn_recalibrate: Annotated[Toggle, typer.Option("--bn-recalibrate", help="Re-estimate BatchNorm statistics on "
                                                    "the fit split (auto: when the model has BatchNorm).")
                               ] = Toggle(_D.bn_recalibrate),

@@ -20,7 +20,7 @@ BLOCK_PATTERN = re.compile(r"^(global|layer|size:[1-9][0-9]*)$")
 
 Optimizer = Literal["adamw", "sgd"]
 Device = Literal["auto", "cpu", "cuda"]
-Backend = Literal["auto", "triton", "torch"]
+Backend = Literal["auto", "triton", "native", "torch"]
 Toggle = Literal["auto", "on", "off"]
 Coordinates = Literal["candidates", "weights"]
 # Where the fit starts: the uniform average (the paper), the greedy soup, or the best candidate.
