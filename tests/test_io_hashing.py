@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 
+import pytest
 import torch
 from ckpt_fixtures import small_state_dict, write_variants
 from safetensors.torch import save_file
@@ -105,3 +106,36 @@ def test_sources_hashes_are_those_of_before(tmp_path):
     sharded = hashlib.sha256("".join(f"{f.name}:{_plain_sha(f)}\n" for f in lines).encode()).hexdigest()
     assert [s["sha256"] for s in sources] == [_plain_sha(paths[0]), _plain_sha(paths[1]), sharded,
                                               _plain_sha(paths[3])]
+
+
+def test_background_hash_owns_a_copy_and_keeps_order():
+    """Pieces are hashed in submission order from private copies: the caller may reuse its buffer at once,
+    and a queue limit smaller than the pieces only makes submit wait."""
+    from twamerge.io.hashing import BackgroundHash
+
+    bg = BackgroundHash(limit=1000)
+    rng = random.Random(1)
+    pieces = [rng.randbytes(rng.randrange(1, 5000)) for _ in range(50)]
+    h = hashlib.sha256()
+    buf = bytearray(5000)
+    for p in pieces:
+        buf[: len(p)] = p
+        bg.submit(h, memoryview(buf)[: len(p)])
+        buf[:] = b"\0" * len(buf)  # overwritten before the thread may have hashed it
+    bg.wait()
+    assert h.hexdigest() == hashlib.sha256(b"".join(pieces)).hexdigest()
+
+
+def test_background_hash_failure_is_raised_by_wait():
+    from twamerge.io.hashing import BackgroundHash
+
+    class Broken:
+        def update(self, data):
+            raise ValueError("boom")
+
+    bg = BackgroundHash()
+    bg.submit(Broken(), b"x" * 10)
+    with pytest.raises(RuntimeError, match="boom"):
+        bg.wait()
+    bg.submit(hashlib.sha256(), b"y")  # the thread goes on after a failure
+    bg.wait()

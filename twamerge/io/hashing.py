@@ -4,17 +4,24 @@ A merge reads every tensor of every candidate once; hashing the file separately 
 a second time. ``StreamingHasher`` is fed the byte ranges a reader reads and only reads itself what
 no tensor read covered (the gaps, and the tail when ``finish`` is called). Its result is the plain
 SHA-256 of the file whatever the order of the reads: out-of-order reads only cost extra gap reads.
+
+The hashing itself runs on one background thread (:class:`BackgroundHash`), beside the merge that
+reads the bytes: SHA-256 runs at 1.4 GB/s on a core, about as fast as a merge adds float32
+candidates, so on the caller's thread it doubled the time of ``average``. hashlib releases the GIL
+while it hashes, and the thread takes the pieces in the order they were read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
+from collections import deque
 from pathlib import Path
 
 from .stats import stats
 
-__all__ = ["StreamingHasher", "remember_sha256", "sha256_file"]
+__all__ = ["BackgroundHash", "StreamingHasher", "remember_sha256", "sha256_file"]
 
 _CHUNK = 1 << 22
 _SHA_CACHE: dict[tuple[int, int, int, int], str] = {}
@@ -51,6 +58,69 @@ def sha256_file(path: Path, *, chunk: int = _CHUNK) -> str:
                 h.update(block)
         _remember(key, h.hexdigest())
     return _SHA_CACHE[key]
+
+
+class BackgroundHash:
+    """``hashlib`` updates run on one daemon thread, in submission order.
+
+    ``submit(h, data)`` queues ``h.update`` of a private copy of ``data`` and returns: the caller owns
+    its buffer again at once (a tensor a reader returns may be changed in place), and a copy runs
+    about ten times faster than SHA-256. The queue holds at most ``limit`` bytes (a reader that gets
+    ahead waits). ``wait()`` returns when everything submitted is hashed.
+    """
+
+    def __init__(self, limit: int = 256 << 20):
+        self.limit = limit
+        self._reset()
+
+    def _reset(self) -> None:
+        self._jobs: deque = deque()
+        self._pending = 0
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, h, data) -> None:
+        n = len(data)
+        data = bytes(data)
+        with self._cv:
+            while self._pending and self._pending + n > self.limit:
+                self._cv.wait()
+            self._pending += n
+            self._jobs.append((h, data, n))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="twamerge-sha256", daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+
+    def wait(self) -> None:
+        with self._cv:
+            while self._pending:
+                self._cv.wait()
+            error, self._error = self._error, None
+        if error is not None:
+            raise RuntimeError(f"hashing failed on the background thread: {error!r}") from error
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs:
+                    self._cv.wait()
+                h, data, n = self._jobs[0]
+            try:
+                h.update(data)  # outside the lock: hashlib releases the GIL on large buffers
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                self._error = exc
+            finally:
+                with self._cv:
+                    self._jobs.popleft()
+                    self._pending -= n
+                    self._cv.notify_all()
+
+
+BACKGROUND = BackgroundHash()
+# A forked child has no hashing thread, and may have forked while another thread held the lock.
+os.register_at_fork(after_in_child=BACKGROUND._reset)
 
 
 class StreamingHasher:
@@ -95,7 +165,7 @@ class StreamingHasher:
             self._read_gap(start)
         if end > self.pos:
             view = memoryview(data).cast("B")
-            self._h.update(view[self.pos - start:])
+            BACKGROUND.submit(self._h, view[self.pos - start:])
             self.pos = end
 
     def _read_gap(self, stop: int | None) -> None:
@@ -106,7 +176,7 @@ class StreamingHasher:
                 block = fh.read(want)
                 if not block:
                     break
-                self._h.update(block)
+                BACKGROUND.submit(self._h, block)  # (a bytes object: the copy is cheap next to the read)
                 self.pos += len(block)
                 stats.hashed(self.path, len(block))
 
@@ -114,6 +184,7 @@ class StreamingHasher:
         """Hash what no read covered and return the hex digest (computed once)."""
         if self._digest is None:
             self._read_gap(None)
+            BACKGROUND.wait()
             digest = self._h.hexdigest()
             if _stat_key(os.stat(self.path)) != self._key:
                 # The file changed under us: the pieces may come from two versions; hash it whole.

@@ -26,7 +26,7 @@ from .atomic import AtomicWrite, check_name_length, refuse_existing
 from .discovery import hf_weight_file
 from .formats.safetensors import ST_DTYPES
 from .formats.sharded import indexed_shards
-from .hashing import remember_sha256, sha256_file
+from .hashing import BACKGROUND, remember_sha256, sha256_file
 from .jsonschema import load_json
 
 log = logging.getLogger(__name__)
@@ -187,13 +187,14 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: 
     with open(path, "wb") as f:
         for part in (len(blob).to_bytes(8, "little"), blob):
             f.write(part)
-            sha.update(part)
+            BACKGROUND.submit(sha, part)
         for name in names:
             t = tensors[name].detach().to("cpu").contiguous()
             if t.numel():
                 data = memoryview(t.reshape(-1).view(torch.uint8).numpy() if t.dtype != torch.bool else t.numpy())
                 f.write(data)
-                sha.update(data)
+                BACKGROUND.submit(sha, data)  # hashed on the background thread while the next tensor is written
+    BACKGROUND.wait()
     remember_sha256(path, sha.hexdigest())
 
 
