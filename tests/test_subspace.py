@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from helpers import assert_close
+from twamerge.kernels import reference
 from twamerge.kernels.reference import dequantize_torch
 
 from twamerge.subspace import StackedCandidates, build_subspace, make_layout
@@ -132,10 +133,11 @@ def test_spread_scales_with_the_checkpoints():
     assert math.isclose(float(a.transform.abs().sum()), float(b.transform.abs().sum()) * 100, rel_tol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("backend", ["torch", "auto", "native"])
 def test_k300_candidates_build_combine_project(backend):
-    """K = 300 (past the Triton gram kernel's 256): the torch path builds, combines and projects, and
-    the alphas of any beta sum to 1 per block."""
+    """K = 300 (past the Triton gram kernel's 256): every CPU path builds, combines and projects (the C
+    kernels loop over any number of rows; they agree with the references), and the alphas of any beta
+    sum to 1 per block."""
     k = 300
     stacks = _candidates(k=k, shapes=((40, 20), (33,), (500,)))
     layout = make_layout(list(stacks), [s.shape[1:] for s in stacks.values()], "layer", 32)
@@ -149,6 +151,10 @@ def test_k300_candidates_build_combine_project(backend):
     grad = torch.randn(layout.n_cols, generator=torch.Generator().manual_seed(1))
     g = sub.project(grad)
     assert g.shape == (layout.n_blocks, sub.rows) and torch.isfinite(g).all()
+    basis = (sub.codes, sub.scales, sub.zeros)
+    assert_close("combine", reference.combine_torch(sub.mean, *basis, beta, sub.group_block, 8, 32), w)
+    assert_close("project", reference.project_torch(grad, *basis, sub.group_block, layout.n_blocks, 8, 32), g,
+                 atol=1e-4)
     alphas = sub.alphas(beta)
     assert alphas.shape == (layout.n_blocks, k)
     assert_close("alphas sum to 1", torch.ones(layout.n_blocks, dtype=torch.float64), alphas.sum(1), atol=1e-9, rtol=0)
