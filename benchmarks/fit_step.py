@@ -11,6 +11,7 @@ timings are interleaved in one loop; each is the minimum over ``--repeats``.
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/fit_step.py [--width 1024] [--depth 4] [--k 8] [--bits 4] [--batch 64]``;
 about 100M parameters: ``--width 4096 --depth 7 --bits 8`` (needs about 8 GB of memory).
+``--backend torch`` times the torch references instead of the C kernels (``auto`` on CPU).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    ap.add_argument("--backend", default="auto", choices=["auto", "native", "torch"],
+                    help="kernels for combine and project (auto: the C loops on CPU)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -65,7 +68,7 @@ def main() -> None:
     del base
     layout = make_layout(names, shapes, args.blocks, 128)
     t0 = time.perf_counter()
-    sub = build_subspace(StackedCandidates(stacks), layout, bits=args.bits)
+    sub = build_subspace(StackedCandidates(stacks), layout, bits=args.bits, backend=args.backend)
     build_s = time.perf_counter() - t0
     del stacks
     x = torch.randn(args.batch, 784)
@@ -103,7 +106,7 @@ def main() -> None:
         2 * 4 * (args.k - 1) * layout.n_cols / 128 if args.bits <= 8 else 0)
     print(f"model: MLP width {args.width} depth {args.depth}, D = {d:,} parameters; K = {args.k}, "
           f"bits = {args.bits}, blocks = {args.blocks} ({layout.n_blocks}); torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads; minimum of {args.repeats} interleaved rounds")
+          f"{torch.get_num_threads()} CPU threads; backend {args.backend}; minimum of {args.repeats} interleaved rounds")
     print("| measure | value |\n|---|---|")
     print(f"| forward+backward (baseline) | {t_plain * 1e3:.2f} ms |")
     print(f"| fit step (combine+fwd+bwd+project) | {t_fit * 1e3:.2f} ms |")

@@ -2,10 +2,9 @@
 
 For every K (candidates), D (flat parameters) and bits it reports each op's time, the bytes the op
 must move at minimum, the achieved GB/s, that as a fraction of a plain ``copy_`` of a large buffer on
-the same device, and (on CUDA) the speed-up of the Triton kernel over the torch reference.
-
-On a machine without CUDA only the torch references run (the Triton interpreter is a correctness
-tool, far too slow to time); the table says so.
+the same device, and the speed-up of the fast implementation over the torch reference: the Triton
+kernels on CUDA; on CPU the C loops for combine and project (gram and orth_quantize have only the
+reference there). The Triton interpreter is a correctness tool, far too slow to time.
 
     python benchmarks/kernels.py                      # CPU-friendly defaults
     python benchmarks/kernels.py --K 8 16 32 --D 1e6 1e7 1e8 --bits 1 2 4 8   # the grid (GPU)
@@ -23,7 +22,7 @@ import time
 os.environ.setdefault("TRITON_INTERPRET", "0")
 
 import torch  # noqa: E402
-from twamerge.kernels import reference  # noqa: E402
+from twamerge.kernels import native, reference  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -117,12 +116,20 @@ def main(argv: list[str] | None = None) -> int:
     gs = args.group_size
 
     impl_ref = {op: getattr(reference, f"{op}_torch") for op in args.ops}
-    impl_tri = {}
     if use_triton:
         import importlib
 
-        impl_tri = {op: getattr(importlib.import_module(f"twamerge.kernels.triton_{op}"), f"{op}_triton")
-                    for op in args.ops}
+        fast_name = "triton"
+        impl_fast = {op: getattr(importlib.import_module(f"twamerge.kernels.triton_{op}"), f"{op}_triton")
+                     for op in args.ops}
+    else:
+        fast_name = "C"
+        built, why = native.status()
+        usable = built and native.unsupported("combine", dtype=dtype) is None
+        impl_fast = {op: getattr(native, f"{op}_native") for op in args.ops
+                     if usable and op in ("combine", "project")}
+        if not usable:
+            print(f"the C kernels are not timed: {why if not built else native.unsupported('combine', dtype=dtype)}")
 
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -133,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     buf = "1 GiB" if use_triton else "256 MiB"
     print(f"measured copy bandwidth: {copy_gbs:.1f} GB/s (read + write of a {buf} float32 buffer)")
     if not use_triton:
-        print("no CUDA device: timing the torch references only; Triton kernels need a GPU")
+        print("no CUDA device: the Triton kernels are not timed (they need a GPU)")
 
-    head = f"{'op':<14}{'K':>4}{'D':>11}{'bits':>5}{'ms':>10}{'MB moved':>10}{'GB/s':>8}{'% copy':>8}"
-    head += f"{'torch ms':>10}{'speed-up':>9}" if use_triton else ""
+    head = (f"{'op':<14}{'impl':>7}{'K':>4}{'D':>11}{'bits':>5}{'ms':>10}{'MB moved':>10}{'GB/s':>8}{'% copy':>8}"
+            f"{'torch ms':>10}{'speed-up':>9}")
     print(head)
     print("-" * len(head))
     gen = torch.Generator(device=device).manual_seed(0)
@@ -150,18 +157,20 @@ def main(argv: list[str] | None = None) -> int:
             for bits in args.bits:
                 a = build_inputs(k, d, bits, gs, dtype, device, gen)
                 calls_ref = op_calls(impl_ref, a, bits, gs)
-                calls_tri = op_calls(impl_tri, a, bits, gs) if use_triton else {}
+                calls_fast = op_calls(impl_fast, a, bits, gs)
                 for op in args.ops:
                     # gram does not depend on bits; time it once per (K, D).
                     if op == "gram" and bits != args.bits[0]:
                         continue
                     moved = op_bytes(op, k, a["r"], d, bits, gs, elt)
                     t_ref = timed(calls_ref[op], device, repeat)
-                    t = timed(calls_tri[op], device, repeat) if use_triton else t_ref
+                    fast = op in impl_fast and not (fast_name == "C" and bits in (16, 32))
+                    t = timed(calls_fast[op], device, repeat) if fast else t_ref
                     gbs = moved / t / 1e9
-                    row = (f"{op:<14}{k:>4}{d:>11}{'-' if op == 'gram' else bits:>5}{t * 1e3:>10.2f}"
+                    row = (f"{op:<14}{fast_name if fast else 'torch':>7}{k:>4}{d:>11}"
+                           f"{'-' if op == 'gram' else bits:>5}{t * 1e3:>10.2f}"
                            f"{moved / 1e6:>10.1f}{gbs:>8.1f}{100 * gbs / copy_gbs:>7.1f}%")
-                    if use_triton:
+                    if fast:
                         row += f"{t_ref * 1e3:>10.2f}{t_ref / t:>8.2f}x"
                     print(row, flush=True)
                 del a
