@@ -42,6 +42,7 @@ _pool_lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _status: tuple[bool, str] | None = None
 _pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
 
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
@@ -180,14 +181,16 @@ def _split(n_groups: int) -> list[tuple[int, int]]:
 
 def _run(fn, ranges: list[tuple[int, int]], make_args) -> None:
     """Call ``fn(*make_args(g0, g1))`` for each group range, on the pool when there are several."""
-    global _pool
+    global _pool, _pool_workers
     if len(ranges) == 1:
         codes = [fn(*make_args(*ranges[0]))]
     else:
         with _pool_lock:
-            if _pool is None or _pool._max_workers < len(ranges):  # noqa: SLF001 - grow the shared pool
+            if _pool_workers < len(ranges):  # more torch threads than before: a bigger pool
                 _pool = ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="twamerge-native")
-        codes = list(_pool.map(lambda r: fn(*make_args(*r)), ranges))
+                _pool_workers = len(ranges)
+            pool = _pool
+        codes = list(pool.map(lambda r: fn(*make_args(*r)), ranges))
     if any(codes):
         raise MemoryError("the C kernel could not allocate its tile buffers")
 
