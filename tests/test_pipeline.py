@@ -256,6 +256,22 @@ def test_forced_triton_without_a_gpu_is_a_typed_error(run, tmp_path, monkeypatch
     assert not out.exists()
 
 
+def test_forced_c_kernels_and_their_limits(run, tmp_path):
+    """--backend native fits like the references; for a float basis, which the C loops do not take, it is a
+    typed error before any work."""
+    from twamerge.errors import BackendUnavailableError
+
+    kw = dict(checkpoints=run.checkpoints[-3:], epochs=1, greedy=False, eval_candidates=False, bits=4)
+    a = _fit(run, tmp_path / "torch.safetensors", backend="torch", **kw)
+    b = _fit(run, tmp_path / "native.safetensors", backend="native", **kw)
+    assert torch.allclose(torch.tensor(a["merge"]["block_alphas"]), torch.tensor(b["merge"]["block_alphas"]),
+                          atol=1e-4)
+    out = tmp_path / "float.safetensors"
+    with pytest.raises(BackendUnavailableError, match="bits=32"):
+        _fit(run, out, backend="native", **{**kw, "bits": 32})
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("candidates, reads", [(False, 2), (True, 3)])
 def test_each_candidate_is_read_as_often_as_the_readme_says(run, tmp_path, candidates, reads):
     """README "How it works": the subspace build (one read: each layer block's K copies fit in memory)

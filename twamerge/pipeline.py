@@ -100,7 +100,7 @@ def fit(
     """
     out = OutputConfig.of(output)
     device = distributed.rank_device(select_device(cfg.device))
-    check_backend(cfg.backend, device)
+    check_backend(cfg.backend, device, cfg.bits)
     # Under torchrun (or inside an initialised process group of several ranks) the fit is distributed.
     comm = distributed.init(device)
     progress = progress if comm.is_main else None
@@ -172,11 +172,12 @@ def select_device(name: str) -> torch.device:
     return device
 
 
-def check_backend(backend: str | None, device: torch.device) -> None:
-    """Fail before any work when a forced backend cannot run here (``--backend triton`` on a CPU)."""
+def check_backend(backend: str | None, device: torch.device, bits: int | None = None) -> None:
+    """Fail before any work when a forced backend cannot run here (``--backend triton`` on a CPU,
+    ``--backend native`` for a float basis)."""
     try:
         for op in kernels.OPS:
-            kernels.resolve(op, device, backend)
+            kernels.resolve(op, device, backend, bits=bits)
     except kernels.BackendUnavailableError as exc:
         raise BackendUnavailableError(str(exc)) from None
 
