@@ -47,6 +47,15 @@ _pool_workers = 0
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
 
+def _forget_pool() -> None:
+    """A forked child has none of the pool's threads: it starts a pool of its own when it needs one."""
+    global _pool, _pool_workers, _pool_lock
+    _pool, _pool_workers, _pool_lock = None, 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("TWAMERGE_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "twamerge")

@@ -153,3 +153,23 @@ def test_a_fresh_process_builds_once_into_the_cache_and_reuses_it(tmp_path):
         assert r.returncode == 0, r.stderr
     assert [r.stdout.strip() for r in runs] == ["1", "0"]
     assert len(list(Path(tmp_path, "native").glob("twamerge_native_*.so"))) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is a POSIX call")
+def test_a_forked_child_runs_the_threaded_kernels_too(tmp_path):
+    """The parent's thread pool does not survive fork; the child builds its own and gets the same result."""
+    script = (
+        "import os, torch\nfrom twamerge.kernels import native, reference\ntorch.set_num_threads(2)\n"
+        "codes, scales, zeros = reference.quantize_torch(torch.randn(3, 64 * 300), 8, 64)\n"
+        "gb = torch.zeros(300, dtype=torch.int32); beta = torch.randn(1, 3); mean = torch.randn(64 * 300)\n"
+        "a = native.combine_native(mean, codes, scales, zeros, beta, gb, 8, 64)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    b = native.combine_native(mean, codes, scales, zeros, beta, gb, 8, 64)\n"
+        "    os._exit(0 if torch.equal(a, b) else 3)\n"
+        "print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n"
+    )
+    env = {**os.environ, "TWAMERGE_CACHE_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "0"
