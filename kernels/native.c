@@ -1,8 +1,9 @@
 /* Fused CPU loops for combine and project on a packed basis (8, 4, 2 or 1-bit codes).
  *
  * The torch references (reference.py) make three to four passes per chunk: codes -> float32,
- * scale, sum over rows, add the mean. Here each basis byte is read once per op and decoded in
- * registers, so both ops run near the speed of reading the basis. Layout as in layout.py: row r of
+ * scale, sum over rows, add the mean. Here each basis byte is read once per op and decoded on the
+ * way (8-bit codes in registers; narrower codes into a scratch row that stays in L1), so at 8 bits
+ * both ops run near the speed of reading the basis. Layout as in layout.py: row r of
  * the basis is the bytes codes[r * code_stride ...], column j of a b-bit row sits in byte j * b / 8
  * at bit (j % (8 / b)) * b; group g (columns g * group_size ...) has scale scales[r, g] and zero
  * zeros[r, g]; group_block[g] is the block whose coefficients beta[block, :] weight it.
