@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     moved = op_bytes(op, k, a["r"], d, bits, gs, elt)
                     t_ref = timed(calls_ref[op], device, repeat)
-                    fast = op in impl_fast and not (fast_name == "C" and bits in (16, 32))
+                    fast = op in impl_fast and (fast_name != "C" or native.unsupported(op, bits=bits) is None)
                     t = timed(calls_fast[op], device, repeat) if fast else t_ref
                     gbs = moved / t / 1e9
                     row = (f"{op:<14}{fast_name if fast else 'torch':>7}{k:>4}{d:>11}"

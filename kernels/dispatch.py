@@ -150,13 +150,11 @@ def resolve(op: str, device: torch.device, backend: str | None = None, *, k: int
         _log_once(op, "torch", "auto: " + why)
         return "torch"
     if device.type == "cpu" and op in NATIVE_OPS:
-        reason = native.unsupported(op, bits=bits, dtype=dtype)
-        if reason is None:
-            built, reason = native.status()
-            if built:
-                _log_once(op, "native", "auto: CPU tensor, " + reason)
-                return "native"
-        _log_once(op, "torch", "auto: " + reason)
+        problem = _native_problem(op, bits, dtype)
+        if problem is None:
+            _log_once(op, "native", "auto: CPU tensor, compiled C kernels")
+            return "native"
+        _log_once(op, "torch", "auto: " + problem)
         return "torch"
     _log_once(op, "torch", f"auto: tensor on {device}" + ("" if op in NATIVE_OPS else f", no C kernel for {op}"))
     return "torch"
@@ -168,13 +166,21 @@ def _resolve_native(op: str, device: torch.device, bits: int | None, dtype: torc
         return "torch"
     if device.type != "cpu":
         raise BackendUnavailableError(f"--backend native runs on CPU tensors; tensors are on {device}")
-    reason = native.unsupported(op, bits=bits, dtype=dtype)
-    if reason is None:
-        built, reason = native.status()
-        if built:
-            _log_once(op, "native", "requested")
-            return "native"
-    raise BackendUnavailableError(f"--backend native was requested but {reason}; pass --backend auto or torch")
+    problem = _native_problem(op, bits, dtype)
+    if problem is not None:
+        raise BackendUnavailableError(f"--backend native was requested but {problem}; pass --backend auto or torch")
+    _log_once(op, "native", "requested")
+    return "native"
+
+
+def _native_problem(op: str, bits: int | None, dtype: torch.dtype | None) -> str | None:
+    """Why the C kernel of ``op`` cannot run these arguments (they are unsupported, or the library does
+    not build here), or None when it can."""
+    problem = native.unsupported(op, bits=bits, dtype=dtype)
+    if problem is None:
+        built, why = native.status()
+        problem = None if built else why
+    return problem
 
 
 def _impl(op: str, device: torch.device, backend: str | None, **sizes) -> Callable:
