@@ -25,7 +25,7 @@
 #define LANES 16
 /* Bytes ahead of the current group that each row of codes is prefetched: a row's run in a tile is
  * at most half a 4 KiB page, too short for the hardware prefetcher, which stops at page edges, to
- * ramp up on its own (measured: combine 25% and project 15% faster at 100M parameters). */
+ * ramp up on its own (benchmarks/RESULTS.md: combine 25% and project 15% faster at 100M parameters). */
 #define PREFETCH_BYTES 1024
 
 static inline float bf16_to_f32(uint16_t h) {
