@@ -27,7 +27,7 @@ from torch import nn
 from .errors import ModelError
 
 if TYPE_CHECKING:
-    from .checkpoints import CheckpointSet
+    from .io.candidates import CheckpointSet
 
 log = logging.getLogger(__name__)
 
