@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything only a GPU shows, in one run of about 8 minutes (issue 12 item 3; benchmarks/RESULTS.md):
 #   1. the Triton kernels compiled for the card and checked against the torch references
-#      (tests/test_kernels.py with TRITON_INTERPRET=0, bf16 included);
+#      (tests/test_kernels_*.py with TRITON_INTERPRET=0, bf16 included);
 #   2. combine / project / gram / orth_quantize bandwidth against the card's copy bandwidth
 #      (benchmarks/kernels.py; goal: combine and project >= 75% of copy);
 #   3. a fit end to end on CUDA with the Triton kernels, checked against the CPU fit, and in bf16
@@ -23,7 +23,7 @@ status=0
 } 2>&1 | tee "$LOG/card.txt"
 
 echo "== 1. compiled kernels vs references" | tee "$LOG/kernel_tests.txt"
-timeout 240 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -30 | tee -a "$LOG/kernel_tests.txt" || status=1
+timeout 240 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels_*.py 2>&1 | tail -30 | tee -a "$LOG/kernel_tests.txt" || status=1
 
 echo "== 2. bandwidth against copy" | tee "$LOG/kernels_bench.txt"
 timeout 150 $PY benchmarks/kernels.py --K 8 16 32 --D 1e7 1e8 --bits 4 8 2>&1 | tee -a "$LOG/kernels_bench.txt" || status=1

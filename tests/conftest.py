@@ -33,3 +33,30 @@ def run(tmp_path_factory):
     from digits_run import make_digits_run
 
     return make_digits_run(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="session")
+def lm(tmp_path_factory):
+    """Three LlamaForCausalLM fine-tunes whose tokenizer has an eos and no pad token, and texts (test_text,
+    test_tasks, test_prepare)."""
+    pytest.importorskip("transformers")
+    from text_fixtures import save_finetunes, sentences, write_jsonl
+
+    root = tmp_path_factory.mktemp("lm")
+    dirs = save_finetunes(root, "causal-lm", 3, eos_as_pad=True)
+    texts = sentences(24)
+    return dirs, write_jsonl(root / "val.jsonl", [{"text": t} for t in texts]), texts
+
+
+@pytest.fixture(scope="session")
+def clf(tmp_path_factory):
+    """Three BertForSequenceClassification fine-tunes (label2id: negative, neutral, positive), string-labelled rows."""
+    pytest.importorskip("transformers")
+    from text_fixtures import LABELS, save_finetunes, sentences, write_jsonl
+
+    root = tmp_path_factory.mktemp("clf")
+    dirs = save_finetunes(root, "classification", 3)
+    texts = sentences(30, seed=1)
+    labels = [LABELS[i % 3] for i in range(30)]
+    val = write_jsonl(root / "val.jsonl", [{"sentence": t, "label": y} for t, y in zip(texts, labels)])
+    return dirs, val, texts, labels

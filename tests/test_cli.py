@@ -196,3 +196,153 @@ def test_console_script_runs(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["count"] == 2 and len(r.stdout.strip().splitlines()) == 1
     assert "sha256" in r.stderr
+
+
+# ---- the options are generated from the configs -------------------------------------------------------------------
+
+def _command(name: str):
+    import typer
+
+    group = typer.main.get_command(app)
+    return group.get_command(group.context_class(group), name)
+
+
+def test_docs_cli_md_is_up_to_date():
+    from twamerge.cli_docs import markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+    assert doc.read_text() == markdown(), "docs/cli.md is stale: run python -m twamerge.cli_docs > docs/cli.md"
+
+
+@pytest.mark.parametrize("name, configs", [
+    ("fit", ("DataConfig", "ModelConfig", "ReadConfig", "FitConfig", "OutputConfig")),
+    ("eval", ("DataConfig", "ModelConfig", "EvalConfig")),
+    ("average", ("AverageConfig", "ReadConfig")),
+    ("inspect", ("InspectConfig",)),
+])
+def test_every_field_with_a_flag_is_an_option_with_the_field_s_default(name, configs):
+    import dataclasses
+
+    from twamerge import config
+
+    options = {o: p for p in _command(name).params if p.param_type_name == "option" for o in p.opts}
+    for cls in (getattr(config, c) for c in configs):
+        for f in dataclasses.fields(cls):
+            if "flag" not in f.metadata:
+                continue
+            p = options[f.metadata["flag"].split("/")[0]]
+            expected = None if f.default is dataclasses.MISSING else f.default
+            assert p.default == expected, (name, f.name, p.default, expected)
+            assert p.help and p.help == (f.metadata["help"]() if callable(f.metadata["help"]) else f.metadata["help"])
+
+
+def test_eval_and_inspect_defaults_are_the_config_s():
+    from twamerge.config import EvalConfig, FitConfig, InspectConfig
+
+    def default(cmd, flag):
+        return next(p.default for p in _command(cmd).params if flag in getattr(p, "opts", ()))
+
+    assert default("eval", "--batch-size") == EvalConfig().batch_size == 64
+    assert default("inspect", "--group-size") == InspectConfig().group_size == FitConfig().group_size == 128
+    assert default("fit", "--batch-size") == FitConfig().batch_size
+
+
+def test_task_and_loss_help_list_the_task_names():
+    from twamerge.tasks import TASK_NAMES
+
+    helps = {p.opts[0]: p.help for p in _command("eval").params if p.param_type_name == "option"}
+    for name in TASK_NAMES:
+        assert name in helps["--task"] and name in helps["--loss"]
+
+
+def test_device_takes_a_cuda_index_and_refuses_an_unknown_one(tmp_path):
+    r = _run("eval", tmp_path / "a.safetensors", "--val", tmp_path / "v", "--device", "cuda:1")
+    # Past the options: on a machine without CUDA the device is refused, else the missing file is.
+    assert r.exit_code == 1 and "is invalid" not in r.stderr, r.output
+    r = _run("eval", tmp_path / "a.safetensors", "--val", tmp_path / "v", "--device", "tpu")
+    assert r.exit_code == 2 and r.stderr.strip() == "error: device='tpu' is invalid; expected auto, cpu, cuda or cuda:N"
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--no-greedy", "--init", "greedy"], "init='greedy' is invalid; expected the greedy soup, which --no-greedy "
+                                          "turns off"),
+    (["--no-candidates", "--init", "best"], "init='best' is invalid; expected candidate scores, which "
+                                            "--no-candidates turns off"),
+    (["--no-candidates", "--init", "greedy"], None),  # the greedy soup scores the candidates itself
+])
+def test_init_rules_are_the_config_s_one_line_each(tmp_path, flags, error):
+    r = _run("fit", tmp_path / "a.safetensors", "--val", tmp_path / "v", "-o", tmp_path / "m.safetensors", *flags)
+    lines = r.stderr.strip().splitlines()
+    if error is None:  # accepted: it fails later, on the missing checkpoint
+        assert r.exit_code == 1 and "init=" not in r.stderr and lines[-1].startswith("error: "), r.output
+    else:
+        assert r.exit_code == 2 and lines == [f"error: {error}"], r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--weights", "1,1", "--ema", "0.9"], "give either weights or an EMA decay, not both"),
+    (["--weights", "1,x"], "--weights '1,x': expected a comma-separated list of numbers"),
+    (["--weights", "1,-1"], "sum to 0"),
+    (["--max-shard-size", "lots"], "size 'lots' is not a byte count"),
+])
+def test_average_settings_are_refused_before_any_checkpoint_is_read(tmp_path, args, error):
+    """The checkpoints do not exist: a usage error (exit 2) proves the check came first."""
+    r = _run("average", tmp_path / "a", tmp_path / "b", "-o", tmp_path / "o.safetensors", *args)
+    assert r.exit_code == 2 and r.stderr.count("error:") == 1 and error in r.stderr, r.output
+
+
+def test_check_synopses_names_the_options_a_command_lacks():
+    from twamerge.cli_docs import check_synopses
+
+    good = """Run it:
+
+```
+twamerge fit CKPT... --val DATA --model SPEC -o OUT [--no-greedy] [--json]   # a --comment is not read
+$ twamerge -q average CKPT... -o OUT [--weights w1,w2,...] [--ema DECAY] [--dtype] [--force]
+twamerge eval CKPT... --val DATA \\
+    --batch-size 8
+```
+
+then `twamerge inspect CKPT... --no-similarity --group-size 64`; `twamerge` alone is fine.
+"""
+    assert check_synopses(good) == []
+    bad = good.replace("[--json]", "[--jsn]").replace("--batch-size 8", "--eval-batch-size 8")
+    bad = bad.replace("-q average", "--quite average") + "\n`twamerge merge CKPT...`\n"
+    assert check_synopses(bad) == [
+        "twamerge fit: no option --jsn", "twamerge: no global option --quite", "twamerge eval: no option "
+        "--eval-batch-size", "twamerge merge: no such command (the commands: average, inspect, fit, eval, apply)"]
+
+
+def test_options_are_built_from_named_fields_only():
+    from twamerge.cli_options import Fields
+    from twamerge.config import FitConfig
+
+    assert [p.name for p in Fields(FitConfig, "Fit", ("lr", "seed")).parameters()] == ["lr", "seed"]
+    with pytest.raises(TypeError, match="FitConfig has no command-line field 'momentum'"):
+        Fields(FitConfig, "Fit", ("momentum",)).parameters()
+
+
+def test_every_baseline_the_registry_can_skip_has_a_switch():
+    """A fit baseline with ``skip`` is turned off by its FitConfig field's --no- flag, which the errors name."""
+    import dataclasses
+
+    from twamerge.config import FitConfig
+    from twamerge.methods import METHODS
+
+    fields = {f.name: f for f in dataclasses.fields(FitConfig)}
+    offs = {o for p in _command("fit").params if p.param_type_name == "option" for o in p.secondary_opts}
+    skips = [m.skip for m in METHODS.values() if m.skip is not None]
+    assert skips
+    for skip in skips:
+        on, off = fields[skip.field].metadata["flag"].split("/")
+        assert off == on.replace("--", "--no-", 1) and off in offs
+
+
+def test_readme_and_docs_synopses_name_only_options_that_exist():
+    """Every ``twamerge ...`` line of the README and docs/ (code blocks and inline code) uses real commands and options."""
+    from twamerge.cli_docs import check_synopses
+
+    root = Path(__file__).resolve().parents[1]
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        assert check_synopses(page.read_text()) == [], page

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from twamerge.config import FitConfig, OutputConfig, ReadConfig
+from twamerge.config import AverageConfig, EvalConfig, FitConfig, InspectConfig, OutputConfig, ReadConfig
+from twamerge.errors import InvalidArgumentError
 
 
 def test_bits_3_is_rejected():
@@ -41,22 +42,67 @@ def test_select_best_needs_held_out_rows():
 
 def test_cli_choices_come_from_the_config():
     """The CLI's choices are the config's Literals and the kernels' bit widths, not copies."""
+    import typing
+
     from twamerge.kernels.layout import SUPPORTED_BITS
     from typer.testing import CliRunner
 
     from twamerge import cli
-    from twamerge.config import Coordinates, Init, Optimizer, Schedule, Toggle, choices
+    from twamerge.cli_options import Fields
+    from twamerge.config import Backend, Coordinates, Init, Optimizer, Precision, Schedule, Select, Toggle, choices
 
-    def values(enum):
-        return tuple(e.value for e in enum)
+    def option_choices(name):
+        [p] = [p for p in Fields(FitConfig, "Fit", (name,)).parameters()]
+        kind = typing.get_args(p.annotation)[0]  # Annotated[type, typer.Option(...)]
+        if typing.get_origin(kind) is typing.Union:  # Optional[Literal[...]]
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        return tuple(str(v) for v in typing.get_args(kind))
 
-    assert values(cli.Bits) == tuple(str(b) for b in SUPPORTED_BITS)
-    assert values(cli.Optimizer) == choices(Optimizer) and values(cli.Init) == choices(Init)
-    assert values(cli.Coordinates) == choices(Coordinates) and values(cli.Toggle) == choices(Toggle)
-    assert values(cli.Schedule) == choices(Schedule) and FitConfig().schedule == "cosine"
+    assert option_choices("bits") == tuple(str(b) for b in SUPPORTED_BITS)
+    assert option_choices("optimizer") == choices(Optimizer) and option_choices("init") == choices(Init)
+    assert option_choices("coordinates") == choices(Coordinates) and option_choices("bn_recalibrate") == choices(Toggle)
+    assert option_choices("schedule") == choices(Schedule) and option_choices("select") == choices(Select)
+    assert option_choices("precision") == choices(Precision) and option_choices("backend") == choices(Backend)
     r = CliRunner().invoke(cli.app, ["fit", "x.safetensors", "--val", "v", "-o", "m.safetensors",
                                      "--optimizer", "adam"])
     assert r.exit_code == 2 and "adamw" in r.output and "sgd" in r.output
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_device_accepts_a_cuda_index(device):
+    assert FitConfig(device=device).device == EvalConfig(device=device).device == device
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:", "cuda:x", "cuda:1:2", "CPU"])
+def test_an_unknown_device_is_refused(device):
+    for cls in (FitConfig, EvalConfig):
+        with pytest.raises(ValueError, match=f"device={device!r} is invalid; expected auto, cpu, cuda or cuda:N"):
+            cls(device=device)
+
+
+def test_backend_names_every_backend():
+    assert FitConfig(backend="native").backend == "native"
+    with pytest.raises(ValueError, match="backend='cuda' is invalid; expected auto, triton, native or torch"):
+        FitConfig(backend="cuda")
+
+
+def test_command_defaults_that_are_not_the_fit_s():
+    """eval scores with larger batches than a fit step; inspect estimates memory at the fit's group size."""
+    assert EvalConfig().batch_size == 64 and EvalConfig().device == FitConfig().device
+    assert InspectConfig().group_size == FitConfig().group_size and InspectConfig().similarity
+    with pytest.raises(ValueError, match="batch_size=0"):
+        EvalConfig(batch_size=0)
+
+
+def test_average_settings_follow_the_merge_s_rule():
+    """AverageConfig checks with methods.data_free_weights, the rule average_checkpoints applies."""
+    assert AverageConfig() == AverageConfig(weights=None, ema=None, normalize=True)
+    assert AverageConfig(weights=(1.0, 2.0)).weights == (1.0, 2.0) and AverageConfig(ema=0.9).ema == 0.9
+    with pytest.raises(InvalidArgumentError, match="give either weights or an EMA decay, not both"):
+        AverageConfig(weights=(1.0, 1.0), ema=0.5)
+    with pytest.raises(InvalidArgumentError, match="sum to 0"):
+        AverageConfig(weights=(1.0, -1.0))
+    assert AverageConfig(weights=(1.0, -1.0), normalize=False).weights == (1.0, -1.0)
 
 
 def test_output_and_read_configs():

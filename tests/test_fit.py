@@ -12,6 +12,7 @@ from torch import nn
 from twamerge.config import FitConfig
 from twamerge.data import Batch, TensorData
 from twamerge.distributed import SingleProcess
+from twamerge.evaluation import Splits
 from twamerge.fit import FlatBinding, _lr_lambda, _step, train_coefficients
 from twamerge.subspace import StackedCandidates, build_subspace, make_layout
 from twamerge.tasks import Classification
@@ -76,6 +77,11 @@ def test_one_process_step_is_combine_forward_backward_project():
     assert_close("dL/dbeta", sub.project(g), grad)
 
 
+def _all_rows(data: TensorData) -> Splits:
+    """The toy data's 64 rows, all of them fit rows."""
+    return Splits(data, torch.arange(64), torch.empty(0, dtype=torch.long), Classification())
+
+
 def test_train_coefficients_lowers_the_loss_and_is_seeded():
     model, layout, sub = _setup()
     gen = torch.Generator().manual_seed(0)
@@ -86,8 +92,7 @@ def test_train_coefficients_lowers_the_loss_and_is_seeded():
     for _ in range(2):
         model, layout, sub = _setup()
         binding = FlatBinding(model, layout, torch.device("cpu"))
-        runs.append(train_coefficients(binding, sub, data, torch.arange(64), Classification(), cfg,
-                                       torch.device("cpu"), SingleProcess()))
+        runs.append(train_coefficients(binding, sub, _all_rows(data), cfg, SingleProcess()))
     a, b = runs
     assert len(a.curve) == 20
     assert torch.equal(a.beta, b.beta) and a.curve == b.curve
@@ -100,8 +105,7 @@ def _toy_fit(cfg, theta0=None):
     data = TensorData({"x": torch.randint(0, 10, (64, 3), generator=gen),
                        "label": torch.randint(0, 10, (64,), generator=gen)}, ("x",), "label", "t")
     binding = FlatBinding(model, layout, torch.device("cpu"))
-    return sub, train_coefficients(binding, sub, data, torch.arange(64), Classification(), cfg, torch.device("cpu"),
-                                   SingleProcess(), theta0=theta0)
+    return sub, train_coefficients(binding, sub, _all_rows(data), cfg, SingleProcess(), theta0=theta0)
 
 
 def test_weight_decay_pulls_toward_the_start_point_not_the_uniform_average():
@@ -145,8 +149,7 @@ def test_train_coefficients_follows_the_schedule():
     cfg = FitConfig(epochs=2, batch_size=16, lr=0.1, warmup=0.0, schedule="step")
     torch.optim.AdamW.step = spy
     try:
-        train_coefficients(FlatBinding(model, layout, torch.device("cpu")), sub, data, torch.arange(64),
-                           Classification(), cfg, torch.device("cpu"), SingleProcess())
+        train_coefficients(FlatBinding(model, layout, torch.device("cpu")), sub, _all_rows(data), cfg, SingleProcess())
     finally:
         torch.optim.AdamW.step = orig
     assert_close_list(seen, [0.1] * 4 + [0.01] * 2 + [0.001] * 2)

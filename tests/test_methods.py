@@ -1,13 +1,27 @@
-"""The method registry: each method declared once, the weights of the data-free ones, the greedy soup."""
+"""The method registry: each method declared once with its behaviour, the weights of the data-free ones, the
+greedy soup, and a new scored baseline added as one registry entry."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from digits_run import fit_digits
+from safetensors.torch import load_file
 
 from twamerge.config import FitConfig, Init, choices
 from twamerge.errors import InvalidArgumentError
-from twamerge.methods import BASELINES, METHODS, data_free_weights, ema_weights, greedy_soup, one_hot
+from twamerge.methods import (
+    METHODS,
+    Method,
+    MethodResult,
+    contenders,
+    data_free_weights,
+    ema_weights,
+    fit_baselines,
+    greedy_soup,
+    init_names,
+    one_hot,
+)
 
 
 def test_ema_weights_recurrence():
@@ -36,14 +50,28 @@ def test_data_free_weights_choose_the_method():
 def test_registry_drives_init_and_the_skip_flags():
     # Every --init value names a registered method, and every registered start point is an --init value.
     assert {m.init for m in METHODS.values() if m.init} == set(choices(Init))
-    # Each optional baseline is turned off by its own FitConfig field.
+    assert init_names() == choices(Init) == ("uniform", "greedy", "best")
+    # Each optional baseline is turned off by its own FitConfig field; each says which weights its rows stand for.
     fields = {f for f in FitConfig.__dataclass_fields__}
-    for m in BASELINES:
-        assert m.skip_field is None or m.skip_field in fields
-        assert m.needs_data or m.skip_field is None
-    cfg = FitConfig(greedy=False)
-    assert [m.name for m in BASELINES if m.enabled(cfg)] == ["candidate", "uniform"]
-    assert not any(m.needs_data for m in METHODS.values() if m.name in ("uniform", "weighted", "ema"))
+    for m in fit_baselines():
+        assert m.skip is None or (m.skip.field in fields and m.needs_data)
+        assert m.row_weights is not None
+    assert [m.name for m in fit_baselines()] == ["candidate", "uniform", "greedy"]  # the report's row order
+    assert [m.name for m in fit_baselines(FitConfig(greedy=False))] == ["candidate", "uniform"]
+    assert [m.name for m in fit_baselines(FitConfig(eval_candidates=False))] == ["uniform", "greedy"]
+    assert [m.name for m in contenders()] == ["uniform", "greedy", "candidate"]  # --select best's tie order
+    data_free = [m.name for m in METHODS.values() if m.weights is not None]
+    assert data_free == ["uniform", "weighted", "ema"] and not any(METHODS[n].needs_data for n in data_free)
+
+
+def test_an_init_needs_its_baseline_and_the_soup_needs_no_candidate_rows():
+    """One rule, in FitConfig, with one message per conflict (the CLI passes the flags through)."""
+    with pytest.raises(ValueError, match="init='greedy' is invalid; expected the greedy soup, which --no-greedy"):
+        FitConfig(init="greedy", greedy=False)
+    with pytest.raises(ValueError, match="init='best' is invalid; expected candidate scores, which --no-candidates"):
+        FitConfig(init="best", eval_candidates=False, greedy=False)
+    FitConfig(init="greedy", eval_candidates=False)  # the soup scores the candidates itself
+    FitConfig(init="uniform", greedy=False, eval_candidates=False)
 
 
 def test_greedy_soup_adds_only_strict_improvements():
@@ -67,3 +95,30 @@ def test_greedy_soup_adds_only_strict_improvements():
     soup, accepted = greedy_soup([0, 1], {"metric": 1.0}, 2, lambda w: {"fit": {"metric": 0.0}},
                                  lambda a, b: a["metric"] > b["metric"])
     assert soup == [0] and accepted is None
+
+
+def test_a_new_scored_baseline_is_one_registry_entry(run, tmp_path, monkeypatch):
+    """A throwaway baseline registered in METHODS alone is scored, reported, and written by --select best.
+
+    ``ends`` averages the first and last candidates; its score claims a perfect held-out metric so that
+    --select best must choose it: the written checkpoint is then its weights' merge (``row_weights``).
+    """
+    def ends(k: int) -> list[float]:
+        return one_hot(k, [0, k - 1])
+
+    def score(s) -> list[MethodResult]:
+        scores = s.merge(ends(s.k))
+        assert scores["fit"]["n"] > 0 and scores["heldout"]["n"] > 0  # really scored on both splits
+        return [MethodResult("ends", "ends", scores["fit"], {**scores["heldout"], "metric": 1.0, "loss": 0.0})]
+
+    monkeypatch.setitem(METHODS, "ends", Method("ends", True, "the first and last candidates averaged", score=score,
+                                                row_weights=lambda row, k: ends(k)))
+    out = tmp_path / "m.safetensors"
+    report = fit_digits(run, out, epochs=0, greedy=False, select="best")
+    assert [m["kind"] for m in report["methods"]] == ["candidate"] * len(run.checkpoints) + ["uniform", "ends", "twa"]
+    assert report["written"]["kind"] == "ends"
+    first, last = load_file(str(run.checkpoints[0])), load_file(str(run.checkpoints[-1]))
+    merged = load_file(str(out))
+    for key, value in merged.items():
+        expected = ((first[key].double() + last[key].double()) / 2).to(value.dtype)
+        assert torch.equal(value, expected), key

@@ -1,11 +1,11 @@
-"""--model specs, the loss spec, and how checkpoint keys map onto the model (ModelKeys)."""
+"""--model specs and how checkpoint keys map onto the model (ModelKeys); the --loss spec is in test_tasks.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from digits_run import FAST, MODEL_SPEC, fit_digits
+from digits_run import FAST, fit_digits
 from safetensors.torch import load_file, save_file
 
 from twamerge.config import DataConfig, FitConfig, ModelConfig
@@ -25,14 +25,6 @@ def test_bad_model_spec(run, tmp_path, spec, match):
     out = tmp_path / "m.safetensors"
     with pytest.raises(ModelError, match=match):
         fit(run.checkpoints, val=DataConfig(str(run.val)), model=ModelConfig(spec), output=out, cfg=FitConfig(**FAST))
-    assert not out.exists()
-
-
-def test_bad_loss_spec_names_the_loss_option(run, tmp_path):
-    out = tmp_path / "m.safetensors"
-    with pytest.raises(ModelError, match="^--loss 'no_such_module_xyz:fn': cannot import module"):
-        fit(run.checkpoints, val=DataConfig(str(run.val)), model=ModelConfig(MODEL_SPEC, loss="no_such_module_xyz:fn"),
-            output=out, cfg=FitConfig(**FAST))
     assert not out.exists()
 
 

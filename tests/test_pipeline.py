@@ -194,14 +194,14 @@ def test_restarts_average_the_coefficients_of_fits_with_successive_seeds(run, tm
     fits, merged = [], []
     real_train, real_merge = pipeline.train_coefficients, pipeline.merge_stage
 
-    def train_spy(*args, **kwargs):
-        outcome = real_train(*args, **kwargs)
-        fits.append((args[5].seed, outcome.beta.clone()))
+    def train_spy(binding, subspace, splits, cfg, *rest, **kwargs):
+        outcome = real_train(binding, subspace, splits, cfg, *rest, **kwargs)
+        fits.append((cfg.seed, outcome.beta.clone()))
         return outcome
 
-    def merge_spy(cs, net, flat, subspace, trained, *rest):
+    def merge_spy(run, trained):
         merged.append(trained.beta.clone())
-        return real_merge(cs, net, flat, subspace, trained, *rest)
+        return real_merge(run, trained)
 
     monkeypatch.setattr(pipeline, "train_coefficients", train_spy)
     monkeypatch.setattr(pipeline, "merge_stage", merge_spy)
@@ -274,9 +274,9 @@ def test_forced_c_kernels_and_their_limits(run, tmp_path):
 
 @pytest.mark.parametrize("candidates, reads", [(False, 2), (True, 3)])
 def test_each_candidate_is_read_as_often_as_the_readme_says(run, tmp_path, candidates, reads):
-    """README "How it works": the subspace build (one read: each layer block's K copies fit in memory)
-    and the written merge (hashed on that read), plus one read of each candidate to score it; the
-    uniform baseline is the subspace mean and reads nothing."""
+    """docs/how-it-works.md, "Reads of the candidate files": the subspace build (one read: each layer
+    block's K copies fit in memory) and the written merge (hashed on that read), plus one read of each
+    candidate to score it; the uniform baseline is the subspace mean and reads nothing."""
     from twamerge.io import count_reads
 
     with count_reads() as counts:
@@ -393,7 +393,7 @@ def test_select_best_writes_the_best_baseline_on_held_out_rows_and_apply_repeats
     """--select best: with a random candidate in the pool and no training steps, TWA is the (poor) uniform
     average, so the greedy soup or the best candidate is written, as it was scored: a soup's BatchNorm
     statistics re-estimated, a candidate's file as it is. ``apply`` writes the same bytes."""
-    from twamerge.pipeline import _decode_tensors
+    from twamerge.report import decode_tensors
 
     bn = make_digits_run(tmp_path / "bn", epochs=4, batchnorm=True)
     first = load_file(str(bn.checkpoints[0]))
@@ -414,7 +414,7 @@ def test_select_best_writes_the_best_baseline_on_held_out_rows_and_apply_repeats
     names = [Path(p).name for p in ckpts]
     ingredients = rows["greedy"]["ingredients"] if written["kind"] == "greedy" else [written["name"]]
     sources = [load_file(str(ckpts[names.index(n)])) for n in ingredients]
-    buffers = _decode_tensors(report["merge"]["recalibrated_buffers"])
+    buffers = decode_tensors(report["merge"]["recalibrated_buffers"])
     for key, value in merged.items():
         if written["kind"] == "candidate":
             assert torch.equal(value, sources[0][key]), key

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from twamerge.config import FitConfig
-from twamerge.report import BasisSummary, DataSummary, MergeRecord, MethodResult, best_candidate, build_report
+from twamerge.report import (BasisSummary, DataSummary, MergeRecord, MethodResult, best_candidate, best_on_heldout,
+                             build_report)
 
 
 def _score(metric: float, loss: float | None = None, n: int = 10) -> dict:
@@ -88,3 +89,18 @@ def test_the_gate_of_the_written_merge_is_its_own():
     assert report["twa_at_least_best"] is True
     assert report["written"]["name"] == "uniform" and report["written"]["at_least_best"] is False
     assert _report(rows, higher=True)["written"]["at_least_best"] is True  # TWA's own, by default
+
+
+def test_select_best_ties_go_to_twa_then_the_merges_then_the_lone_candidate():
+    """``best_on_heldout`` compares TWA with what each fit baseline puts forward (the best candidate on the
+    fit split, not on held-out rows); on equal held-out figures the earlier of TWA, uniform, greedy,
+    candidate wins: a greedy soup of one ingredient ties with that candidate and is preferred."""
+    same = _score(0.7, loss=0.3)
+    rows = [MethodResult("c0", "candidate", _score(0.9), same),
+            MethodResult("c1", "candidate", _score(0.1), _score(0.99)),
+            MethodResult("uniform", "uniform", _score(0.5), _score(0.6)),
+            MethodResult("greedy", "greedy", _score(0.9), same),
+            MethodResult("twa", "twa", _score(0.5), _score(0.6))]
+    assert best_on_heldout(rows, True).name == "greedy"  # c1 is best held-out, but c0 is the fit split's pick
+    assert best_on_heldout([*rows[:3], rows[4]], True).name == "c0"
+    assert best_on_heldout([rows[0], rows[2], rows[4]], False).name == "twa"  # lower is better: TWA, then uniform

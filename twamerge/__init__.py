@@ -6,7 +6,16 @@ package pulls in neither typer, rich nor triton.
 
 __version__ = "0.1.0"
 
-from .config import DataConfig, FitConfig, ModelConfig, OutputConfig, ReadConfig  # noqa: E402
+from .config import (  # noqa: E402
+    AverageConfig,
+    DataConfig,
+    EvalConfig,
+    FitConfig,
+    InspectConfig,
+    ModelConfig,
+    OutputConfig,
+    ReadConfig,
+)
 from .errors import (  # noqa: E402
     BackendUnavailableError,
     CheckpointError,
@@ -26,6 +35,9 @@ from .methods import METHODS  # noqa: E402
 from .pipeline import apply_report, evaluate_checkpoints, fit  # noqa: E402
 
 __all__ = [
+    "AverageConfig",
+    "EvalConfig",
+    "InspectConfig",
     "BackendUnavailableError",
     "CheckpointError",
     "CheckpointMismatchError",

@@ -1,20 +1,24 @@
-"""Settings, defined once. The CLI options map 1:1 to these fields, take their defaults here and
-their choices from the ``Literal`` types below (``choices``), so a choice is written in one place.
+"""Settings, defined once. A field the command line sets says how in its ``metadata`` (:func:`option`:
+the flag, the help, bounds); the CLI generates its options from these fields, so an option's name,
+default, choices (the ``Literal`` types below) and help are written in one place, next to the setting.
 
-The defaults were chosen by measurement on the shipped examples (see README, "Choosing the
-defaults"); they are expressed in scale-free units, so multiplying every checkpoint by a constant
-does not change the learned merge.
+The defaults were chosen by measurement on the shipped examples (docs/defaults.md has each sweep
+and its command); they are expressed in scale-free units, so multiplying every checkpoint by a
+constant does not change the learned merge.
 """
 
 from __future__ import annotations
 
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .kernels.layout import SUPPORTED_BITS
+from .methods import METHODS, by_init, data_free_weights, init_names
+from .options import parse_size
 
 BLOCK_PATTERN = re.compile(r"^(global|layer|size:[1-9][0-9]*)$")
 
@@ -23,8 +27,9 @@ Device = Literal["auto", "cpu", "cuda"]
 Backend = Literal["auto", "triton", "native", "torch"]
 Toggle = Literal["auto", "on", "off"]
 Coordinates = Literal["candidates", "weights"]
-# Where the fit starts: the uniform average (the paper), the greedy soup, or the best candidate.
-Init = Literal["uniform", "greedy", "best"]
+# Where the fit starts: a fit baseline's merge (methods.init_names: the uniform average, as in the paper; the
+# greedy soup; the best candidate).
+Init = Literal[init_names()]
 # What fit writes: the TWA merge, or the best on the held-out rows of TWA, the greedy soup, the uniform
 # average and the best candidate on the fit rows (a guard against losing to picking).
 Select = Literal["twa", "best"]
@@ -52,24 +57,95 @@ def _check_choice(name: str, value: object, literal: object) -> None:
     _check(value in typing.get_args(literal), name, value, ", ".join(allowed[:-1]) + " or " + allowed[-1])
 
 
+def _check_device(device: str) -> None:
+    _check(device in typing.get_args(Device) or re.fullmatch(r"cuda:[0-9]+", str(device)) is not None, "device",
+           device, "auto, cpu, cuda or cuda:N")
+
+
+def option(flag: str, help: str | Callable[[], str], **spelling: Any) -> dict[str, Any]:
+    """The ``metadata`` of a field the command line sets (read by ``twamerge.cli_options``; no typer here).
+
+    Args:
+        flag: ``--name``, or ``--name/--no-name`` for a switch.
+        help: the option's help, or a function returning it (for a text that lists names defined in a
+            module this one should not import).
+        spelling: optional ``short`` (``-o``); ``min``/``max`` (bounds the parser checks and --help shows);
+            ``choices`` (when the field's type is not a ``Literal``); ``metavar``; ``cli_type`` (what the
+            parser reads when it differs from the field's type) and ``parse`` (text -> the field's value;
+            a ``ValueError`` becomes a usage error naming the flag).
+    """
+    return {"flag": flag, "help": help, **spelling}
+
+
+def _columns(text: str) -> tuple[str, ...] | None:
+    """``"a,b"`` -> ``("a", "b")``; an empty text -> None (the default columns)."""
+    return tuple(c for c in text.split(",") if c) or None
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    """``"1, 1,2"`` -> ``(1.0, 1.0, 2.0)``."""
+    try:
+        values = tuple(float(x) for x in text.replace(" ", "").split(",") if x != "")
+    except ValueError:
+        raise ValueError("expected a comma-separated list of numbers, e.g. 1,1,2") from None
+    if not values:
+        raise ValueError("expected at least one weight")
+    return values
+
+
+def _key_values(items: list[str]) -> dict:
+    # Imported when an option is parsed: the models module is heavier than settings should be, and it
+    # (or what it imports) may come to import this one.
+    from .models import parse_model_args
+
+    return parse_model_args(items)
+
+
+def _task_help() -> str:
+    from .tasks import ARCHITECTURE_SUFFIXES, TASK_NAMES  # tasks imports the models; read when the CLI is built
+
+    heads = ", ".join(f"...{suffix}" for suffix, _ in ARCHITECTURE_SUFFIXES)
+    return (f"auto (from config.architectures: {heads}; else the label dtype), {', '.join(TASK_NAMES)}, or module:fn "
+            "returning a twamerge.tasks.Task.")
+
+
+def _loss_help() -> str:
+    from .tasks import TASK_NAMES
+
+    return (f"auto (the task's own loss; the tasks are {', '.join(TASK_NAMES)}, see --task), ce (cross-entropy), "
+            "mse, entropy (no labels: the mean prediction entropy, as AdaMerging), or module:function(output, label) "
+            "-> mean.")
+
+
+_DEVICE = option("--device", "auto (CUDA when available), cpu, cuda or cuda:N.", metavar="<auto|cpu|cuda|cuda:N>")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the validation data is and which columns to use."""
 
-    path: str
-    split: str | None = None
-    inputs: tuple[str, ...] | None = None
-    label: str | None = None
-    # Text: the column(s) to tokenize (default: found by name), the tokenizer folder (default: the
-    # first Hugging Face candidate's), and the length sequences are truncated to (default: the
-    # model's max_position_embeddings, at most 512).
-    text: str | None = None
-    text_pair: str | None = None
-    tokenizer: str | None = None
-    max_length: int | None = None
-    # ``module:fn`` or ``file.py:fn`` mapping the raw columns (a dict of lists) to the model's inputs.
-    preprocess: str | None = None
-    allow_nonfinite_data: bool = False  # accept NaN/Inf in the inputs and labels
+    path: str = field(metadata=option(
+        "--val", "Validation data: a datasets.save_to_disk folder, parquet/json/jsonl/csv/arrow files or folders, a "
+        ".txt file (one example per line), or a .pt/.safetensors/.npz tensor file.", cli_type=Path, parse=str))
+    split: str | None = field(default=None, metadata=option(
+        "--split", "Split of a DatasetDict (default: validation, val, valid, test, or the only one)."))
+    inputs: tuple[str, ...] | None = field(default=None, metadata=option(
+        "--inputs", "Comma-separated input columns (default: every numeric column but the label).", cli_type=str,
+        parse=_columns))
+    label: str | None = field(default=None, metadata=option(
+        "--label", "Label column (default: the first of label, labels, target, y)."))
+    text: str | None = field(default=None, metadata=option(
+        "--text", "Text column to tokenize (default: the first of text, sentence, content, document, ...)."))
+    text_pair: str | None = field(default=None, metadata=option("--text-pair", "Second text column of a pair task."))
+    tokenizer: str | None = field(default=None, metadata=option(
+        "--tokenizer", "Tokenizer folder (default: the first Hugging Face candidate's).", cli_type=Path, parse=str))
+    max_length: int | None = field(default=None, metadata=option(
+        "--max-length", "Truncate token sequences to this length (default: max_position_embeddings, at most 512).",
+        min=1))
+    preprocess: str | None = field(default=None, metadata=option(
+        "--preprocess", "module:fn or file.py:fn mapping the raw columns (a dict of lists) to the model's inputs."))
+    allow_nonfinite_data: bool = field(default=False, metadata=option(
+        "--allow-nonfinite-data", "Accept NaN/Inf in --val inputs and labels."))
 
     def __post_init__(self) -> None:
         _check(self.max_length is None or self.max_length > 0, "max_length", self.max_length, "a positive integer")
@@ -79,11 +155,14 @@ class DataConfig:
 class ModelConfig:
     """How to build the model: ``file.py:factory``, ``package.module:factory``, an HF directory, ``timm:NAME``."""
 
-    spec: str | None = None
-    args: dict = field(default_factory=dict)
-    loss: str = "auto"
-    # auto (from config.architectures, else the label dtype), a name of tasks.TASK_NAMES, or module:fn.
-    task: str = "auto"
+    spec: str | None = field(default=None, metadata=option(
+        "--model", "file.py:factory, package.module:factory, timm:NAME, or a Hugging Face config folder "
+        "(auto-detected for HF checkpoint folders)."))
+    args: dict = field(default_factory=dict, metadata=option(
+        "--model-arg", "KEY=VALUE for the factory (JSON literal values); repeatable.", cli_type=list[str],
+        parse=_key_values))
+    loss: str = field(default="auto", metadata=option("--loss", _loss_help))
+    task: str = field(default="auto", metadata=option("--task", _task_help))
 
 
 @dataclass(frozen=True)
@@ -94,9 +173,12 @@ class ReadConfig:
     ``keys`` says whether every candidate must have the same keys; ``allow_nonfinite`` accepts NaN/Inf.
     """
 
-    ema_key: str | None = None
-    keys: KeysMode = "strict"
-    allow_nonfinite: bool = False
+    ema_key: str | None = field(default=None, metadata=option(
+        "--key", "Entry to merge inside torch checkpoints, e.g. state_dict_ema (dotted paths descend)."))
+    keys: KeysMode = field(default="strict", metadata=option(
+        "--keys", "strict: all checkpoints have the same keys; intersection: merge the common keys only."))
+    allow_nonfinite: bool = field(default=False, metadata=option(
+        "--allow-nonfinite", "Accept NaN/Inf in the checkpoints (merged as they are) instead of failing."))
 
     def __post_init__(self) -> None:
         _check_choice("keys", self.keys, KeysMode)
@@ -106,16 +188,21 @@ class ReadConfig:
 class OutputConfig:
     """Everything a command writes, checked together before any work.
 
-    ``dtype`` is the floating dtype of the merged tensors (None or ``auto``: each input's);
+    ``dtype`` is the floating dtype of the merged tensors (``auto`` or None: each input's);
     ``max_shard_size`` splits the checkpoint into shards of at most that many bytes.
     """
 
-    path: Path
-    force: bool = False
-    dtype: str | None = None
-    max_shard_size: int | None = None
-    report: Path | None = None
-    plot: Path | None = None
+    path: Path = field(metadata=option(
+        "--output", "The merged checkpoint: .safetensors (default), .pt, or a folder for Hugging Face inputs.",
+        short="-o"))
+    force: bool = field(default=False, metadata=option("--force", "Overwrite existing outputs.", short="-f"))
+    dtype: str | None = field(default="auto", metadata=option(
+        "--dtype", "Output dtype of floating tensors.", choices=typing.get_args(OutDType)))
+    max_shard_size: int | None = field(default=None, metadata=option(
+        "--max-shard-size", "Split the output into shards of at most this size, e.g. 2GB.", cli_type=str,
+        parse=parse_size))
+    report: Path | None = field(default=None, metadata=option("--report", "Write the JSON report here."))
+    plot: Path | None = field(default=None, metadata=option("--plot", "Draw the alphas and the fit curve (PNG)."))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -134,44 +221,67 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class FitConfig:
-    """Hyper-parameters of the coefficient fit (DESIGN section 2).
+    """Hyper-parameters of the coefficient fit (docs/how-it-works.md, "The method", steps 2-3).
 
     ``lr`` is in units of the candidates' spread: a step of 1.0 moves a block's weights by the RMS
     distance of the candidates from their mean, which is what makes it scale-free.
     """
 
-    blocks: str = "layer"
-    bits: int = 8
-    group_size: int = 128
-    epochs: int = 10
-    lr: float = 0.05
-    optimizer: Optimizer = "adamw"
-    weight_decay: float = 0.0
+    blocks: str = field(default="layer", metadata=option(
+        "--blocks", "global, layer (one block per tensor) or size:N."))
+    bits: int = field(default=8, metadata=option(
+        "--bits", "Basis storage: 1/2/4/8-bit codes or 16/32-bit floats.", choices=SUPPORTED_BITS))
+    group_size: int = field(default=128, metadata=option("--group-size", "Elements per quantization group."))
+    epochs: int = field(default=10, metadata=option("--epochs", "Passes over the fit split.", min=0))
+    lr: float = field(default=0.05, metadata=option("--lr", "Learning rate, in units of the candidates' spread."))
+    optimizer: Optimizer = field(default="adamw", metadata=option("--optimizer", "Optimizer of the coefficients."))
+    weight_decay: float = field(default=0.0, metadata=option(
+        "--weight-decay", "Decoupled weight decay of the coefficients, toward the start point (--init).", min=0.0))
     momentum: float = 0.9
     warmup: float = 0.2
-    schedule: Schedule = "cosine"
-    batch_size: int = 32
+    schedule: Schedule = field(default="cosine", metadata=option(
+        "--schedule", "Learning rate after the warm-up: cosine (to 0), step (/10 at 50% and 75% of the steps after "
+        "the warm-up, as in the paper) or constant."))
+    batch_size: int = field(default=32, metadata=option(
+        "--batch-size", "Rows per fit step (and per BatchNorm recalibration batch).", min=1))
     # Scoring only reads the model (inference mode): larger batches cost no gradient memory.
-    eval_batch_size: int = 256
-    holdout: float = 0.2
-    seed: int = 0
-    device: str = "auto"
+    eval_batch_size: int = field(default=256, metadata=option(
+        "--eval-batch-size", "Rows per batch when scoring (inference mode).", min=1))
+    holdout: float = field(default=0.2, metadata=option(
+        "--holdout", "Fraction of --val kept aside for the report (seeded, stratified).", min=0.0, max=0.95))
+    seed: int = field(default=0, metadata=option("--seed", "Seed of the held-out split, the data order and dropout."))
+    device: str = field(default="auto", metadata=_DEVICE)
     # None: the TWAMERGE_BACKEND environment variable, read by kernels.dispatch (else auto).
-    backend: Backend | None = None
-    bn_recalibrate: Toggle = "auto"
+    backend: Backend | None = field(default=None, metadata=option(
+        "--backend", "Kernels: auto (Triton on CUDA, C loops compiled on first use on CPU), triton, native (the C "
+        "loops), torch (references); default: TWAMERGE_BACKEND, else auto."))
+    bn_recalibrate: Toggle = field(default="auto", metadata=option(
+        "--bn-recalibrate", "Re-estimate BatchNorm statistics on the fit split (auto: when the model has BatchNorm)."))
     rank_rtol: float = 1e-5
-    init: Init = "uniform"
-    select: Select = "twa"
-    # Fits from different data orders (seed, seed + 1, ...) whose coefficients are averaged.
-    restarts: int = 1
-    coordinates: Coordinates = "candidates"
-    # The optional baselines of the report (methods.BASELINES): the greedy soup and every candidate.
-    greedy: bool = True
-    eval_candidates: bool = True
-    # Recompute activations in the backward pass (Hugging Face models and modules with the same method).
-    gradient_checkpointing: bool = False
-    # auto: bf16 on a GPU that supports it when the candidates are stored in 16 bits, else fp32.
-    precision: Precision = "auto"
+    init: Init = field(default="uniform", metadata=option(
+        "--init", "Start point of the fit: the uniform average (as in the paper), the greedy soup, or the best "
+        "candidate on the fit split."))
+    select: Select = field(default="twa", metadata=option(
+        "--select", "What -o holds: the TWA merge, or the best on the held-out rows of TWA, the greedy soup, the "
+        "uniform average and the best candidate on the fit split (its held-out figure is then optimistic: it chose "
+        "it)."))
+    restarts: int = field(default=1, metadata=option(
+        "--restarts", "Fit N times with the seeds --seed, --seed+1, ... (data order, dropout) and average the "
+        "coefficients.", min=1))
+    coordinates: Coordinates = field(default="candidates", metadata=option(
+        "--coordinates", "Units of the trained coordinates: candidates (each direction in units of the candidates' "
+        "spread along it) or weights (isotropic in weight space, as in the paper)."))
+    # The fit baselines a fit may skip (methods.METHODS, those with ``skip``): the greedy soup and every candidate.
+    greedy: bool = field(default=True, metadata=option(
+        "--greedy/--no-greedy", f"Include the baseline {METHODS['greedy'].summary}."))
+    eval_candidates: bool = field(default=True, metadata=option(
+        "--candidates/--no-candidates", f"Report {METHODS['candidate'].summary}."))
+    gradient_checkpointing: bool = field(default=False, metadata=option(
+        "--gradient-checkpointing", "Recompute activations in the backward pass: less memory, one more forward pass "
+        "per step (Hugging Face models)."))
+    precision: Precision = field(default="auto", metadata=option(
+        "--precision", "Autocast of forward and backward: auto (bf16 on a GPU that supports it when the candidates "
+        "are 16-bit, else fp32), fp32, bf16, fp16; the coefficients stay float32."))
 
     def __post_init__(self) -> None:
         _check(bool(BLOCK_PATTERN.match(self.blocks)), "blocks", self.blocks, "global, layer or size:N (N > 0)")
@@ -188,19 +298,64 @@ class FitConfig:
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "an integer >= 1")
         _check(0 <= self.holdout < 1, "holdout", self.holdout, "a fraction in [0, 1)")
-        _check(self.device in typing.get_args(Device) or self.device.startswith("cuda:"), "device", self.device,
-               "auto, cpu, cuda or cuda:N")
-        _check(self.backend is None or self.backend in typing.get_args(Backend), "backend", self.backend,
-               "auto, triton or torch")
+        _check_device(self.device)
+        if self.backend is not None:
+            _check_choice("backend", self.backend, Backend)
         _check_choice("bn_recalibrate", self.bn_recalibrate, Toggle)
         _check_choice("coordinates", self.coordinates, Coordinates)
         _check_choice("init", self.init, Init)
         _check_choice("precision", self.precision, Precision)
-        _check(self.init != "greedy" or self.greedy, "init", self.init, "the greedy soup, which --no-greedy turns off")
-        _check(self.init != "best" or self.eval_candidates, "init", self.init,
-               "candidate scores, which --no-candidates turns off")
+        # The baseline --init starts from must be scored (the greedy soup needs no candidate rows: it scores them).
+        start = by_init(self.init)
+        if start.skip is not None:
+            flag = self.__dataclass_fields__[start.skip.field].metadata.get("flag", f"--no-{start.skip.field}")
+            _check(start.enabled(self), "init", self.init, f"{start.skip.what}, which {flag.split('/')[-1]} turns off")
         _check_choice("select", self.select, Select)
         _check(self.select != "best" or self.holdout > 0, "select", self.select,
                "held-out rows to choose on (--holdout > 0)")
         _check(self.restarts >= 1, "restarts", self.restarts, "an integer >= 1")
         _check(0 < self.rank_rtol < 1, "rank_rtol", self.rank_rtol, "in (0, 1)")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of ``evaluate_checkpoints`` (``twamerge eval``)."""
+
+    batch_size: int = field(default=64, metadata=option("--batch-size", "Rows per batch (inference mode).", min=1))
+    device: str = field(default="auto", metadata=_DEVICE)
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _check_device(self.device)
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    """Settings of ``inspect_checkpoints`` (``twamerge inspect``)."""
+
+    similarity: bool = field(default=True, metadata=option(
+        "--similarity/--no-similarity", "Compute the pairwise similarity of the centred checkpoints (reads all "
+        "weights)."))
+    # The basis memory a fit would need: by default at the fit's own group size.
+    group_size: int = field(default=FitConfig.group_size, metadata=option(
+        "--group-size", "Quantization group for the basis memory estimate.", min=8))
+
+
+@dataclass(frozen=True)
+class AverageConfig:
+    """Which data-free average ``average_checkpoints`` (``twamerge average``) writes: the uniform one
+    (SWA) when neither ``weights`` nor ``ema`` is given, fixed ``weights``, or an EMA with decay ``ema``."""
+
+    weights: tuple[float, ...] | None = field(default=None, metadata=option(
+        "--weights", "Comma-separated weights, one per checkpoint.", cli_type=str, parse=_numbers))
+    ema: float | None = field(default=None, metadata=option(
+        "--ema", "EMA decay over the checkpoints in the given order.", min=0.0, max=1.0))
+    normalize: bool = field(default=True, metadata=option(
+        "--normalize/--no-normalize", "Rescale --weights to sum to 1."))
+
+    def __post_init__(self) -> None:
+        # The merge's own rule (both given, a weight that is not finite, weights summing to 0), applied to the
+        # weights as given so that it fails before any checkpoint is read; their count is checked against the
+        # checkpoints when they are.
+        data_free_weights(len(self.weights) if self.weights else 1, weights=self.weights, ema=self.ema,
+                          normalize=self.normalize)

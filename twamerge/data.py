@@ -1,7 +1,13 @@
 """Open local validation data, split off a held-out part, and yield padded batches.
 
+The first of three steps, each calling only the ones after it: this module reads (files -> a
+:class:`RawTable`; a :class:`TensorData` -> a seeded split and padded :class:`Batch` es),
+``prepare.py`` turns the table's columns into the model's inputs, and ``tasks.py`` owns the labels
+(their form, the loss, the metric, and the classes the split is stratified by).
+
 Reading (:func:`read_table`) keeps every column it can use as read: numbers, ragged sequences,
-text and images; which become the model's inputs and labels is decided in ``prepare.py``.
+text and images. A file is read by the reader registered for its suffix (:func:`data_reader`);
+a folder is a ``datasets.save_to_disk`` folder or a folder of data files.
 
 Everything is read into memory as tensors: validation sets are small next to the checkpoints, and
 random access makes the seeded, stratified split and the shuffles trivial. Nothing here touches
@@ -14,7 +20,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -27,10 +33,12 @@ from .io.formats.torch_pickle import NotATensorMapping, TorchReader
 
 log = logging.getLogger(__name__)
 
-LABEL_CANDIDATES = ("label", "labels", "target", "y")
+# The label of a position that is neither trained nor scored (transformers' convention): label
+# padding, a prompt's tokens. The one definition; tasks and text import it.
+IGNORE_INDEX = -100
+# Data file suffix -> the ``datasets`` builder that reads it (also the files a --val folder may hold).
 FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow",
                  ".txt": "text"}
-TENSOR_SUFFIXES = (".pt", ".pth", ".safetensors", ".npz")
 
 
 @dataclass
@@ -74,7 +82,9 @@ class TensorData:
 
     A column is a tensor ``[N, ...]`` or, for sequences of different lengths, a list of ``N`` 1-D
     tensors that :func:`iter_batches` pads per batch with ``pad[name]`` (the tokenizer's pad id for
-    ``input_ids``, 0 for ``attention_mask``, -100 for ``labels``), as a trainer's collator does.
+    ``input_ids``, 0 for ``attention_mask``, :data:`IGNORE_INDEX` for labels), as a trainer's
+    collator does. ``strata`` is the class of each row ``[N]`` that :func:`split_holdout`
+    stratifies by, or None; the task decides it (``Task.strata``).
     """
 
     columns: dict[str, torch.Tensor | list[torch.Tensor]]
@@ -82,21 +92,18 @@ class TensorData:
     label: str | None
     source: str
     pad: dict[str, float] = field(default_factory=dict)
+    strata: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
         first = next(iter(self.columns.values()))
         return first.shape[0] if isinstance(first, torch.Tensor) else len(first)
 
-    @property
-    def is_classification(self) -> bool:
-        col = self.columns.get(self.label) if self.label is not None else None
-        return isinstance(col, torch.Tensor) and not torch.is_floating_point(col)
-
     def subset(self, index: torch.Tensor) -> "TensorData":
         rows = index.tolist()
         return TensorData({k: v[index] if isinstance(v, torch.Tensor) else [v[i] for i in rows]
-                           for k, v in self.columns.items()}, self.inputs, self.label, self.source, dict(self.pad))
+                           for k, v in self.columns.items()}, self.inputs, self.label, self.source, dict(self.pad),
+                          None if self.strata is None else self.strata[index])
 
     def label_values(self) -> torch.Tensor | None:
         """Every label of the data as one flat tensor (ragged rows concatenated), or None without labels."""
@@ -113,8 +120,8 @@ class Batch:
     Attributes:
         inputs: the model's inputs by name, each ``[B, ...]`` (ragged columns padded to the
             batch's longest row, e.g. ``input_ids`` and ``attention_mask`` ``[B, T]``).
-        target: the labels ``[B]`` or ``[B, T]`` (-100: ignored), or None (causal LM without a
-            label column, ``--loss entropy``).
+        target: the labels ``[B]`` or ``[B, T]`` (:data:`IGNORE_INDEX`: ignored), or None (causal
+            LM without a label column, ``--loss entropy``).
     """
 
     inputs: dict[str, torch.Tensor]
@@ -136,6 +143,19 @@ class Batch:
     def describe(self) -> str:
         """``input_ids [8, 17] int64, attention_mask [8, 17] int64`` (for error messages)."""
         return ", ".join(f"{k} {list(v.shape)} {str(v.dtype).replace('torch.', '')}" for k, v in self.inputs.items())
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+def ragged(values: list) -> list[torch.Tensor] | None:
+    """One 1-D tensor per row for lists of numbers of different lengths (token ids); None otherwise."""
+    out = []
+    for v in values:
+        a = np.asarray(v if v is not None else [])
+        if a.ndim != 1 or (a.size and a.dtype.kind not in "biuf"):
+            return None
+        out.append(torch.from_numpy(a.astype(np.int64 if a.dtype.kind in "biu" or not a.size else np.float32)))
+    return out
 
 
 def _read_hf(ds, source: str) -> RawTable:
@@ -160,28 +180,119 @@ def _read_hf(ds, source: str) -> RawTable:
         if array is not None and array.dtype.kind in "biuf":
             table.columns[name] = torch.from_numpy(np.ascontiguousarray(array))
         elif array is None or array.dtype == object:
-            ragged = _ragged(list(ds[name]))
-            if ragged is None:
+            rows = ragged(list(ds[name]))
+            if rows is None:
                 table.dropped[name] = "neither numbers, a list of numbers per row, text nor an image"
             else:
-                table.columns[name] = ragged
+                table.columns[name] = rows
         else:
             table.dropped[name] = f"dtype {array.dtype} is neither numbers, text nor an image"
     return table
 
 
-def _ragged(values: list) -> list[torch.Tensor] | None:
-    """One 1-D tensor per row for lists of numbers of different lengths (token ids); None otherwise."""
-    out = []
-    for v in values:
-        a = np.asarray(v if v is not None else [])
-        if a.ndim != 1 or (a.size and a.dtype.kind not in "biuf"):
-            return None
-        out.append(torch.from_numpy(a.astype(np.int64 if a.dtype.kind in "biu" or not a.size else np.float32)))
-    return out
+# A data file's suffix (as spelled, e.g. ".jsonl") -> the function that reads it: ``read(path, split) -> RawTable``.
+DataReader = Callable[[Path, "str | None"], RawTable]
+_READERS: dict[str, DataReader] = {}
 
 
-def _load_hf_dir(path: Path, split: str | None):
+def data_reader(*suffixes: str) -> Callable[[DataReader], DataReader]:
+    """Function decorator: ``--val`` files ending with one of ``suffixes`` are read by ``fn(path, split)``.
+
+    ``split`` is ``--split`` (None when not given); a format without splits ignores it.
+    """
+    def deco(fn: DataReader) -> DataReader:
+        for suffix in suffixes:
+            _READERS[suffix] = fn
+        return fn
+    return deco
+
+
+def data_suffixes() -> tuple[str, ...]:
+    """Every suffix a data reader is registered for, in registration order."""
+    return tuple(_READERS)
+
+
+def tensor_file_reader(*suffixes: str) -> Callable[[Callable[[Path], Any]], DataReader]:
+    """Decorator for a reader of a flat ``{column: tensor}`` file, ``fn(path) -> dict``: registers (and returns)
+    a :data:`DataReader` for ``suffixes`` with one set of errors (the file, and what was expected) for all such
+    formats."""
+    def deco(fn: Callable[[Path], Any]) -> DataReader:
+        @data_reader(*suffixes)
+        def read(path: Path, split: str | None) -> RawTable:
+            try:
+                obj = fn(path)
+            except NotATensorMapping:
+                raise DataError(f"{path}: expected a mapping of column name -> tensor") from None
+            except Exception as exc:
+                raise DataError(f"{path}: cannot be read as a tensor file ({type(exc).__name__}: {exc})") from exc
+            if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+                raise DataError(f"{path}: expected a mapping of column name -> tensor")
+            return RawTable(dict(obj), str(path))
+        return read
+    return deco
+
+
+def _read_with(reader: Reader) -> dict[str, torch.Tensor]:
+    try:
+        return {k: reader.read(k) for k in reader.entries()}
+    finally:
+        reader.close()
+
+
+# Tensor files are read by the checkpoint readers, so a data file gets the same safety (weights-only
+# unpickling) as a candidate; but never their container unwrapping: a data file is a flat {column: tensor}.
+@tensor_file_reader(".safetensors")
+def _safetensors_columns(path: Path) -> dict[str, torch.Tensor]:
+    return _read_with(SafetensorsReader(path))
+
+
+@tensor_file_reader(".pt", ".pth")
+def _torch_columns(path: Path) -> dict[str, torch.Tensor]:
+    return _read_with(TorchReader(path, unwrap=False))
+
+
+@tensor_file_reader(".npz")
+def _npz_columns(path: Path) -> dict[str, torch.Tensor]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: torch.from_numpy(z[k]) for k in z.files}
+
+
+def _skip_empty_lines(table: RawTable) -> RawTable:
+    """Drop the empty and blank rows of the ``text`` column (in a text file an example is a line)."""
+    lines = table.columns.get("text", [])
+    kept = [t for t in lines if t and t.strip()]
+    if len(kept) < len(lines):
+        log.info("--val %s: %d empty line(s) skipped", table.source, len(lines) - len(kept))
+    table.columns["text"] = kept
+    return table
+
+
+def _load_dataset_files(path: Path, files: list[Path], split: str | None) -> RawTable:
+    """``files`` (one format) through ``datasets.load_dataset``; ``split`` defaults to ``train``, as it names them."""
+    import datasets
+
+    builders = {FILE_BUILDERS[p.suffix] for p in files}
+    if len(builders) > 1:
+        raise DataError(f"{path}: mixes file formats {sorted(builders)}; keep one format per --val")
+    try:
+        ds = datasets.load_dataset(builders.pop(), data_files=[str(p) for p in files], split=split or "train")
+    except Exception as exc:
+        raise DataError(f"{path}: cannot be read by datasets.load_dataset ({exc})") from exc
+    return _read_hf(ds, str(path))
+
+
+@data_reader(*FILE_BUILDERS)
+def _dataset_file(path: Path, split: str | None) -> RawTable:
+    table = _load_dataset_files(path, [path], split)
+    return _skip_empty_lines(table) if path.suffix == ".txt" else table
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json", "state.json"))
+
+
+def _saved_dataset(path: Path, split: str | None) -> RawTable:
+    """A ``save_to_disk`` folder: a Dataset, or one split of a DatasetDict (``--split``, else the validation one)."""
     import datasets
 
     try:
@@ -200,82 +311,46 @@ def _load_hf_dir(path: Path, split: str | None):
                 raise DataError(f"{path}: a DatasetDict with splits {names}; choose one with --split")
         if split not in obj:
             raise DataError(f"{path}: no split {split!r}; available splits: {names}")
-        return obj[split]
-    if split is not None:
+        obj = obj[split]
+    elif split is not None:
         log.warning("--split %s ignored: %s holds a single Dataset", split, path)
-    return obj
+    return _read_hf(obj, str(path))
 
 
-def _load_files(path: Path, split: str | None):
-    import datasets
-
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in FILE_BUILDERS)
-    if path.is_dir() and any(p.suffix != ".txt" for p in files):
+def _folder_of_files(path: Path, split: str | None) -> RawTable:
+    """Every data file under ``path`` (one format), as one table."""
+    files = sorted(p for p in path.rglob("*") if p.suffix in FILE_BUILDERS)
+    if any(p.suffix != ".txt" for p in files):
         files = [p for p in files if p.suffix != ".txt"]  # a README.txt beside data files is not data
     if not files:
         raise DataError(
             f"{path}: no data files found; expected a save_to_disk folder or {', '.join(FILE_BUILDERS)} files"
         )
-    builders = {FILE_BUILDERS[p.suffix] for p in files}
-    if len(builders) > 1:
-        raise DataError(f"{path}: mixes file formats {sorted(builders)}; keep one format per --val")
-    try:
-        return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in files], split=split or "train")
-    except Exception as exc:
-        raise DataError(f"{path}: cannot be read by datasets.load_dataset ({exc})") from exc
-
-
-def _read_with(reader: Reader) -> dict[str, torch.Tensor]:
-    try:
-        return {k: reader.read(k) for k in reader.entries()}
-    finally:
-        reader.close()
-
-
-def _load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
-    # The checkpoint readers, so a data file gets the same safety (weights-only unpickling) as a
-    # candidate; but never their container unwrapping: a data file is a flat {column: tensor}.
-    try:
-        if path.suffix == ".safetensors":
-            obj = _read_with(SafetensorsReader(path))
-        elif path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                obj = {k: torch.from_numpy(z[k]) for k in z.files}
-        else:
-            obj = _read_with(TorchReader(path, unwrap=False))
-    except NotATensorMapping:
-        raise DataError(f"{path}: expected a mapping of column name -> tensor") from None
-    except Exception as exc:
-        raise DataError(f"{path}: cannot be read as a tensor file ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise DataError(f"{path}: expected a mapping of column name -> tensor")
-    return dict(obj)
+    table = _load_dataset_files(path, files, split)
+    if "text" in table.columns and len(table.columns) == 1:  # text only (.txt files, or rows of one text field)
+        table = _skip_empty_lines(table)
+    return table
 
 
 def read_table(cfg: DataConfig) -> RawTable:
     """Open ``cfg.path`` and return its columns as read (:class:`RawTable`).
 
-    A ``.txt`` file is one example per line (empty lines skipped) in a column ``text``.
+    A file is read by the reader registered for its suffix (:func:`data_reader`). A ``.txt`` file
+    is one example per line (empty lines skipped) in a column ``text``.
 
     Raises:
-        DataError: missing path, unreadable data, no rows, columns of different lengths.
+        DataError: missing path, unknown file suffix, unreadable data, no rows, columns of different lengths.
     """
     path = Path(cfg.path)
     if not path.exists():
         raise DataError(f"--val {path}: no such file or directory")
-    if path.is_file() and path.suffix in TENSOR_SUFFIXES:
-        table = RawTable(dict(_load_tensor_file(path)), str(path))
-    elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
-                            or (path / "state.json").exists()):
-        table = _read_hf(_load_hf_dir(path, cfg.split), str(path))
+    if path.is_dir():
+        table = (_saved_dataset if _is_saved_dataset(path) else _folder_of_files)(path, cfg.split)
+    elif path.suffix in _READERS:
+        table = _READERS[path.suffix](path, cfg.split)
     else:
-        table = _read_hf(_load_files(path, cfg.split), str(path))
-        if path.suffix == ".txt" or (path.is_dir() and "text" in table.columns and len(table.columns) == 1):
-            lines = table.columns.get("text", [])
-            kept = [t for t in lines if t and t.strip()]
-            if len(kept) < len(lines):
-                log.info("--val %s: %d empty line(s) skipped", path, len(lines) - len(kept))
-            table.columns["text"] = kept
+        raise DataError(f"--val {path}: unknown data format (suffix {path.suffix!r}); expected "
+                        f"{', '.join(data_suffixes())} files, a save_to_disk folder or a folder of data files")
     if not table.columns:
         dropped = "; ".join(f"{k}: {v}" for k, v in table.dropped.items())
         raise DataError(f"--val {path}: no usable columns" + (f" ({dropped})" if dropped else ""))
@@ -288,38 +363,10 @@ def read_table(cfg: DataConfig) -> RawTable:
     return table
 
 
-def check_finite_columns(columns: dict[str, Any], source: str, *, allow: bool = False) -> None:
-    """Refuse complex columns, and NaN/Inf anywhere (unless ``allow``), naming the column and first row.
-
-    ``columns`` are the model's inputs and the label, as tensors ``[N, ...]`` or lists of per-row
-    tensors (ragged sequences).
-    """
-    def rows_of(col: Any) -> list[torch.Tensor] | torch.Tensor:
-        return col if isinstance(col, torch.Tensor) else [t for t in col if isinstance(t, torch.Tensor)]
-
-    for name, col in columns.items():
-        parts = rows_of(col)
-        if any(t.is_complex() for t in ([parts] if isinstance(parts, torch.Tensor) else parts)):
-            raise DataError(f"--val {source}: column {name!r} is complex; inputs and labels must be real")
-    if allow:
-        return
-    for name, col in columns.items():
-        parts = rows_of(col)
-        if isinstance(parts, torch.Tensor):
-            if not parts.is_floating_point():
-                continue
-            bad = ~torch.isfinite(parts.float() if parts.dtype.itemsize == 1 else parts)
-            rows = bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten() if bad.numel() else bad.new_zeros(0)
-        else:
-            rows = torch.tensor([i for i, t in enumerate(parts) if t.is_floating_point()
-                                 and not bool(torch.isfinite(t.float()).all())], dtype=torch.long)
-        if rows.numel():
-            raise DataError(f"--val {source}: column {name!r} holds NaN or Inf in {rows.numel()} rows, first row "
-                            f"{int(rows[0])}; clean the data or pass --allow-nonfinite-data")
-
+# -- the split and the batches -----------------------------------------------------------------------
 
 def split_holdout(data: TensorData, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded split into (fit, held-out) row indices, stratified by label for one-label-per-row classification.
+    """Seeded split into (fit, held-out) row indices, stratified by ``data.strata`` when the task gave them.
 
     Raises:
         DataError: when either part would hold fewer than a handful of rows.
@@ -328,12 +375,10 @@ def split_holdout(data: TensorData, fraction: float, seed: int) -> tuple[torch.T
     n = data.n
     if fraction == 0:
         return torch.arange(n), torch.empty(0, dtype=torch.long)
-    # Stratify by class when there is one label per row (not, e.g., a token sequence per row).
-    if data.is_classification and data.columns[data.label].numel() == n:
-        labels = data.columns[data.label].reshape(n)
+    if data.strata is not None:  # each class keeps its share in both parts
         fit, held = [], []
-        for value in torch.unique(labels):
-            rows = (labels == value).nonzero().flatten()
+        for value in torch.unique(data.strata):
+            rows = (data.strata == value).nonzero().flatten()
             rows = rows[torch.randperm(rows.numel(), generator=gen)]
             k = int(round(rows.numel() * fraction))
             held.append(rows[:k])
@@ -367,7 +412,8 @@ def iter_batches(data: TensorData, index: torch.Tensor, batch_size: int,
     for start in range(0, index.numel(), batch_size):
         rows = index[start:start + batch_size]
         inputs = {c: _collate(data.columns[c], rows, data.pad.get(c, 0)) for c in data.inputs}
-        target = None if data.label is None else _collate(data.columns[data.label], rows, data.pad.get(data.label, -100))
+        target = None if data.label is None else _collate(data.columns[data.label], rows,
+                                                          data.pad.get(data.label, IGNORE_INDEX))
         yield Batch(inputs, target)
 
 

@@ -1,4 +1,5 @@
-"""Typed errors. The CLI prints ``str(err)`` as one line and exits 1; anything else is a bug."""
+"""Typed errors. The CLI prints each as one ``error: ...`` line and exits 1, or 2 for an
+``InvalidArgumentError`` (a usage error, like a bad option); any other exception is a bug."""
 
 
 class TwamergeError(Exception):

@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from .config import FitConfig
-from .data import Batch, TensorData, iter_batches, steps_per_epoch
+from .data import Batch, iter_batches, steps_per_epoch
 from .distributed import Comm
 from .errors import FitError
+from .evaluation import Splits
 from .models import call_model
 from .precision import autocast
 from .subspace import FlatLayout, Subspace
@@ -129,26 +130,26 @@ def _lr_lambda(total: int, warmup: float, schedule: str = "cosine") -> Callable[
 def train_coefficients(
     binding: FlatBinding,
     subspace: Subspace,
-    data: TensorData,
-    fit_index: torch.Tensor,
-    task: Task,
+    splits: Splits,
     cfg: FitConfig,
-    device: torch.device,
     comm: Comm,
+    *,
     progress: Callable[[Iterable], Iterable] | None = None,
     theta0: torch.Tensor | None = None,
     amp: torch.dtype | None = None,
 ) -> FitOutcome:
-    """Learn the coefficients by gradient descent on the fit rows (DESIGN section 2, steps 4-7).
+    """Learn the coefficients by gradient descent on the fit rows (docs/how-it-works.md, "The method", step 3).
 
     ``subspace`` holds this rank's column slice (all columns in one process) and ``binding``
     buffers of ``world_size * chunk`` columns; every global batch (the same shuffle on every rank)
-    is split into contiguous shards, one per rank. See :func:`_step`. ``amp``: the autocast dtype
-    of forward and backward (None: float32).
+    is split into contiguous shards, one per rank. See :func:`_step`. The fit rows are ``splits.fit``
+    (the held-out rows are not read); the device is the binding's. ``amp``: the autocast dtype of
+    forward and backward (None: float32).
 
     Raises:
         FitError: a non-finite loss (naming the step) or an interrupt; nothing is written by the caller.
     """
+    data, fit_index, task, device = splits.data, splits.fit, splits.task, binding.flat.device
     n_blocks, rows = subspace.layout.n_blocks, subspace.rows
     # beta = theta * scale; the scale is 0 past a block's rank, so those coordinates never move.
     scale = subspace.step_scale(cfg.coordinates).float().to(device)  # [B, R]

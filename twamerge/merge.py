@@ -183,8 +183,6 @@ def average_checkpoints(
     """
     t0 = time.perf_counter()
     out = OutputConfig.of(output)
-    if weights is not None and ema is not None:
-        raise InvalidArgumentError("give either weights or an EMA decay, not both")
     out_dtype = parse_dtype(out.dtype)
     with open_checkpoints(paths, ema_key=read.ema_key, keys=read.keys, allow_nonfinite=read.allow_nonfinite) as cs:
         check_output(out.path, force=out.force, hf_source_dir=cs.hf_dir, max_shard_size=out.max_shard_size)

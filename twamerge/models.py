@@ -46,7 +46,7 @@ def parse_model_args(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _load_factory(spec: str, option: str = "--model") -> Callable:
+def load_factory(spec: str, option: str = "--model") -> Callable:
     """The callable ``spec`` names (``file.py:name`` or ``module:name``); errors name ``option``."""
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
@@ -124,7 +124,7 @@ def build_model(spec: str | None, args: dict[str, Any] | None = None, *, hf_dir:
             return timm.create_model(spec[5:], pretrained=False, **args)
         except Exception as exc:
             raise ModelError(f"--model {spec}: timm.create_model failed ({exc})") from exc
-    factory = _load_factory(spec)
+    factory = load_factory(spec)
     try:
         model = factory(**args)
     except Exception as exc:
@@ -209,3 +209,26 @@ class ModelKeys:
     def model_keys(self) -> list[str]:
         """Every checkpoint key the model reads: merged parameters, their tied aliases, buffers."""
         return [*self.merged, *self.alias_of, *self.buffers]
+
+
+def enable_gradient_checkpointing(model: nn.Module, spec: str) -> None:
+    """Recompute activations in the backward pass instead of keeping them (``--gradient-checkpointing``).
+
+    Hugging Face models (and any module with the same method) switch it on themselves; the
+    non-reentrant form is asked for because the fit's inputs never require gradients.
+    """
+    # transformers 5 renamed the method (the old name still works, with a deprecation warning).
+    for name, kwargs in (("activation_checkpointing_enable", "activation_checkpointing_kwargs"),
+                         ("gradient_checkpointing_enable", "gradient_checkpointing_kwargs")):
+        enable = getattr(model, name, None)
+        if callable(enable):
+            break
+    else:
+        raise ModelError(f"--gradient-checkpointing: the model of {spec} ({type(model).__name__}) has no "
+                         "gradient_checkpointing_enable(); drop the flag or add the method to the model")
+    try:
+        enable(**{kwargs: {"use_reentrant": False}})
+    except TypeError:  # a module whose method takes no such argument
+        enable()
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        model.config.use_cache = False  # a cache is useless in training and clashes with checkpointing

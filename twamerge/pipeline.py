@@ -1,46 +1,42 @@
 """The library entry points behind ``twamerge fit``, ``eval`` and ``apply``.
 
-``fit`` is a recipe: it reads top to bottom as named stages, each a function below with typed
-inputs and outputs (small dataclasses). The same code runs in one process and on every rank of a
-distributed fit: one process is a :class:`~twamerge.distributed.SingleProcess` world of one. Each
-stage ends at a point where every rank agrees on success (``comm.phase``), so a failure anywhere
-stops every rank with the error. Nothing is written until every figure is computed.
+``fit`` is a recipe: it reads top to bottom as named stages, each a function below that takes the
+fit's shared state (:class:`FitRun`: settings, candidates, model, data, flat space, subspace, scorer,
+ranks) and returns what it made, kept on the run or in the :class:`FitResults` that the last stage
+writes. The same code runs in one process and on every rank of a distributed fit: one process is a
+:class:`~twamerge.distributed.SingleProcess` world of one. Each stage runs inside
+``run.stage(name)``, which times it and ends at a point where every rank agrees on success, so a
+failure anywhere stops every rank with the error. Nothing is written until every figure is computed.
 
-Reads of the candidate files (README, "How it works"): the subspace build (one read per block when
-its K copies fit in memory), one read of each candidate to score it, the greedy soup's trials (each
-reads only its ingredients), and the written merge, which also hashes every input. The uniform
-average is the subspace's mean and reads nothing.
+Reads of the candidate files (docs/how-it-works.md, "Reads of the candidate files"): the subspace
+build (one read per block when its K copies fit in memory), one read of each candidate to score it,
+the greedy soup's trials (each reads only its ingredients), and the written merge, which also hashes
+every input. The uniform average is the subspace's mean and reads nothing.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
-import math
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
 from . import distributed, kernels
 from .config import DataConfig, FitConfig, ModelConfig, OutputConfig, ReadConfig
 from .data import split_holdout
 from .distributed import Comm, SingleProcess, split_columns
-from .errors import BackendUnavailableError, FitError, ModelError, OutputError, TwamergeError, one_line
+from .errors import BackendUnavailableError, FitError, OutputError, TwamergeError, one_line
 from .evaluation import Scorer, Splits, evaluate, has_batchnorm, load_state, probe, recalibrate_batchnorm
 from .fit import FitOutcome, FlatBinding, train_coefficients
-from .io import AtomicWrite, CheckpointSet, check_output, open_checkpoints, refuse_existing, write_checkpoint
-from .io.atomic import check_name_length
-from .io.formats.checks import check_tensor
+from .io import AtomicWrite, CheckpointSet, check_output, open_checkpoints, write_checkpoint
+from .io.writer import check_side_outputs
 from .merge import build_metadata, linear_merge
-from .methods import METHODS, greedy_soup, one_hot, uniform_weights
-from .models import ModelKeys, build_model
+from .methods import METHODS, MethodResult, by_init, fit_baselines
+from .models import ModelKeys, build_model, enable_gradient_checkpointing
 from .options import dtype_name, parse_dtype
 from .precision import resolve_precision
 from .prepare import ModelContext, hf_dirs, load_inputs
@@ -48,14 +44,13 @@ from .report import (
     BasisSummary,
     DataSummary,
     MergeRecord,
-    MethodResult,
     Timer,
-    best_candidate,
     best_on_heldout,
     build_report,
-    is_better,
+    encode_tensors,
     peak_memory,
     read_report,
+    recalibrated_buffers,
 )
 from .subspace import FlatLayout, Subspace, build_subspace, make_layout
 
@@ -98,69 +93,170 @@ def fit(
         ...              cfg=FitConfig(blocks="layer", bits=4))
         >>> report["methods"][-1]["heldout"]["metric"]
     """
-    out = OutputConfig.of(output)
-    device = distributed.rank_device(select_device(cfg.device))
-    check_backend(cfg.backend, device, cfg.bits)
-    # Under torchrun (or inside an initialised process group of several ranks) the fit is distributed.
-    comm = distributed.init(device)
-    progress = progress if comm.is_main else None
-    timer = Timer()
+    run = FitRun.start(cfg, val=val, model=model, out=OutputConfig.of(output), read=read, progress=progress)
+    results = FitResults()
     try:
-        with comm.phase("check outputs"):
-            if comm.is_main:
-                check_side_outputs(out)
-        with _stage(comm, timer, "open"):
-            cs = open_stage(checkpoints, read, out, comm)
-        try:
-            with _stage(comm, timer, "model"):
-                net = model_stage(model, cs, cfg, device)
-            with _stage(comm, timer, "data"):
-                splits = data_stage(val, model, cfg, cs, net)
-            with _stage(comm, timer, "probe"):
-                probe(net.model, splits.data, splits.fit, splits.task, cfg.batch_size, device, net.amp)
-            with comm.phase("bind"):
-                flat = bind_stage(net, cs, cfg, device, comm)
-            with _stage(comm, timer, "subspace"):
-                subspace = subspace_stage(cs, flat, cfg, device, comm, progress)
-            scorer = Scorer(net.model, splits, cfg.batch_size, device, net.recalibrate, comm, net.amp,
-                            cfg.eval_batch_size)
-            # The baselines come first: the greedy soup and the best candidate can be the fit's start point.
-            with timer.phase("evaluate"):
-                baselines = baselines_stage(cs, net, flat, subspace, scorer, cfg, comm)
-            with _stage(comm, timer, "fit"):
-                trained = train_stage(cs, net, flat, subspace, splits, baselines, cfg, device, comm, progress)
-            with _stage(comm, timer, "merge"):
-                merged = merge_stage(cs, net, flat, subspace, trained, out, progress)
-            with timer.phase("evaluate"):
-                twa = evaluate_stage(merged, net, flat, subspace, scorer, cfg, comm)
-            written = twa
-            if cfg.select == "best":
-                with timer.phase("select"):
-                    merged, written = select_stage(cs, net, flat, scorer, baselines, twa, merged, out, progress)
-            per_rank = describe_ranks(flat, subspace, comm)
-            report = None
-            with comm.phase("write"):
-                if comm.is_main:
-                    report = write_stage(cs, val, model, cfg, out, splits, flat, subspace, baselines, trained,
-                                         merged, twa, written, timer, per_rank)
-            return comm.broadcast_object(report)
-        except KeyboardInterrupt:
-            # The training loop names its step; anywhere else (baselines, merge) says what is known.
-            raise FitError("interrupted before the output was written; nothing was written") from None
-        finally:
-            cs.close()
+        with run.stage("check outputs", timed=False):
+            check_outputs_stage(run)
+        with run.stage("open"):
+            run.cs = open_stage(run, checkpoints)
+        with run.stage("model"):
+            run.net = model_stage(run)
+        with run.stage("data"):
+            run.splits = data_stage(run)
+        with run.stage("probe"):
+            probe_stage(run)
+        with run.stage("bind", timed=False):
+            run.flat = bind_stage(run)
+        with run.stage("subspace"):
+            run.subspace = subspace_stage(run)
+        run.scorer = make_scorer(run)
+        # The baselines come first: the greedy soup and the best candidate can be the fit's start point.
+        with run.stage("evaluate", agree=False):
+            results.baselines = baselines_stage(run)
+        with run.stage("fit"):
+            results.trained = train_stage(run, results.baselines)
+        with run.stage("merge"):
+            results.merged = merge_stage(run, results.trained)
+        with run.stage("evaluate", agree=False):
+            results.twa = results.written = evaluate_stage(run, results.merged)
+        if cfg.select == "best":
+            with run.stage("select", agree=False):
+                results.merged, results.written = select_stage(run, results)
+        return write_stage(run, results)
+    except KeyboardInterrupt:
+        if run.cs is None:
+            raise
+        # The training loop names its step; anywhere else (baselines, merge) says what is known.
+        raise FitError("interrupted before the output was written; nothing was written") from None
     finally:
-        comm.close()
+        run.close()
+
+
+# -- the fit's state --------------------------------------------------------------------------------
+
+
+@dataclass
+class Network:
+    """The model the fit trains through, how the checkpoint keys map onto it, and its BatchNorm policy."""
+
+    model: nn.Module
+    keys: ModelKeys
+    spec: str
+    recalibrate: bool
+    amp: torch.dtype | None = None  # the autocast dtype of forward and backward (--precision); None: float32
+
+
+@dataclass
+class FlatSpace:
+    """Where the merged parameters live: the flat layout, this rank's columns, and the model bound to it.
+
+    The model's merged parameters are views of ``binding.flat`` (and their gradients of
+    ``binding.grad``). Binding comes before the subspace build, so the model's own parameters are
+    gone before the basis is allocated: the peak holds one copy of the weights, not two.
+    """
+
+    layout: FlatLayout
+    chunk: int  # padded columns per rank
+    col_range: tuple[int, int]  # this rank's columns
+    binding: FlatBinding
+
+
+@dataclass
+class FitRun:
+    """What every stage of a fit reads: the settings, where it runs, and what the early stages set up.
+
+    The settings and the ranks are given at the start; ``cs`` (the candidates), ``net`` (the model),
+    ``splits`` (the validation rows and the task), ``flat`` (the flat parameter space the model is
+    bound to), ``subspace`` and ``scorer`` are set by the stages of those names, in that order (None
+    before).
+    """
+
+    cfg: FitConfig
+    val: DataConfig
+    model_cfg: ModelConfig
+    out: OutputConfig
+    read: ReadConfig
+    device: torch.device
+    comm: Comm
+    progress: Progress | None = None
+    timer: Timer = field(default_factory=Timer)
+    cs: CheckpointSet | None = None
+    net: Network | None = None
+    splits: Splits | None = None
+    flat: FlatSpace | None = None
+    subspace: Subspace | None = None
+    scorer: Scorer | None = None
+
+    @classmethod
+    def start(cls, cfg: FitConfig, *, val: DataConfig, model: ModelConfig, out: OutputConfig, read: ReadConfig,
+              progress: Progress | None) -> FitRun:
+        """Pick the device, fail early on a backend that cannot run there, and join the ranks."""
+        device = distributed.rank_device(select_device(cfg.device))
+        check_backend(cfg.backend, device, cfg.bits)
+        # Under torchrun (or inside an initialised process group of several ranks) the fit is distributed.
+        comm = distributed.init(device)
+        return cls(cfg, val, model, out, read, device, comm, progress if comm.is_main else None)
+
+    @contextlib.contextmanager
+    def stage(self, name: str, *, agree: bool = True, timed: bool = True) -> Iterator[None]:
+        """A named stretch of the fit: timed under ``timings[name]`` in the report, and ending where every
+        rank agrees on success (``Comm.phase``: a failure on any rank raises on all).
+
+        ``agree=False`` for a stretch that agrees by itself, because every collective inside it carries
+        the error flag (scoring, ``--select best``), or that runs on rank 0 alone (the checkpoint write):
+        an agreement there would be a collective that not every rank reaches in step. ``timed=False``
+        for the steps the report does not time (the output checks, binding, the write as a whole).
+        """
+        with contextlib.ExitStack() as stack:
+            if agree:
+                stack.enter_context(self.comm.phase(name))
+            if timed:
+                stack.enter_context(self.timer.phase(name))
+            yield
+
+    def close(self) -> None:
+        """Close the candidates (once opened) and leave the process group (when this fit made it)."""
+        try:
+            if self.cs is not None:
+                self.cs.close()
+        finally:
+            self.comm.close()
+
+
+@dataclass
+class Merged:
+    """The learned merge as written: ``sum_k alpha_k c_k`` per block, from the original files."""
+
+    tensors: dict[str, torch.Tensor]
+    alphas: torch.Tensor  # [B, K] float64
+    key_block: dict[str, int]  # merged keys and their tied aliases -> block
+    default_alphas: list[float]  # [K] for floating tensors outside every block (buffers)
+    out_dtype: torch.dtype | None
+    trained: torch.Tensor  # [own columns] float32, the quantized-subspace point that was trained
+
+
+@dataclass
+class Evaluated:
+    """A merge's scores, the BatchNorm statistics re-estimated for it, and TWA's quantization gap."""
+
+    row: MethodResult
+    recalibrated: dict[str, torch.Tensor]
+    quantization_gap: float
+
+
+@dataclass
+class FitResults:
+    """What the stages after the subspace make, in order, for :func:`write_stage`."""
+
+    baselines: list[MethodResult] = field(default_factory=list)  # the rows of the fit baselines
+    trained: FitOutcome | None = None  # the learned coefficients and the training curve
+    merged: Merged | None = None  # what is written: TWA's merge, or under --select best the chosen one
+    twa: Evaluated | None = None  # TWA's merge as scored (its row and quantization gap are always reported)
+    written: Evaluated | None = None  # the written merge as scored (TWA's unless --select best chose another)
 
 
 # -- the stages, in the order fit runs them ---------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _stage(comm: Comm, timer: Timer, name: str) -> Iterator[None]:
-    """A timed stretch of work with no collectives inside, ending where every rank agrees on success."""
-    with comm.phase(name), timer.phase(name):
-        yield
 
 
 def select_device(name: str) -> torch.device:
@@ -182,44 +278,24 @@ def check_backend(backend: str | None, device: torch.device, bits: int | None = 
         raise BackendUnavailableError(str(exc)) from None
 
 
-def check_side_outputs(out: OutputConfig) -> None:
-    """The report and the plot are not checkpoints (``check_output``): fail before any work when they cannot go
-    there (exists without --force, a folder, a name too long, an unwritable folder, or the same file as another
-    output)."""
-    destinations = {os.path.realpath(out.path): "-o"}
-    for p in (out.path.with_name(out.path.name + ".index.json"), out.path.with_name(out.path.name + ".metadata.json")):
-        destinations.setdefault(os.path.realpath(p), "-o")
-    for path, what, flag in ((out.report, "report", "--report"), (out.plot, "plot", "--plot")):
-        if path is None:
-            continue
-        path = Path(path)
-        check_name_length(path, what)
-        real = os.path.realpath(path)
-        if real in destinations:
-            raise OutputError(f"{flag} {path} is the same file as {destinations[real]} writes; give it its own name")
-        if Path(real).is_relative_to(os.path.realpath(out.path)):
-            raise OutputError(f"{flag} {path} is inside the output {out.path}; put it beside the output")
-        destinations[real] = flag
-        refuse_existing(path, what, force=out.force)
-        if os.path.isdir(path):
-            raise OutputError(f"{path}: the {what} would replace a folder; give it a file name")
-        parent = path.parent if str(path.parent) else Path(".")
-        if not parent.is_dir():
-            raise OutputError(f"{path}: the folder {parent} does not exist")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise OutputError(f"{path}: the folder {parent} is not writable")
-    if out.plot is not None:
-        from .plot import plot_format
+def check_outputs_stage(run: FitRun) -> None:
+    """Rank 0 fails before any work when the report or the plot cannot be written where asked."""
+    out = run.out
+    if run.comm.is_main:
+        check_side_outputs(out.path, {"--report": out.report, "--plot": out.plot}, force=out.force)
+        if out.plot is not None:
+            from .plot import plot_format
 
-        plot_format(out.plot)
+            plot_format(out.plot)
 
 
-def open_stage(checkpoints: Sequence[str | Path], read: ReadConfig, out: OutputConfig, comm: Comm) -> CheckpointSet:
+def open_stage(run: FitRun, checkpoints: Sequence[str | Path]) -> CheckpointSet:
     """Open and validate the candidates; then, knowing whether they are HF folders, check the output's form."""
+    read, out = run.read, run.out
     cs = open_checkpoints(checkpoints, ema_key=read.ema_key, keys=read.keys, allow_nonfinite=read.allow_nonfinite)
     try:
         parse_dtype(out.dtype)
-        if comm.is_main:
+        if run.comm.is_main:
             check_output(out.path, force=out.force, hf_source_dir=cs.hf_dir, max_shard_size=out.max_shard_size)
     except BaseException:
         cs.close()
@@ -227,84 +303,42 @@ def open_stage(checkpoints: Sequence[str | Path], read: ReadConfig, out: OutputC
     return cs
 
 
-@dataclass
-class Network:
-    """The model the fit trains through, how the checkpoint keys map onto it, and its BatchNorm policy."""
-
-    model: nn.Module
-    keys: ModelKeys
-    spec: str
-    recalibrate: bool
-    amp: torch.dtype | None = None  # the autocast dtype of forward and backward (--precision); None: float32
-
-
-def model_stage(model_cfg: ModelConfig, cs: CheckpointSet, cfg: FitConfig, device: torch.device) -> Network:
-    model = build_model(model_cfg.spec, model_cfg.args, hf_dir=cs.hf_dir).to(device)
-    keys = ModelKeys(model, cs, model_cfg.spec)
+def model_stage(run: FitRun) -> Network:
+    cfg, cs, spec = run.cfg, run.cs, run.model_cfg.spec or str(run.cs.hf_dir)
+    model = build_model(run.model_cfg.spec, run.model_cfg.args, hf_dir=cs.hf_dir).to(run.device)
+    keys = ModelKeys(model, cs, run.model_cfg.spec)
     bn = has_batchnorm(model)
     recalibrate = cfg.bn_recalibrate == "on" or (cfg.bn_recalibrate == "auto" and bn)
     if cfg.bn_recalibrate == "on" and not bn:
         log.warning("--bn-recalibrate on: the model has no BatchNorm layer; nothing to recalibrate")
-    amp = resolve_precision(cfg.precision, device, cs.dtype(keys.merged[0]) if keys.merged else None)
+    amp = resolve_precision(cfg.precision, run.device, cs.dtype(keys.merged[0]) if keys.merged else None)
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model, model_cfg.spec or str(cs.hf_dir))
-    return Network(model, keys, model_cfg.spec or str(cs.hf_dir), recalibrate, amp)
+        enable_gradient_checkpointing(model, spec)
+    return Network(model, keys, spec, recalibrate, amp)
 
 
-def enable_gradient_checkpointing(model: nn.Module, spec: str) -> None:
-    """Recompute activations in the backward pass instead of keeping them (``--gradient-checkpointing``).
-
-    Hugging Face models (and any module with the same method) switch it on themselves; the
-    non-reentrant form is asked for because the fit's inputs never require gradients.
-    """
-    # transformers 5 renamed the method (the old name still works, with a deprecation warning).
-    for name, kwargs in (("activation_checkpointing_enable", "activation_checkpointing_kwargs"),
-                         ("gradient_checkpointing_enable", "gradient_checkpointing_kwargs")):
-        enable = getattr(model, name, None)
-        if callable(enable):
-            break
-    else:
-        raise ModelError(f"--gradient-checkpointing: the model of {spec} ({type(model).__name__}) has no "
-                         "gradient_checkpointing_enable(); drop the flag or add the method to the model")
-    try:
-        enable(**{kwargs: {"use_reentrant": False}})
-    except TypeError:  # a module whose method takes no such argument
-        enable()
-    if hasattr(getattr(model, "config", None), "use_cache"):
-        model.config.use_cache = False  # a cache is useless in training and clashes with checkpointing
-
-
-def data_stage(val: DataConfig, model: ModelConfig, cfg: FitConfig, cs: CheckpointSet, net: Network) -> Splits:
+def data_stage(run: FitRun) -> Splits:
     """The validation data as the model takes it (text tokenized with the candidates' tokenizer), the
     task (its loss and metric), and the seeded split."""
-    data, task = load_inputs(val, model, ModelContext(net.model, hf_dirs(cs.paths)))
+    data, task = load_inputs(run.val, run.model_cfg, ModelContext(run.net.model, hf_dirs(run.cs.paths)))
     log.info("task %s: loss %s, metric %s (%s is better)", task.name, type(task).__name__, task.metric_name,
              "higher" if task.higher_is_better else "lower")
-    fit_idx, held_idx = split_holdout(data, cfg.holdout, cfg.seed)
+    fit_idx, held_idx = split_holdout(data, run.cfg.holdout, run.cfg.seed)
     return Splits(data, fit_idx, held_idx, task)
 
 
-@dataclass
-class FlatSpace:
-    """Where the merged parameters live: the flat layout, this rank's columns, and the model bound to it.
-
-    The model's merged parameters are views of ``binding.flat`` (and their gradients of
-    ``binding.grad``). Binding comes before the subspace build, so the model's own parameters are
-    gone before the basis is allocated: the peak holds one copy of the weights, not two.
-    """
-
-    layout: FlatLayout
-    chunk: int  # padded columns per rank
-    col_range: tuple[int, int]  # this rank's columns
-    binding: FlatBinding
+def probe_stage(run: FitRun) -> None:
+    """One batch through the model before anything expensive (``evaluation.probe``)."""
+    splits = run.splits
+    probe(run.net.model, splits.data, splits.fit, splits.task, run.cfg.batch_size, run.device, run.net.amp)
 
 
-def bind_stage(net: Network, cs: CheckpointSet, cfg: FitConfig, device: torch.device, comm: Comm) -> FlatSpace:
-    names = net.keys.merged
-    layout = make_layout(names, [tuple(cs.shape(n)) for n in names], cfg.blocks, cfg.group_size)
+def bind_stage(run: FitRun) -> FlatSpace:
+    names, cs, comm = run.net.keys.merged, run.cs, run.comm
+    layout = make_layout(names, [tuple(cs.shape(n)) for n in names], run.cfg.blocks, run.cfg.group_size)
     chunk, ranges = split_columns(layout.n_cols, layout.group_size, comm.world_size)
-    binding = FlatBinding(net.model, layout, device, n_cols=chunk * comm.world_size, world_size=comm.world_size,
-                          dtype=flat_dtype(cs, names, net.amp))
+    binding = FlatBinding(run.net.model, layout, run.device, n_cols=chunk * comm.world_size,
+                          world_size=comm.world_size, dtype=flat_dtype(cs, names, run.net.amp))
     return FlatSpace(layout, chunk, ranges[comm.rank], binding)
 
 
@@ -316,15 +350,23 @@ def flat_dtype(cs: CheckpointSet, names: list[str], amp: torch.dtype | None) -> 
     return torch.float32
 
 
-def subspace_stage(cs: CheckpointSet, flat: FlatSpace, cfg: FitConfig, device: torch.device, comm: Comm,
-                   progress: Progress | None) -> Subspace:
+def subspace_stage(run: FitRun) -> Subspace:
     """Mean and Gram, then the quantized orthonormal basis (this rank's columns), streaming over the candidates.
 
     The build checks the candidates for NaN/Inf itself, from each tensor's Gram matrix (a non-finite
     value makes it non-finite), unless ``--allow-nonfinite`` asked not to.
     """
-    return build_subspace(cs, flat.layout, bits=cfg.bits, comm=comm, rank_rtol=cfg.rank_rtol, device=device,
-                          backend=cfg.backend, progress=progress, check_finite=not cs.allow_nonfinite)
+    cfg, cs = run.cfg, run.cs
+    return build_subspace(cs, run.flat.layout, bits=cfg.bits, comm=run.comm, rank_rtol=cfg.rank_rtol,
+                          device=run.device, backend=cfg.backend, progress=run.progress,
+                          check_finite=not cs.allow_nonfinite)
+
+
+def make_scorer(run: FitRun) -> Scorer:
+    """Loads states into the bound model and scores both splits (BatchNorm re-estimated when the fit does)."""
+    cfg, net = run.cfg, run.net
+    return Scorer(net.model, run.splits, cfg.batch_size, run.device, net.recalibrate, run.comm, net.amp,
+                  cfg.eval_batch_size)
 
 
 def uniform_buffers(cs: CheckpointSet, keys: ModelKeys) -> dict[str, torch.Tensor]:
@@ -343,109 +385,84 @@ def load_point(flat: FlatSpace, subspace: Subspace, beta: torch.Tensor, comm: Co
     comm.all_gather(flat.binding.flat, local_w)
 
 
-def baselines_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: Subspace, scorer: Scorer,
-                    cfg: FitConfig, comm: Comm) -> list[MethodResult]:
-    """Every candidate, the uniform average and the greedy soup (ingredients chosen on the fit split).
+class FitScoring:
+    """The fit's side of :class:`methods.Scoring`: what a baseline's ``score`` loads and scores.
 
-    Scoring a candidate reads that candidate alone; the uniform average is the subspace's mean
-    (``beta = 0``) with the candidates' mean buffers and reads no weights; a greedy trial reads its
-    ingredients.
+    Scoring a candidate reads that candidate alone (its row is made once, however many baselines
+    ask); the uniform average is the subspace's mean (``beta = 0``) with the candidates' mean
+    buffers and reads no weights; a merge reads the candidates it weighs.
     """
-    keys = net.keys.model_keys()
-    higher = scorer.splits.task.higher_is_better
-    candidates: list[MethodResult] = []
-    if METHODS["candidate"].enabled(cfg) or METHODS["greedy"].enabled(cfg):
-        for i in range(len(cs)):
-            scorer.load(lambda: ((key, cs.get(i, key)) for key in keys), recalibrate=False)
+
+    def __init__(self, run: FitRun):
+        self.run = run
+        self.k = len(run.cs)
+        self.higher_is_better = run.splits.task.higher_is_better
+        self._keys = run.net.keys.model_keys()
+        self._candidates: dict[int, MethodResult] = {}
+
+    def candidate(self, i: int) -> MethodResult:
+        if i not in self._candidates:
+            cs, scorer = self.run.cs, self.run.scorer
+            scorer.load(lambda: ((key, cs.get(i, key)) for key in self._keys), recalibrate=False)
             # Rows name a candidate by its file name, which need not be unique (a/model.safetensors,
             # b/model.safetensors): the index is what picks its weights.
-            candidates.append(MethodResult(Path(cs.paths[i]).name, "candidate", **scorer.score_both(),
-                                           detail={"path": str(cs.paths[i]), "index": i}))
-    rows = list(candidates) if METHODS["candidate"].enabled(cfg) else []
-    with comm.phase("uniform"):
-        load_point(flat, subspace, torch.zeros(flat.layout.n_blocks, subspace.rows), comm)
-    scorer.load(uniform_buffers(cs, net.keys), recalibrate=True)
-    rows.append(MethodResult("uniform", "uniform", **scorer.score_both()))
-    if METHODS["greedy"].enabled(cfg):
-        rows.append(_greedy_row(cs, flat, scorer, candidates, higher))
-    return rows
+            self._candidates[i] = MethodResult(Path(cs.paths[i]).name, "candidate", **scorer.score_both(),
+                                               detail={"path": str(cs.paths[i]), "index": i})
+        return self._candidates[i]
+
+    def centre(self) -> dict:
+        run = self.run
+        with run.stage("uniform", timed=False):
+            load_point(run.flat, run.subspace, torch.zeros(run.flat.layout.n_blocks, run.subspace.rows), run.comm)
+        run.scorer.load(uniform_buffers(run.cs, run.net.keys), recalibrate=True)
+        return run.scorer.score_both()
+
+    def merge(self, weights: list[float], heldout: bool = True) -> dict:
+        cs, binding, scorer = self.run.cs, self.run.flat.binding, self.run.scorer
+        scorer.load(lambda: linear_merge(cs, weights, into=binding.param_view), recalibrate=True)
+        scores = {"fit": scorer.score("fit")}
+        if heldout:
+            scores["heldout"] = scorer.score("heldout")
+        return scores
+
+    def heldout(self) -> dict | None:
+        return self.run.scorer.score("heldout")
 
 
-def _greedy_row(cs: CheckpointSet, flat: FlatSpace, scorer: Scorer, candidates: list[MethodResult],
-                higher: bool) -> MethodResult:
-    """Sort by fit-split metric, add each candidate to the running uniform soup if the fit metric strictly improves.
-
-    Each trial is scored on the fit split, which alone decides; a kept trial is scored on the held-out
-    split too while it is loaded, so the soup's row needs no merge of its own unless no candidate
-    was ever added to the first.
-    """
-    k = len(candidates)
-    sign = 1 if higher else -1
-    order = sorted(range(k), key=lambda i: -sign * candidates[i].fit["metric"])
-
-    def try_soup(weights: list[float]) -> dict:
-        scorer.load(lambda: linear_merge(cs, weights, into=flat.binding.param_view), recalibrate=True)
-        return {"fit": scorer.score("fit")}
-
-    def with_heldout(result: dict) -> dict:
-        return {**result, "heldout": scorer.score("heldout")}
-
-    soup, accepted = greedy_soup(order, candidates[order[0]].fit, k, try_soup,
-                                 lambda a, b: is_better(a, b, higher), on_accept=with_heldout)
-    if accepted is None:
-        accepted = with_heldout(try_soup(one_hot(k, soup)))
-    return MethodResult("greedy", "greedy", **accepted,
-                        detail={"ingredients": [candidates[j].name for j in sorted(soup)], "indices": sorted(soup)})
+def baselines_stage(run: FitRun) -> list[MethodResult]:
+    """The rows of every fit baseline the settings keep (``methods.fit_baselines``: the candidates, the
+    uniform average, the greedy soup), each scored by its method, in registry order."""
+    scoring = FitScoring(run)
+    return [row for method in fit_baselines(run.cfg) for row in method.score(scoring)]
 
 
-def _baseline_weights(row: MethodResult, k: int) -> list[float]:
-    """The weights of the ``k`` candidates in a baseline row: the uniform average, one candidate, or the greedy
-    soup's ingredients."""
-    if row.kind == "uniform":
-        return uniform_weights(k)
-    return one_hot(k, row.detail["indices"] if row.kind == "greedy" else [row.detail["index"]])
+def start_point(run: FitRun, baselines: list[MethodResult]) -> torch.Tensor:
+    """Coordinates ``theta`` [B, R] at which the fit starts (``--init``): the merge that the method named by
+    ``--init`` puts forward (the uniform average, the paper's start; the greedy soup; the best candidate
+    on the fit split), located in the subspace (``Subspace.theta_of``)."""
+    method = by_init(run.cfg.init)
+    row = method.contenders(baselines, run.splits.task.higher_is_better)[0]
+    weights = method.row_weights(row, len(run.cs))
+    return run.subspace.theta_of(weights, run.cfg.coordinates)
 
 
-def _start_point(init: str, baselines: list[MethodResult], subspace: Subspace, k: int, higher: bool,
-                 coordinates: str) -> torch.Tensor | None:
-    """Coordinates ``theta`` [B, R] at which the fit starts: None for the uniform average (the paper's start).
-
-    ``best`` starts at the best candidate on the fit split, ``greedy`` at the greedy soup. With
-    ``t = a - 1/K`` the offsets of the wanted weights ``a`` from uniform, ``beta_b`` solves
-    ``T_b^T beta_b = t`` in the least-squares sense (exact unless the start leaves the subspace, e.g.
-    a duplicate candidate whose direction was dropped).
-    """
-    if init == "uniform":
-        return None
-    row = (best_candidate(baselines, "fit", higher) if init == "best"
-           else next(r for r in baselines if r.kind == "greedy"))
-    weights = _baseline_weights(row, k)
-    target = torch.tensor(weights, dtype=torch.float64) - 1.0 / k
-    beta = torch.stack([torch.linalg.pinv(t.T) @ target for t in subspace.transform])  # [B, R]
-    scale = subspace.step_scale(coordinates)
-    theta = torch.where(scale > 0, beta / scale.clamp_min(1e-300), torch.zeros_like(beta))
-    return theta.float()
-
-
-def train_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: Subspace, splits: Splits,
-                baselines: list[MethodResult], cfg: FitConfig, device: torch.device, comm: Comm,
-                progress: Progress | None) -> FitOutcome:
+def train_stage(run: FitRun, baselines: list[MethodResult]) -> FitOutcome:
     """Learn the coefficients on the fit rows, from the start point ``cfg.init`` names.
 
     With ``cfg.restarts`` > 1 the fit runs that many times with the seeds ``seed, seed + 1, ...``
     (data order and dropout) and the coefficients are averaged: the merge is linear in them, so
     this is the average of the fitted points, which smooths the noise of one data order.
     """
-    theta0 = _start_point(cfg.init, baselines, subspace, len(cs), splits.task.higher_is_better,
-                          cfg.coordinates)
-    buffers = uniform_buffers(cs, net.keys)
+    cfg = run.cfg
+    theta0 = start_point(run, baselines)
+    buffers = uniform_buffers(run.cs, run.net.keys)
     outcomes = []
     for restart in range(cfg.restarts):
         # Every fit runs with the candidates' uniform-average buffers, not those of the last model scored.
-        load_state(net.model, buffers)
-        outcomes.append(train_coefficients(flat.binding, subspace, splits.data, splits.fit, splits.task,
-                                           replace(cfg, seed=cfg.seed + restart), device, comm, progress,
-                                           theta0=theta0, amp=net.amp))
+        load_state(run.net.model, buffers)
+        outcomes.append(train_coefficients(run.flat.binding, run.subspace, run.splits,
+                                           replace(cfg, seed=cfg.seed + restart), run.comm,
+                                           progress=run.progress, theta0=theta0, amp=run.net.amp))
     if len(outcomes) == 1:
         return outcomes[0]
     curves = torch.tensor([o.curve for o in outcomes], dtype=torch.float64)
@@ -454,41 +471,28 @@ def train_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: Subs
                       seconds_per_step=sum(seconds) / len(seconds) if seconds else None)
 
 
-@dataclass
-class Merged:
-    """The learned merge as written: ``sum_k alpha_k c_k`` per block, from the original files."""
-
-    tensors: dict[str, torch.Tensor]
-    alphas: torch.Tensor  # [B, K] float64
-    key_block: dict[str, int]  # merged keys and their tied aliases -> block
-    default_alphas: list[float]  # [K] for floating tensors outside every block (buffers)
-    out_dtype: torch.dtype | None
-    trained: torch.Tensor  # [own columns] float32, the quantized-subspace point that was trained
-
-
-def merge_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, subspace: Subspace, trained: FitOutcome,
-                out: OutputConfig, progress: Progress | None) -> Merged:
+def merge_stage(run: FitRun, trained: FitOutcome) -> Merged:
+    subspace = run.subspace
     # The gradient buffer is free once training is over: it holds the trained point, not a new D floats.
-    point = subspace.combine(trained.beta, out=flat.binding.local_g[:subspace.mean.numel()])
-    return merge_alphas(cs, net, flat, subspace.alphas(trained.beta), out, progress, point)
+    point = subspace.combine(trained.beta, out=run.flat.binding.local_g[:subspace.mean.numel()])
+    return merge_alphas(run, subspace.alphas(trained.beta), point)
 
 
-def merge_alphas(cs: CheckpointSet, net: Network, flat: FlatSpace, alphas: torch.Tensor, out: OutputConfig,
-                 progress: Progress | None, trained: torch.Tensor) -> Merged:
+def merge_alphas(run: FitRun, alphas: torch.Tensor, trained: torch.Tensor) -> Merged:
     """``sum_k alphas[b, k] c_k`` for every tensor of block ``b``, from the original files."""
-    layout = flat.layout
+    layout = run.flat.layout
     # Tensors that are not merged parameters (floating buffers) take the size-weighted mean alphas.
     sizes = torch.zeros(layout.n_blocks, dtype=torch.float64)
     for i, b in enumerate(layout.block_of):
         sizes[b] += layout.numel(i)
     default_alphas = ((alphas * sizes.unsqueeze(1)).sum(0) / sizes.sum()).tolist()
     key_block = {name: layout.block_of[i] for i, name in enumerate(layout.names)}
-    key_block.update({alias: key_block[target] for alias, target in net.keys.alias_of.items()})
-    out_dtype = parse_dtype(out.dtype)
+    key_block.update({alias: key_block[target] for alias, target in run.net.keys.alias_of.items()})
+    out_dtype = parse_dtype(run.out.dtype)
     # Float32 results go straight into the flat buffer the model's parameters view: the merge is
     # then loaded (and written from there) without a second D floats.
-    tensors = linear_merge(cs, _weights_of(alphas, key_block, default_alphas), out_dtype=out_dtype,
-                           progress=progress, into=flat.binding.param_view)
+    tensors = linear_merge(run.cs, _weights_of(alphas, key_block, default_alphas), out_dtype=out_dtype,
+                           progress=run.progress, into=run.flat.binding.param_view)
     return Merged(tensors, alphas, key_block, default_alphas, out_dtype, trained)
 
 
@@ -497,22 +501,12 @@ def _weights_of(alphas: torch.Tensor, key_block: dict[str, int], default: list[f
     return lambda key: rows[key_block[key]] if key in key_block else default
 
 
-@dataclass
-class Evaluated:
-    """The written merge's scores, the BatchNorm statistics re-estimated for it, and the quantization gap."""
-
-    row: MethodResult
-    recalibrated: dict[str, torch.Tensor]
-    quantization_gap: float
-
-
-def evaluate_stage(merged: Merged, net: Network, flat: FlatSpace, subspace: Subspace, scorer: Scorer,
-                   cfg: FitConfig, comm: Comm) -> Evaluated:
+def evaluate_stage(run: FitRun, merged: Merged) -> Evaluated:
     """Score exactly what is written (BatchNorm re-estimated for it, and written so)."""
-    scorer.load(merged.tensors, recalibrate=True)
-    recalibrated = _keep_recalibrated(merged, net)
-    gap = _quantization_gap(flat, subspace, merged.trained, comm)
-    row = MethodResult("twa", "twa", **scorer.score_both(), detail={"init": cfg.init})
+    run.scorer.load(merged.tensors, recalibrate=True)
+    recalibrated = _keep_recalibrated(merged, run.net)
+    gap = run.subspace.quantization_gap(run.flat.binding.flat, merged.trained, run.comm)
+    row = MethodResult("twa", "twa", **run.scorer.score_both(), detail={"init": run.cfg.init})
     return Evaluated(row, recalibrated, gap)
 
 
@@ -528,103 +522,82 @@ def _keep_recalibrated(merged: Merged, net: Network) -> dict[str, torch.Tensor]:
     return recalibrated
 
 
-def select_stage(cs: CheckpointSet, net: Network, flat: FlatSpace, scorer: Scorer, baselines: list[MethodResult],
-                 twa: Evaluated, merged: Merged, out: OutputConfig, progress: Progress | None
-                 ) -> tuple[Merged, Evaluated]:
+def select_stage(run: FitRun, results: FitResults) -> tuple[Merged, Evaluated]:
     """``--select best``: the merge to write is the best on the held-out rows (``report.best_on_heldout``).
 
     When that is not TWA, its weights (the same in every block) are merged from the original files and
-    loaded as they were scored: BatchNorm re-estimated on the fit rows for the soups, a candidate as
-    it is. Returns what to write and its evaluation (its row as reported; TWA's quantization gap).
+    loaded as they were scored: BatchNorm re-estimated on the fit rows for a merge of several
+    candidates, a candidate as it is. Returns what to write and its evaluation (its row as reported;
+    TWA's quantization gap).
     """
-    chosen = best_on_heldout([*baselines, twa.row], scorer.splits.task.higher_is_better)
+    twa = results.twa
+    chosen = best_on_heldout([*results.baselines, twa.row], run.splits.task.higher_is_better)
     if chosen is twa.row:
-        return merged, twa
-    weights = _baseline_weights(chosen, len(cs))
-    alphas = torch.tensor(weights, dtype=torch.float64).expand(flat.layout.n_blocks, len(weights)).clone()
-    written = merge_alphas(cs, net, flat, alphas, out, progress, merged.trained)
-    soup = chosen.kind != "candidate"
-    scorer.load(written.tensors, recalibrate=soup)
-    recalibrated = _keep_recalibrated(written, net) if soup else {}
+        return results.merged, twa
+    method = METHODS[chosen.kind]
+    weights = method.row_weights(chosen, len(run.cs))
+    alphas = torch.tensor(weights, dtype=torch.float64).expand(run.flat.layout.n_blocks, len(weights)).clone()
+    written = merge_alphas(run, alphas, results.merged.trained)
+    run.scorer.load(written.tensors, recalibrate=not method.one_candidate)
+    recalibrated = {} if method.one_candidate else _keep_recalibrated(written, run.net)
     log.info("--select best: writing %s, the best on the held-out rows", chosen.name)
     return written, Evaluated(chosen, recalibrated, twa.quantization_gap)
 
 
-def _quantization_gap(flat: FlatSpace, subspace: Subspace, trained: torch.Tensor, comm: Comm) -> float:
-    """``|written - trained| / |trained - centre|`` over the merged tensors (padding excluded).
-
-    ``flat.binding.flat`` holds what is written (all columns); ``trained`` and the subspace mean hold
-    this rank's columns, whose squared sums are added over ranks. Sums run tensor by tensor, without copies.
-    """
-    layout, mean, written = flat.layout, subspace.mean, flat.binding.flat
-    c0, c1 = flat.col_range
-    sq = torch.zeros(2, dtype=torch.float64)
-    error = None
-    try:
-        for i, o in enumerate(layout.offsets):
-            lo, hi = max(o, c0), min(o + layout.numel(i), c1)
-            if lo >= hi:
-                continue
-            real, ref, centre = written[lo:hi], trained[lo - c0:hi - c0], mean[lo - c0:hi - c0]
-            sq += torch.stack([(real - ref).double().square().sum(), (ref - centre).double().square().sum()]).cpu()
-    except Exception as exc:
-        error = exc
-    gap2, moved2 = comm.sum(sq, error).tolist()
-    return math.sqrt(gap2) / math.sqrt(moved2) if moved2 > 0 else 0.0
-
-
-def describe_ranks(flat: FlatSpace, subspace: Subspace, comm: Comm) -> list[dict] | None:
+def describe_ranks(run: FitRun) -> list[dict] | None:
     """Each rank's columns, basis bytes and peak memory (a distributed fit's report); None in one process."""
-    if comm.world_size == 1:
+    if run.comm.world_size == 1:
         return None
-    return comm.gather_objects({"col_range": list(flat.col_range), "basis_bytes": subspace.basis_bytes(),
-                                **peak_memory()})
+    return run.comm.gather_objects({"col_range": list(run.flat.col_range), "basis_bytes": run.subspace.basis_bytes(),
+                                    **peak_memory()})
 
 
-def write_stage(cs: CheckpointSet, val: DataConfig, model_cfg: ModelConfig, cfg: FitConfig, out: OutputConfig,
-                splits: Splits, flat: FlatSpace, subspace: Subspace, baselines: list[MethodResult],
-                trained: FitOutcome, merged: Merged, twa: Evaluated, written: Evaluated, timer: Timer,
-                per_rank: list[dict] | None) -> dict:
-    """Write the merged checkpoint, the report and the plot as one transaction (rank 0 alone).
+def write_stage(run: FitRun, results: FitResults) -> dict:
+    """Write the merged checkpoint, the report and the plot as one transaction (rank 0 alone); every rank
+    returns the report.
 
     Every file is written under a temporary name and all are renamed into place together at the end:
     a failure anywhere (a report that cannot be written, a full disk, an interrupt) leaves every
     destination as it was.
     """
-    with AtomicWrite() as aw:
-        report = _stage_outputs(aw, cs, val, model_cfg, cfg, out, splits, flat, subspace, baselines, trained,
-                                merged, twa, written, timer, per_rank)
-        try:
-            aw.commit()
-        except OSError as exc:
-            raise OutputError(f"cannot write the outputs of the fit ({one_line(exc)}); nothing was changed") from None
-    return report
+    per_rank = describe_ranks(run)
+    report = None
+    with run.stage("write", timed=False):
+        if run.comm.is_main:
+            with AtomicWrite() as aw:
+                report = _stage_outputs(run, results, aw, per_rank)
+                try:
+                    aw.commit()
+                except OSError as exc:
+                    raise OutputError(f"cannot write the outputs of the fit ({one_line(exc)}); "
+                                      "nothing was changed") from None
+    return run.comm.broadcast_object(report)
 
 
-def _stage_outputs(aw: AtomicWrite, cs: CheckpointSet, val: DataConfig, model_cfg: ModelConfig, cfg: FitConfig,
-                   out: OutputConfig, splits: Splits, flat: FlatSpace, subspace: Subspace,
-                   baselines: list[MethodResult], trained: FitOutcome, merged: Merged, twa: Evaluated,
-                   written: Evaluated, timer: Timer, per_rank: list[dict] | None) -> dict:
+def _stage_outputs(run: FitRun, results: FitResults, aw: AtomicWrite, per_rank: list[dict] | None) -> dict:
+    """Stage the checkpoint, the report and the plot in ``aw``; returns the report."""
+    cfg, cs, out, splits, subspace = run.cfg, run.cs, run.out, run.splits, run.subspace
+    merged, twa, written, trained = results.merged, results.twa, results.written, results.trained
     sources = cs.sources()
     metadata = build_metadata(written.row.kind, [{"path": s["path"], "sha256": s["sha256"]} for s in sources],
                               blocks=cfg.blocks, bits=cfg.bits, alphas=merged.alphas.tolist(),
                               heldout=written.row.heldout, metric_name=splits.task.metric_name,
                               higher_is_better=splits.task.higher_is_better)
-    with timer.phase("write"):
+    # timings["write"] is the checkpoint's write alone.
+    with run.stage("write", agree=False):
         files = write_checkpoint(merged.tensors, out.path, metadata=metadata, force=out.force,
                                  max_shard_size=out.max_shard_size, hf_source_dir=cs.hf_dir, transaction=aw)
-    layout = flat.layout
-    data = splits.data
+    layout, data, flat = run.flat.layout, splits.data, run.flat
     report = build_report(
         settings=cfg,
-        data=DataSummary(str(val.path), data.n, int(splits.fit.numel()), int(splits.heldout.numel()),
+        data=DataSummary(str(run.val.path), data.n, int(splits.fit.numel()), int(splits.heldout.numel()),
                          list(data.inputs), data.label),
-        model={"spec": model_cfg.spec or str(cs.hf_dir), "args": model_cfg.args, "loss": model_cfg.loss,
+        model={"spec": run.net.spec, "args": run.model_cfg.args, "loss": run.model_cfg.loss,
                "task": splits.task.name},
         candidates=sources,
         metric_name=splits.task.metric_name,
         higher_is_better=splits.task.higher_is_better,
-        methods=[*baselines, twa.row],
+        methods=[*results.baselines, twa.row],
         basis=BasisSummary(layout.block_names(), subspace.ranks, subspace.dropped, subspace.spread.tolist(),
                            layout.n_params, layout.n_cols, subspace.rows, cfg.bits, cfg.group_size,
                            subspace.basis_bytes(), twa.quantization_gap),
@@ -632,9 +605,9 @@ def _stage_outputs(aw: AtomicWrite, cs: CheckpointSet, val: DataConfig, model_cf
         seconds_per_step=trained.seconds_per_step,
         merge=MergeRecord(merged.key_block, merged.alphas.tolist(), merged.default_alphas,
                           dtype_name(merged.out_dtype) if merged.out_dtype else None,
-                          _encode_tensors(written.recalibrated), metadata),
+                          encode_tensors(written.recalibrated), metadata),
         outputs=[str(p) for p in files],
-        timings=timer.seconds,
+        timings=run.timer.seconds,
         memory={**peak_memory(), "basis_bytes": subspace.basis_bytes(),
                 "flat_buffer_bytes": 2 * flat.binding.flat.numel() * flat.binding.flat.element_size()},
         distributed=None if per_rank is None else {"world_size": len(per_rank),
@@ -650,35 +623,6 @@ def _stage_outputs(aw: AtomicWrite, cs: CheckpointSet, val: DataConfig, model_cf
 
         plot_report(report, out.plot, out.force, transaction=aw)
     return report
-
-
-def _encode_tensors(tensors: dict[str, torch.Tensor]) -> str:
-    return base64.b64encode(st_save({k: v.contiguous() for k, v in tensors.items()})).decode() if tensors else ""
-
-
-def _decode_tensors(blob: str, source: str | Path = "report") -> dict[str, torch.Tensor]:
-    if not blob:
-        return {}
-    try:
-        return st_load(base64.b64decode(blob, validate=True))
-    except Exception as exc:  # noqa: BLE001 - binascii, safetensors and torch errors alike
-        raise TwamergeError(f"{source}: merge.recalibrated_buffers: not base64 of a safetensors blob "
-                            f"({one_line(exc)[:200]})") from None
-
-
-def _recalibrated(report_path: str | Path, blob: str, merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The report's recalibrated buffers, each checked against the merged tensor it replaces."""
-    buffers = _decode_tensors(blob, report_path)
-    for key, t in buffers.items():
-        field = f"{report_path}: merge.recalibrated_buffers[{key!r}]"
-        check_tensor(t, report_path, f"merge.recalibrated_buffers[{key!r}]")
-        if key not in merged:
-            raise TwamergeError(f"{field}: not a tensor of the merge")
-        ref = merged[key]
-        if t.shape != ref.shape or t.dtype != ref.dtype:
-            raise TwamergeError(f"{field}: {list(t.shape)} {dtype_name(t.dtype)} does not match the merged "
-                                f"{list(ref.shape)} {dtype_name(ref.dtype)}")
-    return buffers
 
 
 # -- eval and apply ---------------------------------------------------------------------------------
@@ -748,7 +692,7 @@ def apply_report(report_path: str | Path, checkpoints: Sequence[str | Path],
                 raise TwamergeError(f"{cs.paths[i]}: SHA-256 {g[:12]}... differs from the fit's candidate {i + 1} "
                                     f"({report['candidates'][i]['path']}, {e[:12]}...); pass the same files in the "
                                     "same order")
-        merged.update(_recalibrated(report_path, merge.get("recalibrated_buffers", ""), merged))
+        merged.update(recalibrated_buffers(report_path, merge.get("recalibrated_buffers", ""), merged))
         written = write_checkpoint(merged, out.path, metadata=merge["metadata"], force=out.force,
                                    max_shard_size=out.max_shard_size, hf_source_dir=cs.hf_dir)
     finally:

@@ -12,9 +12,10 @@ The rules, in order (each column not used is named in the log with the reason):
 5. The other numeric columns are inputs (``--inputs`` names them); when the model's ``forward``
    names its parameters, columns it does not take are dropped.
 
-Labels follow the task: integers, ClassLabels or strings through the config's ``label2id`` for
-classification; the ids themselves (-100 on padding) or a ``labels`` column for a causal LM; token
-labels padded with -100; none for ``--loss entropy``.
+The label column is found here (``--label``, else by name) and handed to the task, which gives it
+its form (``Task.shape_labels``: strings through the config's ``label2id``, floats for regression,
+none for a causal LM without one, whose labels are the ids) and says which classes the held-out
+split keeps in proportion (``Task.strata``). Label padding is ``data.IGNORE_INDEX``.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ from torch import nn
 
 from . import text as textmod
 from .config import DataConfig, ModelConfig
-from .data import LABEL_CANDIDATES, RawTable, TensorData, _ragged, check_finite_columns, read_table
+from .data import IGNORE_INDEX, RawTable, TensorData, ragged, read_table
 from .errors import DataError
-from .models import _load_factory
-from .tasks import IGNORE_INDEX, CausalLM, Task, resolve_task
+from .models import load_factory
+from .tasks import LabelColumn, Task, resolve_task
 
 log = logging.getLogger(__name__)
+
+LABEL_CANDIDATES = ("label", "labels", "target", "y")  # the label column by name, without --label
 
 
 @dataclass
@@ -98,7 +101,7 @@ def _find_label(table: RawTable, val: DataConfig) -> str | None:
 
 def _preprocess(table: RawTable, spec: str) -> set[str]:
     """Replace the table's columns by what ``fn(columns)`` returns (labels kept); returns the new input names."""
-    fn = _load_factory(spec, "--preprocess")
+    fn = load_factory(spec, "--preprocess")
     raw = {k: (v if isinstance(v, torch.Tensor) else list(v)) for k, v in table.columns.items()}
     try:
         out = fn(raw)
@@ -141,10 +144,10 @@ def _as_column(value: Any, name: str, spec: str) -> Any:
             return torch.from_numpy(np.ascontiguousarray(array))
     except ValueError:
         pass
-    ragged = _ragged(values)
-    if ragged is None:
+    rows = ragged(values)
+    if rows is None:
         raise DataError(f"--preprocess {spec}: column {name} is neither numbers, lists of numbers nor text")
-    return ragged
+    return rows
 
 
 class _Builder:
@@ -187,7 +190,8 @@ class _Builder:
                 log.info("column %s of %s dropped: %s", name, table.source, self._why_unused(name))
         used = {name: self.columns[name] for name in (*self.inputs, *([label_name] if label_name else []))}
         check_finite_columns(used, table.source, allow=self.val.allow_nonfinite_data)
-        return TensorData(self.columns, tuple(self.inputs), label_name, table.source, self.pad)
+        strata = self.task.strata(self.columns[label_name]) if label_name else None
+        return TensorData(self.columns, tuple(self.inputs), label_name, table.source, self.pad, strata)
 
     # -- inputs ------------------------------------------------------------------------------------
 
@@ -205,7 +209,7 @@ class _Builder:
             text, pair = textmod.find_text_columns(texts, self.val.text, self.val.text_pair)
             if text is not None:
                 self._tokenize(text, pair)
-            elif isinstance(self.task, CausalLM) and {"prompt", "completion"} <= set(texts):
+            elif self.task.labels_from_inputs and {"prompt", "completion"} <= set(texts):
                 self._tokenize_sft()
         for name, kind in kinds.items():
             if name in self.used or name in skip:
@@ -343,65 +347,28 @@ class _Builder:
     # -- labels ------------------------------------------------------------------------------------
 
     def _labels(self) -> str | None:
-        """Put the label column into ``columns`` in the task's form; its name, or None without labels."""
+        """Put the label column, in the task's form, into ``columns``; its name, or None without labels."""
         task, table = self.task, self.table
         if not task.needs_labels:
             return None
-        if isinstance(task, CausalLM):
-            if "labels" in self.columns:  # prompt/completion masking
-                return "labels"
-            if self.label is not None and table.kind(self.label) in ("numeric", "ragged"):
-                self.columns[self.label] = table.columns[self.label]  # honoured as given
-                self.pad[self.label] = IGNORE_INDEX
-                return self.label
-            if "input_ids" not in self.columns:
-                raise DataError(f"--val {table.source}: a causal LM needs text or input_ids; columns: "
-                                f"{', '.join(table.columns)}")
-            return None  # the ids themselves, -100 on padding (tasks.CausalLM.labels)
-        if self.label is None:
+        if task.labels_from_inputs and "labels" in self.columns:  # prompt + completion rows (_tokenize_sft)
+            return "labels"
+        if self.label is None and not task.labels_from_inputs:
             raise DataError(f"--val {table.source}: no label column; expected one of {', '.join(LABEL_CANDIDATES)} "
                             f"(columns: {', '.join(table.columns)}); name it with --label, or fit without labels "
                             "with --loss entropy")
-        kind = table.kind(self.label)
-        values = table.columns[self.label]
-        if kind == "text":
-            values = self._map_strings(values)
-        elif self.label in table.class_names:
-            values = self._map_class_label(values, table.class_names[self.label])
-        elif kind not in ("numeric", "ragged"):
-            raise DataError(f"label column {self.label}: a {kind} column; expected numbers or strings")
-        if isinstance(values, torch.Tensor) and values.dtype == torch.bool:
-            values = values.long()
-        if task.name == "regression" and isinstance(values, torch.Tensor):
-            values = values.float()
+        column = None if self.label is None else LabelColumn(
+            self.label, table.columns[self.label], table.kind(self.label), table.class_names.get(self.label),
+            getattr(self.ctx.config, "label2id", None), self.ctx.name)
+        values = task.shape_labels(column)
+        if values is None:  # the task builds its labels from the input ids (tasks.CausalLM.labels)
+            if "input_ids" not in self.columns:
+                raise DataError(f"--val {table.source}: a {task.name} model needs text or input_ids; columns: "
+                                f"{', '.join(table.columns)}")
+            return None
         self.columns[self.label] = values
         self.pad[self.label] = IGNORE_INDEX
         return self.label
-
-    def _label2id(self) -> dict[str, int] | None:
-        mapping = getattr(self.ctx.config, "label2id", None)
-        return {str(k): int(v) for k, v in mapping.items()} if mapping else None
-
-    def _map_strings(self, values: list[str]) -> torch.Tensor:
-        """String labels through the config's ``label2id``; an unknown label is an error naming it."""
-        mapping = self._label2id()
-        if mapping is None:
-            raise DataError(f"label column {self.label} holds strings (e.g. {values[0]!r}) and {self.ctx.name} has "
-                            "no config.label2id to map them; give integer labels")
-        unknown = sorted({v for v in values if v not in mapping})
-        if unknown:
-            raise DataError(f"label {unknown[0]!r} of column {self.label} is not in the model's label2id "
-                            f"({', '.join(list(mapping)[:10])})" + (f"; {len(unknown)} unknown labels" if
-                                                                   len(unknown) > 1 else ""))
-        return torch.tensor([mapping[v] for v in values], dtype=torch.long)
-
-    def _map_class_label(self, values: torch.Tensor, names: list[str]) -> torch.Tensor:
-        """A ClassLabel's ids, renumbered through ``label2id`` when the model names the same classes."""
-        mapping = self._label2id()
-        if mapping is None or not set(names) <= set(mapping) or list(mapping) == names:
-            return values
-        table = torch.tensor([mapping[n] for n in names], dtype=torch.long)
-        return torch.where(values >= 0, table[values.clamp_min(0)], values)
 
     # -- lengths -----------------------------------------------------------------------------------
 
@@ -438,6 +405,36 @@ class _Builder:
         if kind == "image":
             return "an image column not used"
         return "not named by --inputs" if self.val.inputs else f"{self.task.name} does not use it"
+
+
+def check_finite_columns(columns: dict[str, Any], source: str, *, allow: bool = False) -> None:
+    """Refuse complex columns, and NaN/Inf anywhere (unless ``allow``), naming the column and first row.
+
+    ``columns`` are the model's inputs and the label, as tensors ``[N, ...]`` or lists of per-row
+    tensors (ragged sequences).
+    """
+    def rows_of(col: Any) -> list[torch.Tensor] | torch.Tensor:
+        return col if isinstance(col, torch.Tensor) else [t for t in col if isinstance(t, torch.Tensor)]
+
+    for name, col in columns.items():
+        parts = rows_of(col)
+        if any(t.is_complex() for t in ([parts] if isinstance(parts, torch.Tensor) else parts)):
+            raise DataError(f"--val {source}: column {name!r} is complex; inputs and labels must be real")
+    if allow:
+        return
+    for name, col in columns.items():
+        parts = rows_of(col)
+        if isinstance(parts, torch.Tensor):
+            if not parts.is_floating_point():
+                continue
+            bad = ~torch.isfinite(parts.float() if parts.dtype.itemsize == 1 else parts)
+            rows = bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten() if bad.numel() else bad.new_zeros(0)
+        else:
+            rows = torch.tensor([i for i, t in enumerate(parts) if t.is_floating_point()
+                                 and not bool(torch.isfinite(t.float()).all())], dtype=torch.long)
+        if rows.numel():
+            raise DataError(f"--val {source}: column {name!r} holds NaN or Inf in {rows.numel()} rows, first row "
+                            f"{int(rows[0])}; clean the data or pass --allow-nonfinite-data")
 
 
 def hf_dirs(paths: list[Path]) -> list[Path]:

@@ -6,37 +6,33 @@ to re-emit the same merge without data or model.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import resource
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from .errors import OutputError, TwamergeError, one_line
 from .io.atomic import AtomicWrite, refuse_existing
+from .io.formats.checks import check_tensor
 from .io.jsonschema import Fields, load_json
+from .methods import MethodResult, best_candidate, contenders, is_better
+from .options import dtype_name, parse_dtype
+
+__all__ = ["BasisSummary", "DataSummary", "MergeRecord", "MethodResult", "Timer", "best_candidate", "best_on_heldout",
+           "build_report", "decode_tensors", "encode_tensors", "is_better", "peak_memory", "read_report",
+           "recalibrated_buffers", "validate_report", "write_report"]
 
 REPORT_VERSION = 1
-
-
-@dataclass
-class MethodResult:
-    """One row of the comparison table."""
-
-    name: str
-    kind: str  # candidate | uniform | greedy | twa
-    fit: dict | None = None  # {"loss", "metric", "n"} on the fit split
-    heldout: dict | None = None  # the same on the held-out split
-    detail: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "fit": self.fit, "heldout": self.heldout, **self.detail}
 
 
 class Timer:
@@ -63,35 +59,18 @@ def peak_memory() -> dict:
     return out
 
 
-def best_candidate(rows: list[MethodResult], split: str, higher_is_better: bool) -> MethodResult | None:
-    """The candidate row with the best metric on ``split`` (the first of equals); None without candidates."""
-    cands = [r for r in rows if r.kind == "candidate" and getattr(r, split) is not None]
-    if not cands:
-        return None
-    sign = 1 if higher_is_better else -1
-    return max(cands, key=lambda r: sign * getattr(r, split)["metric"])
-
-
-def is_better(a: dict, b: dict, higher_is_better: bool) -> bool:
-    """Whether metrics ``a`` are strictly better than ``b``."""
-    return a["metric"] > b["metric"] if higher_is_better else a["metric"] < b["metric"]
-
-
 def best_on_heldout(rows: list[MethodResult], higher_is_better: bool) -> MethodResult:
-    """What ``--select best`` writes: of TWA, the greedy soup, the uniform average and the best candidate on
-    the fit split, the row with the best held-out metric; ties go to the lower held-out loss, then to the
-    first of that order (TWA first). Each contender was made on the fit rows, so the held-out rows
-    compare them fairly; the winner's held-out figure is then optimistic (it was chosen by it).
-    TWA when there are no held-out rows."""
+    """What ``--select best`` writes: of TWA and what each fit baseline puts forward (``methods.contenders``:
+    the uniform average, the greedy soup, the best candidate on the fit split), the row with the best
+    held-out metric; ties go to the lower held-out loss, then to the first of that order (TWA first).
+    Each contender was made on the fit rows, so the held-out rows compare them fairly; the winner's
+    held-out figure is then optimistic (it was chosen by it). TWA when there are no held-out rows."""
     twa = next(r for r in rows if r.kind == "twa")
     if twa.heldout is None:
         return twa
-    contenders = [twa, *(r for r in rows if r.kind in ("greedy", "uniform"))]
-    best = best_candidate(rows, "fit", higher_is_better)
-    if best is not None:
-        contenders.append(best)
+    pool = [twa, *(row for method in contenders() for row in method.contenders(rows, higher_is_better))]
     sign = 1 if higher_is_better else -1
-    return max(contenders, key=lambda r: (sign * r.heldout["metric"], -r.heldout["loss"]))
+    return max(pool, key=lambda r: (sign * r.heldout["metric"], -r.heldout["loss"]))
 
 
 @dataclass
@@ -254,8 +233,6 @@ def read_report(path: Path) -> dict:
 
 def validate_report(report: dict, source: str | Path) -> None:
     """Check the parts of a report that ``apply`` reads; raise ``TwamergeError`` naming the field."""
-    from .options import parse_dtype
-
     f = Fields(source, TwamergeError)
     if isinstance(report.get("report_version"), bool):
         raise f.expected("report_version", f"the integer {REPORT_VERSION}", report["report_version"])
@@ -286,3 +263,38 @@ def validate_report(report: dict, source: str | Path) -> None:
     f.string(merge.get("recalibrated_buffers", ""), "merge.recalibrated_buffers",
              what="base64 text of a safetensors blob")
     f.str_map(f.get(merge, "metadata", "merge.metadata"), "merge.metadata")
+
+
+# -- the recalibrated BatchNorm statistics of a merge, carried in the report as base64 safetensors ----------------
+
+
+def encode_tensors(tensors: dict[str, torch.Tensor]) -> str:
+    """``tensors`` as base64 text of a safetensors blob (``merge.recalibrated_buffers``); "" for none."""
+    return base64.b64encode(st_save({k: v.contiguous() for k, v in tensors.items()})).decode() if tensors else ""
+
+
+def decode_tensors(blob: str, source: str | Path = "report") -> dict[str, torch.Tensor]:
+    """The tensors :func:`encode_tensors` wrote; raises ``TwamergeError`` naming ``source`` for anything else."""
+    if not blob:
+        return {}
+    try:
+        return st_load(base64.b64decode(blob, validate=True))
+    except Exception as exc:  # noqa: BLE001 - binascii, safetensors and torch errors alike
+        raise TwamergeError(f"{source}: merge.recalibrated_buffers: not base64 of a safetensors blob "
+                            f"({one_line(exc)[:200]})") from None
+
+
+def recalibrated_buffers(report_path: str | Path, blob: str,
+                         merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The report's recalibrated buffers, each checked against the merged tensor it replaces."""
+    buffers = decode_tensors(blob, report_path)
+    for key, t in buffers.items():
+        field = f"{report_path}: merge.recalibrated_buffers[{key!r}]"
+        check_tensor(t, report_path, f"merge.recalibrated_buffers[{key!r}]")
+        if key not in merged:
+            raise TwamergeError(f"{field}: not a tensor of the merge")
+        ref = merged[key]
+        if t.shape != ref.shape or t.dtype != ref.dtype:
+            raise TwamergeError(f"{field}: {list(t.shape)} {dtype_name(t.dtype)} does not match the merged "
+                                f"{list(ref.shape)} {dtype_name(ref.dtype)}")
+    return buffers

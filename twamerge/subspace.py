@@ -198,6 +198,45 @@ class Subspace:
         k = self.n_candidates
         return 1.0 / k + t - t.mean(dim=1, keepdim=True)
 
+    def theta_of(self, weights: Sequence[float], coordinates: str) -> torch.Tensor:
+        """Trained coordinates ``theta`` [B, R] float32 of the point whose alphas are ``weights`` in every block.
+
+        With ``t = a - 1/K`` the offsets of the wanted weights ``a`` from uniform, ``beta_b`` solves
+        ``T_b^T beta_b = t`` in the least-squares sense (exact unless the point leaves the subspace, e.g.
+        a duplicate candidate whose direction was dropped); ``theta = beta / step_scale(coordinates)``.
+        The uniform weights are the subspace's centre, ``theta = 0``, with nothing to solve.
+        """
+        target = torch.tensor(weights, dtype=torch.float64) - 1.0 / self.n_candidates
+        if not bool(target.any()):
+            return torch.zeros(self.layout.n_blocks, self.rows)
+        beta = torch.stack([torch.linalg.pinv(t.T) @ target for t in self.transform])  # [B, R]
+        scale = self.step_scale(coordinates)
+        theta = torch.where(scale > 0, beta / scale.clamp_min(1e-300), torch.zeros_like(beta))
+        return theta.float()
+
+    def quantization_gap(self, written: torch.Tensor, trained: torch.Tensor, comm: Comm) -> float:
+        """``|written - trained| / |trained - centre|`` over the merged tensors (padding excluded).
+
+        ``written`` holds the merge as written, all columns (the fit's flat buffer); ``trained``, like
+        ``mean``, this object's columns (a rank's, in a distributed fit), whose squared sums are added
+        over ranks. Sums run tensor by tensor, without copies.
+        """
+        layout, mean = self.layout, self.mean
+        c0, c1 = self.col_range or (0, layout.n_cols)
+        sq = torch.zeros(2, dtype=torch.float64)
+        error = None
+        try:
+            for i, o in enumerate(layout.offsets):
+                lo, hi = max(o, c0), min(o + layout.numel(i), c1)
+                if lo >= hi:
+                    continue
+                real, ref, centre = written[lo:hi], trained[lo - c0:hi - c0], mean[lo - c0:hi - c0]
+                sq += torch.stack([(real - ref).double().square().sum(), (ref - centre).double().square().sum()]).cpu()
+        except Exception as exc:
+            error = exc
+        gap2, moved2 = comm.sum(sq, error).tolist()
+        return math.sqrt(gap2) / math.sqrt(moved2) if moved2 > 0 else 0.0
+
 
 def _as_compute(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in INPUT_DTYPES else x.float()
@@ -273,118 +312,148 @@ def build_subspace(
             (``CheckpointSet.stack_slice``). ``False`` (``--allow-nonfinite``) does not look for them.
         cache_bytes: the most candidate bytes held to read a multi-tensor block once.
     """
-    device = torch.device(device)
-    comm = comm or SingleProcess()
-    k, g = len(candidates), layout.group_size
+    build = _Build(candidates, layout, comm or SingleProcess(), torch.device(device), bits=bits, backend=backend,
+                   rank_rtol=rank_rtol, check_finite=check_finite)
     progress = progress or (lambda it: it)
-    _, ranges = split_columns(layout.n_cols, g, comm.world_size)
-    c0, c1 = ranges[comm.rank]
-    load_slice = candidates.stack_slice
-    by_block = layout.block_names()
-    index_of = {name: i for i, name in enumerate(layout.names)}
-    members = [[index_of[n] for n in names] for names in by_block]
-    single = comm.world_size == 1
+    reread = build.first_pass(progress, cache_bytes)
+    build.second_pass(reread, progress)
+    return build.result()
 
-    def owned(i: int) -> tuple[int, int]:
-        """The part ``[lo, hi)`` of tensor ``i`` (flattened) that falls in ``[c0, c1)``; empty when lo >= hi."""
-        o0 = layout.offsets[i]
-        return max(o0, c0) - o0, min(o0 + layout.numel(i), c1) - o0
 
-    def load(i: int) -> torch.Tensor:
-        lo, hi = owned(i)
-        return _as_compute(load_slice(layout.names[i], lo, hi)).reshape(k, -1).to(device)
+class _Build:
+    """One :func:`build_subspace` call: the buffers it fills (mean, basis, Gram matrices, transforms) and its
+    steps as methods: the first pass (Gram matrices, and the basis of the blocks held in memory), the sum
+    over ranks, the second pass over the blocks read again, and the result."""
 
-    def itemsize(i: int) -> int:
-        dtype = _dtype_of(candidates, layout.names[i])
-        return dtype.itemsize if dtype in INPUT_DTYPES else 4
+    def __init__(self, candidates: CandidateColumns, layout: FlatLayout, comm: Comm, device: torch.device, *,
+                 bits: int, backend: str | None, rank_rtol: float, check_finite: bool):
+        self.candidates, self.layout, self.comm, self.device, self.backend = candidates, layout, comm, device, backend
+        self.rank_rtol, self.check_finite = rank_rtol, check_finite
+        self.k = k = len(candidates)
+        _, ranges = split_columns(layout.n_cols, layout.group_size, comm.world_size)
+        self.c0, self.c1 = ranges[comm.rank]
+        index_of = {name: i for i, name in enumerate(layout.names)}
+        self.members = [[index_of[n] for n in names] for names in layout.block_names()]
+        # Every rank allocates K - 1 rows (the most a block can have); trimmed to the largest rank at the end.
+        self.rows = max(1, k - 1)
+        n_cols = self.c1 - self.c0
+        n_groups = 0 if bits in FLOAT_BITS else n_cols // layout.group_size
+        self.bits = bits
+        self.mean = torch.zeros(n_cols, dtype=torch.float32, device=device)
+        self.codes = torch.empty(codes_shape(self.rows, n_cols, bits), dtype=storage_dtype(bits), device=device)
+        self.scales = torch.empty(self.rows, n_groups, dtype=torch.float32, device=device)
+        self.zeros = torch.empty(self.rows, n_groups, dtype=torch.float32, device=device)
+        self.grams = torch.zeros(layout.n_blocks, k, k, dtype=torch.float64)
+        self.transform = torch.zeros(layout.n_blocks, self.rows, k, dtype=torch.float64)
+        self.ranks = [0] * layout.n_blocks
+        self.spreads = [0.0] * layout.n_blocks
+        self.basis = _BasisWriter(layout, self.codes, self.scales, self.zeros, self.mean, bits, self.c0, self.c1,
+                                  backend)
+        self._last: dict[int, torch.Tensor] = {}  # the tensor read last in the second pass
 
-    # Every rank allocates K - 1 rows (the most a block can have); trimmed to the largest rank at the end.
-    rows = max(1, k - 1)
-    n_cols = c1 - c0
-    n_groups = 0 if bits in FLOAT_BITS else n_cols // g
-    mean = torch.zeros(n_cols, dtype=torch.float32, device=device)
-    codes = torch.empty(codes_shape(rows, n_cols, bits), dtype=storage_dtype(bits), device=device)
-    scales = torch.empty(rows, n_groups, dtype=torch.float32, device=device)
-    zeros = torch.empty(rows, n_groups, dtype=torch.float32, device=device)
-    grams = torch.zeros(layout.n_blocks, k, k, dtype=torch.float64)
-    transform = torch.zeros(layout.n_blocks, rows, k, dtype=torch.float64)
-    ranks = [0] * layout.n_blocks
-    spreads = [0.0] * layout.n_blocks
-    basis = _BasisWriter(layout, codes, scales, zeros, mean, bits, c0, c1, backend)
+    def owned(self, i: int) -> tuple[int, int]:
+        """The part ``[lo, hi)`` of tensor ``i`` (flattened) in this rank's columns; empty when lo >= hi."""
+        o0 = self.layout.offsets[i]
+        return max(o0, self.c0) - o0, min(o0 + self.layout.numel(i), self.c1) - o0
 
-    def finish(b: int) -> None:
-        if not bool(torch.isfinite(grams[b]).all()):
-            from .errors import NonFiniteError
+    def load(self, i: int) -> torch.Tensor:
+        """This rank's columns of tensor ``i`` in every candidate, [K, n] on the device."""
+        lo, hi = self.owned(i)
+        name = self.layout.names[i]
+        return _as_compute(self.candidates.stack_slice(name, lo, hi)).reshape(self.k, -1).to(self.device)
 
-            raise NonFiniteError(
-                f"the candidates hold NaN/Inf in block {b} ({', '.join(by_block[b][:3])}"
-                f"{', ...' if len(by_block[b]) > 3 else ''}): no subspace can be built through them; "
-                "drop that checkpoint"
-            )
-        ranks[b], spreads[b], t = _transform(grams[b], k, rank_rtol)
-        transform[b, : t.shape[0]] = t
+    def block_bytes(self, b: int) -> int:
+        """Bytes of block ``b``'s columns on this rank, all candidates, as they are computed on."""
+        total = 0
+        for i in self.members[b]:
+            lo, hi = self.owned(i)
+            dtype = _dtype_of(self.candidates, self.layout.names[i])
+            total += self.k * max(0, hi - lo) * (dtype.itemsize if dtype in INPUT_DTYPES else 4)
+        return total
 
-    def gram_pass(b: int, keep: bool) -> dict[int, torch.Tensor]:
+    def gram_pass(self, b: int, keep: bool) -> dict[int, torch.Tensor]:
+        """Add block ``b``'s tensors to its Gram matrix and write their mean; returns the tensors read when ``keep``."""
         held: dict[int, torch.Tensor] = {}
-        for i in members[b]:
-            lo, hi = owned(i)
+        for i in self.members[b]:
+            lo, hi = self.owned(i)
             if lo >= hi:
                 continue
-            x = load(i)
-            gram, m = kernels.gram(x, backend=backend)
+            x = self.load(i)
+            gram, m = kernels.gram(x, backend=self.backend)
             gram = gram.cpu()
-            if check_finite and not bool(torch.isfinite(gram).all()):
-                gram = _locate_nonfinite(candidates, layout.names[i], x, k)
-            grams[b] += gram
-            o = layout.offsets[i] + lo - c0
-            mean[o:o + x.shape[1]] = m
+            if self.check_finite and not bool(torch.isfinite(gram).all()):
+                gram = _locate_nonfinite(self.candidates, self.layout.names[i], x, self.k)
+            self.grams[b] += gram
+            o = self.layout.offsets[i] + lo - self.c0
+            self.mean[o:o + x.shape[1]] = m
             if keep:
                 held[i] = x
         return held
 
-    reread: list[int] = []
-    error: BaseException | None = None
-    try:
-        for b in progress(range(layout.n_blocks)):
-            held_bytes = sum(k * max(0, owned(i)[1] - owned(i)[0]) * itemsize(i) for i in members[b])
-            keep = single and (len(members[b]) == 1 or held_bytes <= cache_bytes)
-            held = gram_pass(b, keep)
-            if keep:
-                finish(b)
-                basis.write_block(b, transform[b], held.__getitem__)
-            else:
-                reread.append(b)
-            del held
-    except (Exception, KeyboardInterrupt) as exc:
-        error = exc
-    if not single:
-        grams = comm.sum(grams, error)
-    elif error is not None:
-        raise error
-    cache: dict[int, torch.Tensor] = {}
+    def finish(self, b: int) -> None:
+        """Block ``b``'s rank, spread and transform from its (complete) Gram matrix."""
+        if not bool(torch.isfinite(self.grams[b]).all()):
+            from .errors import NonFiniteError
 
-    def source(i: int) -> torch.Tensor:
-        if i not in cache:
-            cache.clear()
-            cache[i] = load(i)
-        return cache[i]
+            names = self.layout.block_names()[b]
+            raise NonFiniteError(
+                f"the candidates hold NaN/Inf in block {b} ({', '.join(names[:3])}"
+                f"{', ...' if len(names) > 3 else ''}): no subspace can be built through them; "
+                "drop that checkpoint"
+            )
+        self.ranks[b], self.spreads[b], t = _transform(self.grams[b], self.k, self.rank_rtol)
+        self.transform[b, : t.shape[0]] = t
 
-    for b in progress(reread):
-        finish(b)
-        basis.write_block(b, transform[b], source)
-    cache.clear()
+    def first_pass(self, progress: Callable[[Iterable], Iterable], cache_bytes: int) -> list[int]:
+        """Read every block once for its Gram matrix; finish the blocks held in memory. Returns the blocks to
+        read again (all of them on several ranks, whose Gram matrices are complete only once summed)."""
+        whole = self.comm.world_size == 1  # one rank: a block's Gram matrix is complete after its read
+        reread: list[int] = []
+        error: BaseException | None = None
+        try:
+            for b in progress(range(self.layout.n_blocks)):
+                keep = whole and (len(self.members[b]) == 1 or self.block_bytes(b) <= cache_bytes)
+                held = self.gram_pass(b, keep)
+                if keep:
+                    self.finish(b)
+                    self.basis.write_block(b, self.transform[b], held.__getitem__)
+                else:
+                    reread.append(b)
+                del held
+        except (Exception, KeyboardInterrupt) as exc:
+            error = exc
+        # The ranks' partial Gram matrices add up to the global ones; a failure on any rank raises on all.
+        self.grams = self.comm.sum(self.grams, error)
+        return reread
 
-    dropped = sum(k - 1 - r for r in ranks)
-    if dropped:
-        log.warning("%d of %d directions dropped as duplicate or collinear (rank_rtol=%g)",
-                    dropped, (k - 1) * layout.n_blocks, rank_rtol)
-    used = max(1, max(ranks, default=0))
-    if used < rows:
-        # Rows past every block's rank hold zeros: drop them (rare: duplicates or collinear candidates).
-        codes, scales, zeros = codes[:used].clone(), scales[:used].clone(), zeros[:used].clone()
-        transform = transform[:, :used].contiguous()
-    return Subspace(layout, mean, codes, scales, zeros, transform, ranks, torch.tensor(spreads, dtype=torch.float64),
-                    bits, k, backend, (c0, c1))
+    def second_pass(self, blocks: list[int], progress: Callable[[Iterable], Iterable]) -> None:
+        """Finish ``blocks`` and write their basis, reading their tensors again (each held while it is used)."""
+        for b in progress(blocks):
+            self.finish(b)
+            self.basis.write_block(b, self.transform[b], self._read_again)
+        self._last.clear()
+
+    def _read_again(self, i: int) -> torch.Tensor:
+        if i not in self._last:
+            self._last.clear()
+            self._last[i] = self.load(i)
+        return self._last[i]
+
+    def result(self) -> Subspace:
+        """The subspace, its rows trimmed to the largest rank of any block."""
+        k, n_blocks = self.k, self.layout.n_blocks
+        dropped = sum(k - 1 - r for r in self.ranks)
+        if dropped:
+            log.warning("%d of %d directions dropped as duplicate or collinear (rank_rtol=%g)",
+                        dropped, (k - 1) * n_blocks, self.rank_rtol)
+        codes, scales, zeros, transform = self.codes, self.scales, self.zeros, self.transform
+        used = max(1, max(self.ranks, default=0))
+        if used < self.rows:
+            # Rows past every block's rank hold zeros: drop them (rare: duplicates or collinear candidates).
+            codes, scales, zeros = codes[:used].clone(), scales[:used].clone(), zeros[:used].clone()
+            transform = transform[:, :used].contiguous()
+        return Subspace(self.layout, self.mean, codes, scales, zeros, transform, self.ranks,
+                        torch.tensor(self.spreads, dtype=torch.float64), self.bits, k, self.backend, (self.c0, self.c1))
 
 
 def _dtype_of(candidates: CandidateColumns, name: str) -> torch.dtype:

@@ -1,4 +1,10 @@
-"""The task decides the loss the fit minimises and the metric every figure is measured in.
+"""The task decides the loss the fit minimises, the metric every figure is measured in, and the labels.
+
+It owns everything about labels: their form (:meth:`Task.shape_labels`, called by ``prepare.py``
+on the label column as read), the classes the held-out split keeps in proportion
+(:meth:`Task.strata`), the loss and the metric. Adding a task is one :class:`Task` subclass and
+one entry in :data:`TASKS` (``--task NAME``; ``--task module:fn`` returning an instance needs no
+entry), plus one in ``ARCHITECTURE_SUFFIXES`` if ``auto`` should pick it for a transformers head.
 
 A :class:`Task` turns a model output and a :class:`~twamerge.data.Batch` into sums, never means:
 ``loss`` returns the sum of per-item losses and the number of items (tokens for a language model,
@@ -18,30 +24,78 @@ the greedy soup, ``--init best`` and ``--fail-if-worse``.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
+from .data import IGNORE_INDEX  # the one definition; ``tasks.IGNORE_INDEX`` is the same constant
 from .errors import DataError, ModelError
-from .models import _load_factory, output_tensor
+from .models import load_factory, output_tensor
 
 if TYPE_CHECKING:
     from torch import nn
 
     from .data import Batch
 
-IGNORE_INDEX = -100  # the label of a position that is neither trained nor scored (transformers' convention)
 
-TASK_NAMES = ("classification", "causal-lm", "token-classification", "regression")
 # config.architectures suffix -> task (transformers' naming convention for heads).
 ARCHITECTURE_SUFFIXES = (("ForCausalLM", "causal-lm"), ("ForSequenceClassification", "classification"),
                          ("ForTokenClassification", "token-classification"),
                          ("ForImageClassification", "classification"))
 
 
+@dataclass
+class LabelColumn:
+    """The label column as read, and what the model says about its classes: what a task shapes labels from.
+
+    Attributes:
+        name: the column's name in ``--val``.
+        values: as read: a tensor ``[N, ...]``, a list of 1-D tensors (ragged), a list of ``str``, ...
+        kind: ``numeric``, ``ragged``, ``text``, ``image`` or ``other`` (``data.RawTable.kind``).
+        class_names: the names of a datasets ``ClassLabel`` column (ids index them), else None.
+        label2id: the model config's ``label2id`` (class name -> output index), else None.
+        model_name: the model's class name, for error messages.
+    """
+
+    name: str
+    values: Any
+    kind: str
+    class_names: list[str] | None = None
+    label2id: Mapping[str, int] | None = None
+    model_name: str = "the model"
+
+    def ids_of(self) -> dict[str, int] | None:
+        """``label2id`` with string keys and int values, or None when the model has none."""
+        return {str(k): int(v) for k, v in self.label2id.items()} if self.label2id else None
+
+
+def _ids_of_strings(column: LabelColumn) -> torch.Tensor:
+    """String labels through the config's ``label2id``; an unknown label is an error naming it."""
+    mapping, values = column.ids_of(), column.values
+    if mapping is None:
+        raise DataError(f"label column {column.name} holds strings (e.g. {values[0]!r}) and {column.model_name} has "
+                        "no config.label2id to map them; give integer labels")
+    unknown = sorted({v for v in values if v not in mapping})
+    if unknown:
+        raise DataError(f"label {unknown[0]!r} of column {column.name} is not in the model's label2id "
+                        f"({', '.join(list(mapping)[:10])})" + (f"; {len(unknown)} unknown labels" if
+                                                               len(unknown) > 1 else ""))
+    return torch.tensor([mapping[v] for v in values], dtype=torch.long)
+
+
+def _renumber_class_label(column: LabelColumn) -> torch.Tensor:
+    """A ClassLabel's ids, renumbered through ``label2id`` when the model names the same classes."""
+    mapping, values, names = column.ids_of(), column.values, column.class_names
+    if mapping is None or not set(names) <= set(mapping) or list(mapping) == names:
+        return values
+    table = torch.tensor([mapping[n] for n in names], dtype=torch.long)
+    return torch.where(values >= 0, table[values.clamp_min(0)], values)
+
+
 class Task:
-    """Loss and metric of one kind of model output. Subclasses override ``count`` and ``loss``.
+    """Labels, loss and metric of one kind of model output. Subclasses override ``count`` and ``loss``.
 
     Attributes:
         name: the task's name as ``--task`` spells it.
@@ -49,6 +103,10 @@ class Task:
         higher_is_better: the metric's direction.
         needs_labels: whether the data must carry a label column.
         token_level: whether items are token positions (labels are sequences padded with -100).
+        labels_from_inputs: whether the labels are the input ids themselves (a language model):
+            without a label column the task builds them from the batch, and ``prompt`` +
+            ``completion`` rows become one sequence whose prompt positions are ignored.
+        label_dtype: the dtype rectangular labels are cast to (None: kept as read).
     """
 
     name = "task"
@@ -56,6 +114,40 @@ class Task:
     higher_is_better = False
     needs_labels = True
     token_level = False
+    labels_from_inputs = False
+    label_dtype: torch.dtype | None = None
+
+    def shape_labels(self, column: LabelColumn | None) -> torch.Tensor | list[torch.Tensor] | None:
+        """The label column in the form :meth:`loss` reads, or None: the task builds its labels from the inputs.
+
+        Strings become the model's class ids (``label2id``), a ClassLabel's ids are renumbered to
+        the model's order, bools become integers, rectangular labels are cast to ``label_dtype``.
+        ``column`` is None only for a task with ``labels_from_inputs`` and no label column.
+
+        Raises:
+            DataError: strings without a ``label2id`` or not in it; a column of images or other objects.
+        """
+        if column is None:
+            return None
+        values, kind = column.values, column.kind
+        if kind == "text":
+            values = _ids_of_strings(column)
+        elif column.class_names is not None:
+            values = _renumber_class_label(column)
+        elif kind not in ("numeric", "ragged"):
+            raise DataError(f"label column {column.name}: a {kind} column; expected numbers or strings")
+        if isinstance(values, torch.Tensor) and values.dtype == torch.bool:
+            values = values.long()
+        if self.label_dtype is not None and isinstance(values, torch.Tensor):
+            values = values.to(self.label_dtype)
+        return values
+
+    def strata(self, labels: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | None:
+        """The class of each row ``[N]`` the held-out split keeps in proportion, or None for a plain shuffle.
+
+        ``labels`` is the label column as :meth:`shape_labels` returned it.
+        """
+        return None
 
     def count(self, batch: Batch) -> int:
         """The number of items of ``batch`` (known before the forward pass: the fit divides by it)."""
@@ -127,6 +219,14 @@ class Classification(Task):
     def check_labels(self, labels: torch.Tensor, n_outputs: int) -> None:
         _labels_in_range(labels, n_outputs, "outputs")
 
+    def strata(self, labels: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | None:
+        # Integer class ids, one per row: each class keeps its share of the held-out rows. Not token
+        # labels (a sequence per row), nor float labels (not class ids).
+        if (isinstance(labels, torch.Tensor) and not torch.is_floating_point(labels) and labels.dim()
+                and labels.numel() == labels.shape[0]):
+            return labels.reshape(-1)
+        return None
+
 
 class TokenClassification(Classification):
     """Per-token classification (NER-style): labels ``[B, T]`` padded with -100, accuracy over labelled tokens."""
@@ -146,6 +246,14 @@ class CausalLM(Task):
     metric_name = "perplexity"
     higher_is_better = False
     token_level = True
+    labels_from_inputs = True
+
+    def shape_labels(self, column: LabelColumn | None) -> torch.Tensor | list[torch.Tensor] | None:
+        """A label column of token ids as given (IGNORE_INDEX where a position is not scored); None without
+        one (or with a column that is not ids): :meth:`labels` takes the input ids then."""
+        if column is not None and column.kind in ("numeric", "ragged"):
+            return column.values
+        return None
 
     @staticmethod
     def labels(batch: Batch) -> torch.Tensor:
@@ -179,6 +287,7 @@ class Regression(Task):
     """Mean squared error per row (over the row's target elements); the metric is the loss."""
 
     name = "regression"
+    label_dtype = torch.float32  # targets are compared with float predictions
 
     def loss(self, output: Any, batch: Batch) -> tuple[torch.Tensor, int]:
         pred = output_tensor(output).float()
@@ -239,6 +348,7 @@ class CustomLoss(Task):
     def __init__(self, fn: Callable[[Any, torch.Tensor], torch.Tensor], base: Task):
         self.fn, self.base = fn, base
         self.name = base.name
+        self.label_dtype = base.label_dtype  # regression targets stay floats for fn
         self.accuracy = isinstance(base, Classification) and not base.token_level
         self.metric_name = "accuracy" if self.accuracy else "loss"
         self.higher_is_better = self.accuracy
@@ -259,9 +369,14 @@ class CustomLoss(Task):
         metric = round(numerator) / max(n, 1) if self.accuracy else loss_sum / max(n, 1)
         return {"loss": loss_sum / max(n, 1), "metric": metric, "n": n}
 
+    def strata(self, labels: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | None:
+        return self.base.strata(labels)
 
-_BY_NAME: dict[str, Callable[[], Task]] = {"classification": Classification, "causal-lm": CausalLM,
-                                           "token-classification": TokenClassification, "regression": Regression}
+
+# The tasks ``--task NAME`` names (``auto`` picks one of them from the model or the label column).
+TASKS: dict[str, Callable[[], Task]] = {"classification": Classification, "causal-lm": CausalLM,
+                                        "token-classification": TokenClassification, "regression": Regression}
+TASK_NAMES = tuple(TASKS)
 
 
 def task_of_architecture(architectures: list[str] | None) -> str | None:
@@ -294,15 +409,15 @@ def resolve_task(task: str, loss: str, model: nn.Module, label: torch.Tensor | l
         DataError: ``auto`` cannot decide (no architecture, no label).
     """
     if ":" in task:
-        made = _load_factory(task, "--task")()
+        made = load_factory(task, "--task")()
         if not isinstance(made, Task):
             raise ModelError(f"--task {task!r}: the factory returned {type(made).__name__}, expected a "
                              "twamerge.tasks.Task")
         base = made
     elif task != "auto":
-        if task not in _BY_NAME:
+        if task not in TASKS:
             raise ModelError(f"--task {task!r}: expected auto, {', '.join(TASK_NAMES)} or module:fn")
-        base = _BY_NAME[task]()
+        base = TASKS[task]()
     elif loss == "ce":
         base = Classification()
     elif loss == "mse":
@@ -312,12 +427,12 @@ def resolve_task(task: str, loss: str, model: nn.Module, label: torch.Tensor | l
         if name is None:
             base = _by_label(label, loss)
         else:
-            base = _BY_NAME[name]()
+            base = TASKS[name]()
     if loss == "entropy":
         return Entropy(base)
     if loss in ("auto", "ce", "mse"):
         return base
-    return CustomLoss(_load_factory(loss, "--loss"), base)
+    return CustomLoss(load_factory(loss, "--loss"), base)
 
 
 def _by_label(label: torch.Tensor | list | None, loss: str) -> Task:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .data import IGNORE_INDEX
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 TEXT_COLUMNS = ("text", "sentence", "content", "document", "sentence1", "premise", "question", "review", "input")
 PAIR_COLUMNS = {"sentence1": "sentence2", "premise": "hypothesis", "question": "context"}
 DEFAULT_MAX_LENGTH = 512  # a cap on the model's own limit: validation rows rarely need more, memory grows with it
-IGNORE_INDEX = -100
 
 
 def has_tokenizer(directory: Path) -> bool:
@@ -130,7 +130,7 @@ def tokenize(tok: Any, texts: list[str], pairs: list[str] | None, max_length: in
 
 
 def tokenize_prompt_completion(tok: Any, prompts: list[str], completions: list[str], max_length: int) -> Tokenized:
-    """SFT rows: ids = prompt + completion (+ eos); ``labels`` = -100 on the prompt, so only the completion counts.
+    """SFT rows: ids = prompt + completion (+ eos); ``labels`` = IGNORE_INDEX on the prompt: only the completion counts.
 
     The prompt is tokenized with the tokenizer's special tokens (a BOS) and the completion without,
     followed by eos when the tokenizer has one, as TRL's SFT trainer does.

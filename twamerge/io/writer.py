@@ -31,7 +31,7 @@ from .jsonschema import load_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WRITE_SUFFIXES", "check_output", "save_safetensors", "write_checkpoint"]
+__all__ = ["WRITE_SUFFIXES", "check_output", "check_side_outputs", "save_safetensors", "write_checkpoint"]
 
 # Output suffixes: safetensors, or a torch.save state dict.
 WRITE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -121,6 +121,38 @@ def check_output(out: str | Path, *, force: bool = False, hf_source_dir: Path | 
         raise OutputError(f"cannot write {out}: {ancestor} is not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {out}: folder {ancestor} is not writable")
+
+
+def check_side_outputs(out: Path, sides: Mapping[str, Path | None], *, force: bool = False) -> None:
+    """Files written beside the checkpoint ``out`` (a report, a plot), keyed by their option, e.g.
+    ``{"--report": path, "--plot": None}`` (None: not written). They are not checkpoints
+    (:func:`check_output`): fail before any work when one cannot go where asked: it exists without
+    ``force``, is a folder, has a name too long, sits in a missing or unwritable folder, inside the
+    output, or is the same file as another output.
+    """
+    out = Path(out)
+    destinations = {os.path.realpath(out): "-o"}
+    for p in (out.with_name(out.name + ".index.json"), out.with_name(out.name + ".metadata.json")):
+        destinations.setdefault(os.path.realpath(p), "-o")
+    for flag, path in sides.items():
+        if path is None:
+            continue
+        path, what = Path(path), flag.lstrip("-")
+        check_name_length(path, what)
+        real = os.path.realpath(path)
+        if real in destinations:
+            raise OutputError(f"{flag} {path} is the same file as {destinations[real]} writes; give it its own name")
+        if Path(real).is_relative_to(os.path.realpath(out)):
+            raise OutputError(f"{flag} {path} is inside the output {out}; put it beside the output")
+        destinations[real] = flag
+        refuse_existing(path, what, force=force)
+        if os.path.isdir(path):
+            raise OutputError(f"{path}: the {what} would replace a folder; give it a file name")
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise OutputError(f"{path}: the folder {parent} does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(f"{path}: the folder {parent} is not writable")
 
 
 def _prepare_tensors(tensors: Mapping[str, torch.Tensor], clone_views: bool) -> dict[str, torch.Tensor]:
