@@ -29,9 +29,12 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# The main job on an embedded default: train a small net on real digits, fit TWA, print the table.
+# The main job on an embedded default: train a small net on real digits, fit TWA, print the table. Then the
+# plain command a CI job types, in a copy of examples/project whose pyproject.toml names the model.
 demo: venv
 	$(PY) examples/digits/run.py --out runs/demo
+	rm -rf runs/project && $(PY) examples/project/train.py --out runs/project
+	cd runs/project && PATH="$(abspath $(VENV))/bin:$$PATH" twamerge fit ckpts/*.safetensors --val data/
 
 # Triton kernels run on CPU through the interpreter; it must be set before triton is imported.
 test: venv sysdata
@@ -40,7 +43,7 @@ test: venv sysdata
 bench: venv
 	$(PY) benchmarks/average.py
 	$(PY) benchmarks/fit_step.py
-	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/kernel_ops.py
 	$(PY) benchmarks/distributed.py
 
 # The full example runs behind docs/results.md (about 55 minutes on 2 CPU cores; not part of CI).

@@ -1,41 +1,68 @@
-"""Throughput and peak memory of ``twamerge average`` against the plain load-everything loop.
+"""Time and peak memory of ``twamerge average`` against the plain load-and-sum loop (and mergekit, if installed).
 
-The baseline is what timm's ``avg_checkpoints.py`` and most scripts do: load each whole checkpoint
-(``torch.load`` / ``safetensors.torch.load_file``), add it into a float64 accumulator, cast, save.
-Both run in fresh subprocesses on the same files in the same run, so the ratio is meaningful on any
-machine; peak memory is each subprocess's ``ru_maxrss``.
+The loop is what timm's ``avg_checkpoints.py`` and most scripts do: load each whole checkpoint
+(``safetensors.torch.load_file`` / ``torch.load``), add it into a float64 accumulator, cast, save.
+Every contender runs in a fresh subprocess on the same files, in interleaved rounds (each contender
+once per round, so a busy moment of a shared machine hits all alike); each one's fastest round is
+reported, so the ratios are meaningful on any machine. The subprocesses are pinned to one core (and
+twamerge also to two, to show what hashing costs when it has a core of its own), with one torch
+thread. Peak memory is each subprocess's own ``ru_maxrss`` (from ``wait4``).
 
-    python benchmarks/average.py [--k 8] [--mb 64] [--format safetensors|pt] [--repeat 5]
+Contenders:
+
+- ``load-and-sum loop``;
+- ``twamerge average``: with the inputs' SHA-256 (the default: hashed on a worker thread beside the
+  merge, waited for before the output's metadata is written);
+- ``twamerge average --no-hash``: ``hash_inputs=False``, no input hashes in the summary or metadata;
+- ``mergekit-pytorch`` (``merge_method: linear``), only when the ``mergekit-pytorch`` command is on
+  PATH. mergekit is not installed where this script was written, so that row has not been run here.
+
+"seconds" is the merge as timed inside the process (the loop and twamerge; imports excluded), "wall"
+the whole subprocess (Python and torch imports included, the only time mergekit can be given).
+
+    OMP_NUM_THREADS=1 python benchmarks/average.py [--k 8] [--mb 64] [--format safetensors|pt] [--repeat 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
-_TWAMERGE = textwrap.dedent(
+# Pins the subprocess to the cores in BENCH_CPUS (before torch starts its threads), one torch thread.
+_PIN = textwrap.dedent(
     """
-    import json, resource, sys, time
-    from twamerge import OutputConfig, average_checkpoints
-    t = time.perf_counter()
-    average_checkpoints(sys.argv[2:], OutputConfig(sys.argv[1], force=True))
-    print(json.dumps({"s": time.perf_counter() - t,
-                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    import os
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {int(c) for c in os.environ["BENCH_CPUS"].split(",")})
+    import torch
+    torch.set_num_threads(1)
     """
 )
 
-_BASELINE = textwrap.dedent(
+_TWAMERGE = _PIN + textwrap.dedent(
     """
-    import json, resource, sys, time
-    import torch
+    import json, sys, time
+    from twamerge import OutputConfig, average_checkpoints
+    t = time.perf_counter()
+    average_checkpoints(sys.argv[3:], OutputConfig(sys.argv[2], force=True), hash_inputs=sys.argv[1] == "hash")
+    print(json.dumps({"s": time.perf_counter() - t}))
+    """
+)
+
+_LOOP = _PIN + textwrap.dedent(
+    """
+    import json, sys, time
     from safetensors.torch import load_file, save_file
     t = time.perf_counter()
-    paths = sys.argv[2:]
+    paths = sys.argv[3:]
     acc, dtypes = {}, {}
     for p in paths:
         sd = load_file(p) if p.endswith(".safetensors") else torch.load(p, map_location="cpu", weights_only=True)
@@ -46,27 +73,49 @@ _BASELINE = textwrap.dedent(
             else:
                 acc[k] = v.double().clone()
         del sd
-    save_file({k: (v / len(paths)).to(dtypes[k]) for k, v in acc.items()}, sys.argv[1])
-    print(json.dumps({"s": time.perf_counter() - t,
-                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    save_file({k: (v / len(paths)).to(dtypes[k]) for k, v in acc.items()}, sys.argv[2])
+    print(json.dumps({"s": time.perf_counter() - t}))
     """
 )
 
 
-def _run(script: str, out: Path, paths: list[Path]) -> dict[str, float]:
-    res = subprocess.run([sys.executable, "-c", script, str(out), *map(str, paths)], capture_output=True, text=True,
-                         check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+def _run(cmd: list[str], cpus: str, tmp: Path) -> dict[str, float]:
+    """Run ``cmd`` pinned to ``cpus``; its in-process seconds (if it prints them), wall seconds, peak RSS (MB)."""
+    env = {**os.environ, "BENCH_CPUS": cpus, "OMP_NUM_THREADS": "1"}
+    with open(tmp / "stdout", "w+") as out, open(tmp / "stderr", "w+") as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}): {err.read()[-2000:]}")
+        out.seek(0)
+        lines = out.read().strip().splitlines()
+    inner = json.loads(lines[-1])["s"] if lines and lines[-1].startswith("{") else float("nan")
+    return {"s": inner, "wall": wall, "rss_mb": usage.ru_maxrss / 1024}
 
 
-def _best_interleaved(scripts: dict[str, tuple[str, Path]], paths: list[Path], repeat: int) -> dict[str, dict]:
-    """Run every script once per round, ``repeat`` rounds, so a busy moment of a shared machine hits
-    both methods alike; the fastest time and the largest peak RSS of each."""
-    runs: dict[str, list[dict]] = {name: [] for name in scripts}
+def _mergekit_cmd(paths: list[Path], tmp: Path) -> list[str] | None:
+    exe = shutil.which("mergekit-pytorch")
+    if exe is None:
+        return None
+    # YAML is a superset of JSON: a uniform linear merge of the raw checkpoint files.
+    config = {"merge_method": "linear", "dtype": "float32", "parameters": {"normalize": True},
+              "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in paths]}
+    (tmp / "mergekit.yml").write_text(json.dumps(config))
+    return [exe, str(tmp / "mergekit.yml"), str(tmp / "mergekit-out")]
+
+
+def _best_interleaved(contenders: dict[str, tuple[list[str], str]], repeat: int, tmp: Path) -> dict[str, dict]:
+    """Every contender once per round, ``repeat`` rounds: the fastest times and the largest peak RSS of each."""
+    runs: dict[str, list[dict]] = {name: [] for name in contenders}
     for _ in range(repeat):
-        for name, (script, out) in scripts.items():
-            runs[name].append(_run(script, out, paths))
-    return {name: {"s": min(r["s"] for r in rs), "rss_mb": max(r["rss_mb"] for r in rs)} for name, rs in runs.items()}
+        for name, (cmd, cpus) in contenders.items():
+            runs[name].append(_run(cmd, cpus, tmp))
+    return {name: {"s": min(r["s"] for r in rs), "wall": min(r["wall"] for r in rs),
+                   "rss_mb": max(r["rss_mb"] for r in rs)} for name, rs in runs.items()}
 
 
 def main() -> None:
@@ -74,12 +123,15 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8, help="checkpoints to average")
     ap.add_argument("--mb", type=int, default=64, help="size of one checkpoint in MB (float32)")
     ap.add_argument("--format", choices=["safetensors", "pt"], default="safetensors")
-    ap.add_argument("--repeat", type=int, default=5, help="rounds (each runs both methods); the fastest is reported")
+    ap.add_argument("--repeat", type=int, default=5, help="interleaved rounds; each contender's fastest is reported")
     args = ap.parse_args()
 
     import torch
     from safetensors.torch import save_file
 
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    one, two = str(cores[0]), ",".join(map(str, cores[:2]))
+    py = sys.executable
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         g = torch.Generator().manual_seed(0)
@@ -91,20 +143,42 @@ def main() -> None:
             p = tmp_path / f"c{i}.{args.format}"
             save_file(sd, str(p)) if args.format == "safetensors" else torch.save(sd, p)
             paths.append(p)
-        total_mb = args.k * args.mb
-        best = _best_interleaved({"base": (_BASELINE, tmp_path / "base.safetensors"),
-                                  "ours": (_TWAMERGE, tmp_path / "ours.safetensors")}, paths, args.repeat)
-        base, ours = best["base"], best["ours"]
-        two = _best_interleaved({"two": (_TWAMERGE, tmp_path / "two.safetensors")}, paths[:2], 1)["two"]
+        files = list(map(str, paths))
 
-    print(f"{args.k} checkpoints x {args.mb} MB ({args.format}), best of {args.repeat} interleaved rounds")
-    print(f"{'method':<28}{'seconds':>9}{'MB/s':>9}{'peak RSS MB':>13}")
-    for name, r in (("torch.load + sum loop", base), ("twamerge average", ours)):
-        print(f"{name:<28}{r['s']:>9.2f}{total_mb / r['s']:>9.0f}{r['rss_mb']:>13.0f}")
-    print(f"throughput ratio twamerge/baseline: {base['s'] / ours['s']:.2f}x")
-    print(f"peak RSS ratio twamerge/baseline: {ours['rss_mb'] / base['rss_mb']:.2f}")
-    print(f"twamerge peak RSS, {args.k} vs 2 checkpoints: {ours['rss_mb']:.0f} MB vs {two['rss_mb']:.0f} MB "
-          f"(+{ours['rss_mb'] - two['rss_mb']:.0f} MB for {args.k - 2} more checkpoints of {args.mb} MB)")
+        def ours(hashing: str, out: str) -> list[str]:
+            return [py, "-c", _TWAMERGE, hashing, str(tmp_path / out), *files]
+
+        contenders = {
+            "load-and-sum loop": ([py, "-c", _LOOP, "-", str(tmp_path / "loop.safetensors"), *files], one),
+            "twamerge average": (ours("hash", "ours.safetensors"), one),
+            "twamerge --no-hash": (ours("no-hash", "fast.safetensors"), one),
+        }
+        if len(cores) > 1:
+            contenders["twamerge, 2 cores"] = (ours("hash", "ours2.safetensors"), two)
+            contenders["twamerge --no-hash, 2 cores"] = (ours("no-hash", "fast2.safetensors"), two)
+        mergekit = _mergekit_cmd(paths, tmp_path)
+        if mergekit is not None:
+            contenders["mergekit-pytorch"] = (mergekit, one)
+        best = _best_interleaved(contenders, args.repeat, tmp_path)
+        two_files = _best_interleaved({"2": ([py, "-c", _TWAMERGE, "hash", str(tmp_path / "two.safetensors"),
+                                             *files[:2]], one)}, 1, tmp_path)["2"]
+
+    base = best["load-and-sum loop"]
+    print(f"{args.k} checkpoints x {args.mb} MB ({args.format}), best of {args.repeat} interleaved rounds, "
+          f"one torch thread per process")
+    print(f"{'contender':<30}{'seconds':>9}{'x loop':>8}{'wall s':>9}{'x loop':>8}{'peak RSS MB':>13}")
+    for name, r in best.items():
+        print(f"{name:<30}{r['s']:>9.2f}{base['s'] / r['s']:>8.2f}{r['wall']:>9.2f}{base['wall'] / r['wall']:>8.2f}"
+              f"{r['rss_mb']:>13.0f}")
+    if mergekit is None:
+        print("(mergekit-pytorch is not on PATH: no mergekit row)")
+    ours_r, fast = best["twamerge average"], best["twamerge --no-hash"]
+    print(f"hashing the inputs costs twamerge {ours_r['s'] - fast['s']:+.2f} s on one core", end="")
+    if "twamerge, 2 cores" in best:
+        print(f", {best['twamerge, 2 cores']['s'] - best['twamerge --no-hash, 2 cores']['s']:+.2f} s on two", end="")
+    print()
+    print(f"twamerge peak RSS, {args.k} vs 2 checkpoints: {ours_r['rss_mb']:.0f} MB vs {two_files['rss_mb']:.0f} MB "
+          f"(+{ours_r['rss_mb'] - two_files['rss_mb']:.0f} MB for {args.k - 2} more checkpoints of {args.mb} MB)")
 
 
 if __name__ == "__main__":

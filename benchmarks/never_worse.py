@@ -12,7 +12,11 @@ what picking would have given:
 Options (each a ``FitConfig`` change from the defaults; the rules that choose use the held-out rows
 of the default fit, never the test split):
 
-    twa            the defaults (uniform start, 10 epochs, lr 0.05, 20% of --val held out)
+    twa            the defaults (uniform start, 10 epochs and at least 150 steps with the early stop, the fit
+                   floor, lr 0.05, 20% of --val held out)
+    old            the defaults before issue 22: 10 epochs however few steps they are, no early stop, no fit floor
+    no_stop        the defaults without the early stop (--stop-tol 0)
+    min300         the defaults with at least 300 steps (--min-steps 300)
     init_greedy    start at the greedy soup
     init_greedy_wd start at the greedy soup, weight decay 1.0 toward it (also 0.1 and 0.3)
     wd             weight decay 1.0 toward the uniform start
@@ -27,7 +31,17 @@ of the default fit, never the test split):
     select_any     as select, but every candidate competes on the held-out rows (not only the best on the fit rows)
 
 Run (pools: a few minutes; the study: about an hour and a half on 2 shared CPU cores, most of it the
-MiniLM soup, whose fits take about 3 minutes each; each process uses one thread, so two can run side by side):
+MiniLM soup, whose fits take about 3 minutes each; each process uses one thread, so two can run side by side).
+``--options`` fits a subset (the picks that need other options are made when those are there), and
+``--section`` writes the tables as a marked section of ``--md`` instead of the whole page, e.g. issue 22's
+study of still-improving runs (docs/never_worse.md, its last section):
+
+    python benchmarks/pools.py --seeds 0 --only digits,digits_early,fmnist_cnn16,fmnist_cnn16_half,fmnist_mlp_soup8,\
+        mnist_mlp_epochs,lm_trainer
+    python benchmarks/never_worse.py --pools runs/pools --out runs/never_worse22 --options twa,old,no_stop,min300 \
+        --md docs/never_worse.md --section "Issue 22: the step budget and the fit floor"
+
+The whole study:
 
     python benchmarks/pools.py --seeds 0,1
     python benchmarks/pools.py --seeds 2,3,4 --only fmnist_mlp_soup8,mnist_mlp_epochs
@@ -62,6 +76,9 @@ from twamerge.report import MethodResult, best_candidate, best_on_heldout  # noq
 # Each option: (FitConfig changes, fitted on all of --val?). The picks (select*) are computed from these.
 OPTIONS: dict[str, tuple[dict, bool]] = {
     "twa": ({}, False),
+    "old": ({"min_steps": 0, "stop_tol": 0.0, "fit_floor": False}, False),
+    "no_stop": ({"stop_tol": 0.0}, False),
+    "min300": ({"min_steps": 300}, False),
     "init_greedy": ({"init": "greedy"}, False),
     "init_greedy_wd": ({"init": "greedy", "weight_decay": 1.0}, False),
     "init_greedy_wd0.1": ({"init": "greedy", "weight_decay": 0.1}, False),
@@ -74,8 +91,11 @@ OPTIONS: dict[str, tuple[dict, bool]] = {
     "refit": ({}, True),
 }
 TUNED_LRS = {"lr0.02": 0.02, "twa": 0.05, "lr0.1": 0.1}
-SHOWN = ["twa", "init_greedy", "init_greedy_wd0.1", "init_greedy_wd0.3", "init_greedy_wd", "wd", "restarts3", "global",
-         "refit", "tuned_refit", "select", "select_refit", "select_any"]
+SHOWN = ["twa", "old", "no_stop", "min300", "init_greedy", "init_greedy_wd0.1", "init_greedy_wd0.3", "init_greedy_wd",
+         "wd", "restarts3", "global", "refit", "tuned_refit", "select", "select_refit", "select_any"]
+# What each derived pick needs fitted.
+PICKS_NEED = {"select": {"twa"}, "select_any": {"twa"}, "select_refit": {"twa", "refit"},
+              "tuned_refit": {"twa", "lr0.02", "lr0.1", "refit"}}
 
 
 # The output folder of examples/finetune_soup/run.py is a pool too (the MiniLM fine-tunes as Hugging Face folders,
@@ -104,8 +124,10 @@ def output_path(work: Path, name: str, hf: bool) -> Path:
     return work / name if hf else work / f"{name}.safetensors"
 
 
-def run_pool(root: Path, out: Path, threads: int, previous: dict | None = None) -> dict:
-    """Fit and score every option not yet in ``previous`` (a pool's earlier result), and the picks."""
+def run_pool(root: Path, out: Path, threads: int, previous: dict | None = None,
+             options: list[str] | None = None) -> dict:
+    """Fit and score every option (of ``options``, default all) not yet in ``previous`` (a pool's earlier
+    result), and the picks."""
     spec = pool_spec(root)
     ckpts, val, test = pool_paths(root, spec)
     hf = Path(ckpts[0]).is_dir()
@@ -115,6 +137,7 @@ def run_pool(root: Path, out: Path, threads: int, previous: dict | None = None) 
     work.mkdir(parents=True)
     torch.set_num_threads(threads)
     res: dict = previous or {"name": spec["name"], "in_tests": spec.get("in_tests", False),
+                             "improving": spec.get("improving", False),
                              "description": spec.get("description", ""), "k": len(ckpts), "fits": {},
                              "seconds": {}, "test": {}, "test_loss": {}}
 
@@ -145,28 +168,41 @@ def run_pool(root: Path, out: Path, threads: int, previous: dict | None = None) 
         t0 = time.perf_counter()
         report = fit(ckpts, val=DataConfig(val), model=model, output=OutputConfig(dst), cfg=cfg)
         res["seconds"][name] = time.perf_counter() - t0
-        res["fits"][name] = {"methods": report["methods"], "alphas": report["merge"]["block_alphas"]}
+        res["fits"][name] = {"methods": report["methods"], "alphas": report["merge"]["block_alphas"],
+                             "steps": report["fit"]["steps"], "runs": report["fit"].get("runs"),
+                             "floor": report["fit"].get("floor")}
         outputs[name] = dst
         print(f"  {spec['name']}: {name} in {res['seconds'][name]:.0f}s", file=sys.stderr, flush=True)
 
     # The data-aware baselines as written files (BatchNorm re-estimated on the fit rows, like the report's).
-    written = {**OPTIONS, "greedy": ({"init": "greedy", "epochs": 0}, False), "uniform": ({"epochs": 0}, False)}
+    chosen = {n: OPTIONS[n] for n in (options or OPTIONS)}
+    written = {**chosen, "greedy": ({"init": "greedy", "epochs": 0}, False), "uniform": ({"epochs": 0}, False)}
     for name, (changes, all_rows) in written.items():
-        if name not in res["test"]:
-            do_fit(name, changes, all_rows)
-    tuned = max(TUNED_LRS, key=lambda n: _key(_row(res["fits"][n]["methods"], "twa")["heldout"], higher))
-    res["tuned_lr"] = TUNED_LRS[tuned]
-    if tuned != "twa" and "tuned_refit" not in res["test"]:
-        do_fit("tuned_refit", {"lr": TUNED_LRS[tuned]}, True)
+        if name in res["test"]:
+            continue
+        if name == "no_stop" and "twa" in outputs and not any(r["stop"] for r in res["fits"]["twa"]["runs"] or []):
+            # The early stop changes a fit only from the step where it stops: the default fit did not stop, so the
+            # fit without the rule is the same computation (same seed, same steps), not fitted a second time.
+            res["fits"][name], res["seconds"][name] = {**res["fits"]["twa"], "same_as": "twa"}, 0.0
+            outputs[name] = outputs["twa"]
+            continue
+        do_fit(name, changes, all_rows)
+    tuned = None
+    if PICKS_NEED["tuned_refit"] <= set(res["fits"]):
+        tuned = max(TUNED_LRS, key=lambda n: _key(_row(res["fits"][n]["methods"], "twa")["heldout"], higher))
+        res["tuned_lr"] = TUNED_LRS[tuned]
+        if tuned != "twa" and "tuned_refit" not in res["test"]:
+            do_fit("tuned_refit", {"lr": TUNED_LRS[tuned]}, True)
 
     if outputs:
         # Scores on the test split of every file written now (one model build and one data load).
         t = time.perf_counter()
-        scored = evaluate_checkpoints([str(p) for p in outputs.values()], val=DataConfig(test), model=model,
-                                      batch_size=256)
+        files = list(dict.fromkeys(str(p) for p in outputs.values()))  # a file shared by two options, once
+        scored = evaluate_checkpoints(files, val=DataConfig(test), model=model, batch_size=256)
         res["seconds"]["eval_outputs"] = res["seconds"].get("eval_outputs", 0.0) + time.perf_counter() - t
-        for name, score in zip(outputs, scored["checkpoints"]):
-            res["test"][name], res["test_loss"][name] = score["metric"], score["loss"]
+        by_file = dict(zip(files, scored["checkpoints"]))
+        for name, path in outputs.items():
+            res["test"][name], res["test_loss"][name] = by_file[str(path)]["metric"], by_file[str(path)]["loss"]
     test = res["test"]
     if tuned == "twa":
         test["tuned_refit"], res["test_loss"]["tuned_refit"] = test["refit"], res["test_loss"]["refit"]
@@ -184,6 +220,10 @@ def add_picks(res: dict) -> None:
     (the best of K noisy held-out scores: an optimistic contender).
     """
     higher, test = res["higher_is_better"], res["test"]
+    last = max(res["candidates"], key=lambda c: _natural(c["name"]))
+    res["last"] = {"name": last["name"], "test": last["test"]}
+    if "twa" not in res["fits"]:
+        return
     cand_test = {c["name"]: c["test"] for c in res["candidates"]}
     rows = [MethodResult(r["name"], r["kind"], r["fit"], r["heldout"]) for r in res["fits"]["twa"]["methods"]]
     others = [r for r in rows if r.kind != "candidate"]
@@ -192,8 +232,13 @@ def add_picks(res: dict) -> None:
         chosen = best_on_heldout(contenders, higher)
         res[f"{name}_choice"] = chosen.kind if chosen.kind != "candidate" else f"candidate {chosen.name}"
         test[name] = cand_test[chosen.name] if chosen.kind == "candidate" else test[chosen.kind]
-        if name == "select":
+        if name == "select" and "refit" in test:
             test["select_refit"] = test["refit"] if chosen.kind == "twa" else test[name]
+
+
+def _natural(name: str) -> list:
+    """Sort key that puts checkpoint-25 before checkpoint-100 (the last checkpoint of a run is the greatest)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def _row(rows: list[dict], kind: str) -> dict:
@@ -214,59 +259,166 @@ def _docstring_block(first: str) -> str:
 
 
 def render(results: list[dict]) -> str:
+    """The whole page: the options, the commands, and the tables of :func:`_tables`."""
     lines = ["# Does TWA lose to picking?", "",
              "Generated by `python benchmarks/never_worse.py` from its per-pool result files; do not edit by hand. "
              "Every figure is measured on a test split that no step of any merge has seen. Picking: **best single** "
              "is the candidate with the best metric on all of `--val`; **greedy** is the greedy soup `twamerge fit` "
              "reports (ingredients chosen on the fit rows). The options:", "",
              *_docstring_block("    twa ").splitlines(), "", "Commands:", "",
-             *_docstring_block("    python ").splitlines(), ""]
-    head = ["pool", "K", "test rows", "best single", "greedy", "uniform", *SHOWN]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             *_docstring_block("    python benchmarks/pools.py --seeds 0,1").splitlines(), ""]
+    return "\n".join(lines + _tables(results, "##")) + "\n"
+
+
+def render_section(results: list[dict], title: str, command: str, options: list[str]) -> str:
+    """A section of the page for a study of some pools and ``options`` (``--section``): what ran, and its tables
+    (those options, and the picks made from them)."""
+    shown = [n for n in _shown(results) if n in options or PICKS_NEED.get(n, {n}) <= set(options)]
+    options = _keep_option_lines(_docstring_block("    twa ").splitlines(), shown)
+    lines = [f"## {title}", "",
+             f"Generated by `python benchmarks/never_worse.py ... --section` from the result files of the pools "
+             f"below and nothing else (one seed each: {len(results)} pools); the tables above are an earlier study "
+             "and are left as they were. Same rules: every figure is on a test split no step of any merge has "
+             "seen; **last** is the run's last checkpoint. Seconds are wall time on a shared CPU whose load varied "
+             "during the study: the steps say what each fit cost. The options:", "",
+             *options, "", "Commands (the pools, then the study):", "", f"    {pools_command(results)}",
+             f"    {command}", ""]
+    return "\n".join(lines + _tables(results, "###", shown)) + "\n"
+
+
+def pools_command(results: list[dict]) -> str:
+    """The ``benchmarks/pools.py`` command that builds the pools of ``results`` (named ``<kind>_s<seed>``)."""
+    kinds = list(dict.fromkeys(re.sub(r"_s\d+$", "", r["name"]) for r in results))
+    seeds = sorted({int(m.group(1)) for r in results if (m := re.search(r"_s(\d+)$", r["name"]))})
+    return f"python benchmarks/pools.py --seeds {','.join(map(str, seeds))} --only {','.join(kinds)}"
+
+
+def _keep_option_lines(lines: list[str], shown: list[str]) -> list[str]:
+    """The docstring's option lines (with their continuation lines) of the options shown."""
+    kept, keep = [], False
+    for line in lines:
+        name = line.split()[0]
+        if line.startswith("    " + name) and not line.startswith("     "):
+            keep = name in shown
+        if keep:
+            kept.append(line)
+    return kept
+
+
+def _shown(results: list[dict]) -> list[str]:
+    """The options (and picks) every pool has a test figure for, in the order of SHOWN."""
+    return [n for n in SHOWN if all(n in r["test"] for r in results)]
+
+
+def _diff(r: dict, value: float, ref: float) -> float:
+    """``value`` against ``ref`` on pool ``r``, positive when better: points for accuracy, percent of ``ref``
+    for a lower-is-better metric (perplexity)."""
+    if r["higher_is_better"]:
+        return round(100 * (value - ref), 6) if r["metric"] == "accuracy" else round(value - ref, 6)
+    return round(100 * (ref - value) / ref, 6)
+
+
+def _tables(results: list[dict], level: str, shown: list[str] | None = None) -> list[str]:
+    shown = _shown(results) if shown is None else shown
+    improving = any(r.get("improving") for r in results)
+    head = ["pool", "K", "test rows", "best single", "greedy", "uniform", *(["last"] if improving else []), *shown]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         f = (lambda x: f"{100 * x:.2f}") if r["metric"] == "accuracy" else (lambda x: f"{x:.4f}")
         pick = r["picking"]
-        cells = [r["name"] + ("" if r["in_tests"] else " *"), str(r["k"]), str(r["test_rows"]),
-                 f(pick["best_single"]), f(pick["greedy"]), f(pick["uniform"]), *(f(r["test"][n]) for n in SHOWN)]
+        mark = ("" if r["in_tests"] else " *") + (" +" if r.get("improving") else "")
+        cells = [r["name"] + mark, str(r["k"]), str(r["test_rows"]), f(pick["best_single"]), f(pick["greedy"]),
+                 f(pick["uniform"]), *([f(r["last"]["test"])] if improving else []), *(f(r["test"][n]) for n in shown)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "`*`: a pool the test suite does not contain.", "",
-              "Each option against picking, per pool: the option's test metric minus the pick's (points for accuracy; "
-              "positive is better), averaged over all pools and over the pools the tests do not contain (`*`). "
-              "'Better pick' is the better of best single and greedy soup on the test split, known only in "
-              "hindsight: the hardest bar; wins / ties / losses count the pools against it.", "",
-              "| option | vs best single | vs greedy | vs better pick | vs better pick, `*` pools | worst | "
-              "wins / ties / losses |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for n in SHOWN:
-        vs_single, vs_greedy, vs_better, hidden = [], [], [], []
-        for r in results:
-            sign = 1 if r["higher_is_better"] else -1
-            scale = 100 if r["metric"] == "accuracy" else 1
-            single, greedy = r["picking"]["best_single"], r["picking"]["greedy"]
-            diff = lambda ref: round(scale * sign * (r["test"][n] - ref), 6)  # noqa: E731
-            vs_single.append(diff(single))
-            vs_greedy.append(diff(greedy))
-            vs_better.append(diff(max(single, greedy, key=lambda x: sign * x)))
-            if not r["in_tests"]:
-                hidden.append(vs_better[-1])
-        wins, ties = sum(d > 0 for d in vs_better), sum(d == 0 for d in vs_better)
-        mean = lambda xs: f"{sum(xs) / len(xs):+.2f}" if xs else "-"  # noqa: E731
-        lines.append(f"| {n} | {mean(vs_single)} | {mean(vs_greedy)} | {mean(vs_better)} | {mean(hidden)} | "
-                     f"{min(vs_better):+.2f} | {wins} / {ties} / {len(vs_better) - wins - ties} |")
-    # One line per kind of pool (its seeds differ in initialisation, data order and which rows go where).
+    lines += ["", "`*`: a pool the test suite does not contain." + (" `+`: a run still improving at its last "
+              "checkpoint." if improving else ""), ""]
+    for unit, group in (("points of accuracy (positive is better)", [r for r in results if r["metric"] == "accuracy"]),
+                        ("percent of the pick's perplexity (positive: a lower perplexity, better)",
+                         [r for r in results if r["metric"] != "accuracy"])):
+        if group:
+            lines += _summary(group, shown, unit, improving)
     kinds: dict[str, list[dict]] = {}
     for r in results:
         kinds.setdefault(re.sub(r"_s\d+$", "", r["name"]), []).append(r)
-    lines += ["", "## Pools", ""]
+    lines += [f"{level} Pools", ""]
     for kind, rs in kinds.items():
         r = rs[0]
         names = ", ".join(f"`{x['name']}`" for x in rs)
         described = re.sub(r"\(seed \d+\)", "(per seed)", r["description"]) if len(rs) > 1 else r["description"]
         lines.append(f"- {names} (K = {r['k']}, {r['val_rows']} `--val` rows, {r['test_rows']} test rows): {described}")
-    lines += ["", "Held-out choices of `select`: " + ", ".join(f"{r['name']}: {r['select_choice']}" for r in results)
-              + "; lr chosen for `tuned_refit`: " + ", ".join(f"{r['name']}: {r['tuned_lr']}" for r in results) + ".",
-              "", "Seconds per fit (default options): " + ", ".join(
-                  f"{r['name']}: {r['seconds']['twa']:.0f}" for r in results) + "."]
-    return "\n".join(lines) + "\n"
+    notes = []
+    if "select" in shown:
+        notes.append("Held-out choices of `select`: "
+                     + ", ".join(f"{r['name']}: {r['select_choice']}" for r in results))
+    if "tuned_refit" in shown:
+        notes.append("lr chosen for `tuned_refit`: " + ", ".join(f"{r['name']}: {r['tuned_lr']}" for r in results))
+    lines += ["", "; ".join(notes) + "." if notes else ""]
+    lines += ["", "Seconds per fit: " + "; ".join(
+        f"{r['name']}: " + ", ".join(f"{n} {r['seconds'][n]:.0f}" for n in shown if n in r["seconds"])
+        for r in results) + "."]
+    steps = [r for r in results if any("steps" in r["fits"].get(n, {}) for n in shown)]
+    if steps:
+        lines += ["", "Fit steps taken (of the budget; `floor`: what the fit floor did): " + "; ".join(
+            f"{r['name']}: " + ", ".join(_steps_text(n, r["fits"][n]) for n in shown if "steps" in r["fits"].get(n, {}))
+            for r in steps) + "."]
+    return lines
+
+
+def _steps_text(name: str, fit: dict) -> str:
+    runs = fit.get("runs") or []
+    budget = "+".join(str(x["budget"]) for x in runs) or "?"
+    stopped = [str(x["stop"]["step"]) for x in runs if x.get("stop")]
+    text = f"{name} {fit['steps']}/{budget}" + (f" (converged at {', '.join(stopped)})" if stopped else "")
+    floor = fit.get("floor")
+    return text + (f" floor {floor['action']}" if floor else "")
+
+
+def _summary(results: list[dict], shown: list[str], unit: str, improving: bool) -> list[str]:
+    """Each option against picking, averaged over ``results`` (pools of one kind of metric)."""
+    pools = f"{len(results)} pool" + ("s" if len(results) > 1 else "")
+    lines = [f"Each option against picking, in {unit}, averaged over these {pools} "
+             "and over the pools the tests do not contain (`*`). 'Better pick' is the better of best single "
+             "and greedy soup on the test split, known only in hindsight: the hardest bar; wins / ties / losses "
+             "count the pools against it."
+             + (" 'vs last': against the run's last checkpoint, over the still-improving pools (`+`), and how many "
+                "of them the option beats." if improving else ""),
+             "",
+             "| option | vs best single | vs greedy | vs better pick | vs better pick, `*` pools | worst | "
+             "wins / ties / losses |" + (" vs last, `+` pools | beats last |" if improving else ""),
+             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if improving else "")]
+    mean = lambda xs: f"{sum(xs) / len(xs):+.2f}" if xs else "-"  # noqa: E731
+    for n in shown:
+        vs_single, vs_greedy, vs_better, hidden, vs_last = [], [], [], [], []
+        for r in results:
+            sign = 1 if r["higher_is_better"] else -1
+            single, greedy = r["picking"]["best_single"], r["picking"]["greedy"]
+            vs_single.append(_diff(r, r["test"][n], single))
+            vs_greedy.append(_diff(r, r["test"][n], greedy))
+            vs_better.append(_diff(r, r["test"][n], max(single, greedy, key=lambda x: sign * x)))
+            if not r["in_tests"]:
+                hidden.append(vs_better[-1])
+            if r.get("improving"):
+                vs_last.append(_diff(r, r["test"][n], r["last"]["test"]))
+        wins, ties = sum(d > 0 for d in vs_better), sum(d == 0 for d in vs_better)
+        row = (f"| {n} | {mean(vs_single)} | {mean(vs_greedy)} | {mean(vs_better)} | {mean(hidden)} | "
+               f"{min(vs_better):+.2f} | {wins} / {ties} / {len(vs_better) - wins - ties} |")
+        if improving:
+            row += f" {mean(vs_last)} | {sum(d > 0 for d in vs_last)} of {len(vs_last)} |"
+        lines.append(row)
+    return lines + [""]
+
+
+def write_section(path: Path, title: str, text: str) -> None:
+    """Put ``text`` into ``path`` between the markers of section ``title`` (replacing an earlier version of it),
+    or at the end; the rest of the page is left as it is."""
+    begin, end = f"<!-- section: {title} -->", f"<!-- end of section: {title} -->"
+    page = path.read_text() if path.exists() else ""
+    block = f"{begin}\n{text}{end}\n"
+    if begin in page and end in page:
+        page = page[:page.index(begin)] + block + page[page.index(end) + len(end) + 1:]
+    else:
+        page = page + ("\n" if page and not page.endswith("\n\n") else "") + block
+    path.write_text(page)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -276,7 +428,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/never_worse"))
     ap.add_argument("--md", type=Path, help="write the markdown tables here")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (small nets run faster on one)")
+    ap.add_argument("--options", default=",".join(OPTIONS), help="comma-separated options to fit (default: all)")
+    ap.add_argument("--section", help="write the tables as this section of --md (the rest of the page is kept)")
     args = ap.parse_args(argv)
+    options = [o for o in args.options.split(",") if o]
+    unknown = [o for o in options if o not in OPTIONS]
+    if unknown:
+        ap.error(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
     roots = []
     for p in args.pools:
         roots += [p] if pool_spec(p) else sorted(q for q in p.iterdir() if q.is_dir() and pool_spec(q))
@@ -285,17 +443,22 @@ def main(argv: list[str] | None = None) -> None:
     for root in roots:
         done = args.out / f"{root.name}.json"
         previous = json.loads(done.read_text()) if done.exists() else None
-        if previous is None or any(n not in previous["test"] for n in OPTIONS):
+        if previous is None or any(n not in previous["test"] for n in options):
             print(f"pool {root.name}", file=sys.stderr, flush=True)
-            done.write_text(json.dumps(run_pool(root, args.out, args.threads, previous), indent=1))
+            done.write_text(json.dumps(run_pool(root, args.out, args.threads, previous, options), indent=1))
         res = json.loads(done.read_text())
         add_picks(res)
         done.write_text(json.dumps(res, indent=1))
         results.append(res)
-    md = render(results)
+    if args.section:
+        command = "python benchmarks/never_worse.py " + " ".join(a if " " not in a else f'"{a}"' for a in
+                                                                  (argv if argv is not None else sys.argv[1:]))
+        md = render_section(results, args.section, command, options)
+    else:
+        md = render(results)
     print(md)
     if args.md:
-        args.md.write_text(md)
+        write_section(args.md, args.section, md) if args.section else args.md.write_text(md)
 
 
 if __name__ == "__main__":

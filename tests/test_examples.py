@@ -374,8 +374,9 @@ def test_lm_soup_smoke(smoke_runs):
     assert (out / "report.json").exists()
     cmds = json.loads((out / "commands.json").read_text())
     fit = next(c["command"] for c in cmds if c["command"].startswith("twamerge fit "))
-    # The command a user types: candidates, --val, -o, --report and nothing else.
-    assert [a for a in fit.split() if a.startswith("-")] == ["--val", "-o", "--report"], fit
+    # The command a user types: candidates, --val, -o, --report and nothing else (the smoke run alone adds
+    # --min-steps 0, so that the default step budget does not dominate its time).
+    assert [a for a in fit.split() if a.startswith("-")] == ["--val", "-o", "--report", "--min-steps"], fit
     rows = {r["method"]: r for r in res["rows"]}
     names = [s["name"] for s in res["settings"]]
     assert {*names, "uniform soup", "TWA (twamerge fit)"} <= set(rows)

@@ -234,3 +234,117 @@ def test_data_tensor_files_keep_the_pickle_safety_and_messages(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 5)
     with pytest.raises(DataError, match="bad.safetensors: cannot be read as a tensor file"):
         load_data(DataConfig(str(tmp_path / "bad.safetensors")))
+
+
+def _mixed_files(folder: Path) -> tuple[list[Path], dict[str, torch.Tensor]]:
+    """The same tensors as safetensors, a torch zip and a sharded safetensors index: a large tensor (mapped),
+    a small one (read into a buffer), a transposed one in the zip (copied out of torch's map), a float16 one."""
+    from huggingface_hub import save_torch_state_dict
+
+    g = torch.Generator().manual_seed(0)
+    sd = {"big": torch.randn(512, 1024, generator=g), "small": torch.randn(7, generator=g),
+          "half": torch.randn(300, 1000, generator=g).half()}
+    folder.mkdir()
+    save_file(sd, str(folder / "a.safetensors"))
+    torch.save({"state_dict": {**sd, "wide": sd["big"].t()}, "epoch": 1}, folder / "b.ckpt")
+    (folder / "hub").mkdir()
+    save_torch_state_dict(sd, folder / "hub", max_shard_size="1MB")
+    return [folder / "a.safetensors", folder / "b.ckpt", folder / "hub" / "model.safetensors.index.json"], sd
+
+
+def test_a_tensor_changed_in_place_changes_neither_the_file_nor_later_reads(tmp_path):
+    import hashlib
+
+    paths, sd = _mixed_files(tmp_path / "in")
+    files = sorted(p for p in (tmp_path / "in").rglob("*") if p.is_file())
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    for path in paths:
+        with open_checkpoints([path], min_count=1) as cs:
+            keys = [k for k in cs.keys if k in sd]
+            for key in keys:
+                t = cs.get(0, key)
+                t.mul_(-2).add_(1)  # the caller's own tensor: the change stays in it
+                assert not torch.equal(t, sd[key]), (path.name, key)
+                assert torch.equal(cs.get(0, key), sd[key]), (path.name, key)
+                piece = cs.get_slice(0, key, 3, 9)
+                piece.zero_()
+                assert torch.equal(cs.get_slice(0, key, 3, 9), sd[key].reshape(-1)[3:9]), (path.name, key)
+            if "wide" in cs.keys:
+                wide = cs.get(0, "wide")
+                wide.zero_()
+                assert torch.equal(cs.get(0, "wide"), sd["big"].t())
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files} == before
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs /proc/self/maps (Linux)")
+def test_large_tensors_are_maps_of_the_file_not_copies(tmp_path):
+    """What makes the reader as fast as the bytes: a large tensor's memory is the file's pages, mapped for that
+    read alone (and unmapped with it); the torch zip's contiguous tensors too, small ones are read."""
+    import gc
+
+    paths, sd = _mixed_files(tmp_path / "in")
+
+    def mapped_file(addr: int) -> str | None:
+        """The file mapped at ``addr`` in this process, per /proc/self/maps (None: anonymous memory)."""
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            fields = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= addr < hi:
+                return fields[5] if len(fields) > 5 else None
+        return None
+
+    for path in paths[:2]:
+        with open_checkpoints([path], min_count=1) as cs:
+            big = cs.get(0, "big")
+            addr = big.data_ptr()
+            assert mapped_file(addr) == str(path.resolve()), path.name
+            assert mapped_file(cs.get(0, "small").data_ptr()) != str(path.resolve())
+            if "wide" in cs.keys:
+                assert cs.candidates[0].reads_ranges("big") and not cs.candidates[0].reads_ranges("wide")
+            del big
+            gc.collect()
+            assert mapped_file(addr) != str(path.resolve()), path.name  # unmapped with the tensor
+
+
+def test_torch_zip_ranges_read_only_the_range(tmp_path):
+    from twamerge.io import count_reads
+
+    paths, sd = _mixed_files(tmp_path / "in")
+    with count_reads() as reads, open_checkpoints([paths[1]], min_count=1) as cs:
+        assert torch.equal(cs.get_slice(0, "big", 1000, 1010), sd["big"].reshape(-1)[1000:1010])
+        assert reads.bytes_read[paths[1].resolve()] == 10 * 4
+        assert torch.equal(cs.get_slice(0, "wide", 5, 8), sd["big"].t().reshape(-1)[5:8])  # read whole, then cut
+        assert reads.bytes_read[paths[1].resolve()] == 10 * 4 + sd["big"].numel() * 4
+
+
+def test_a_file_cut_short_after_opening_is_an_error_on_read(tmp_path):
+    paths, sd = _mixed_files(tmp_path / "in")
+    with open_checkpoints([paths[0]], min_count=1) as cs:
+        keep = paths[0].stat().st_size - 1000
+        os.truncate(paths[0], keep)
+        # Whichever tensor is last in the file now ends past its end: mapped or read, it is refused by name.
+        last = max(cs.keys, key=lambda k: cs.position(0, k)[1])
+        with pytest.raises(CheckpointError, match=f"a.safetensors: tensor '{last}' is truncated"):
+            cs.get(0, last)
+
+
+def test_stack_fills_a_reused_buffer(tmp_path):
+    """``stack``/``stack_slice`` with ``out`` fill the caller's buffer (a view of a larger one works) with what
+    they would have returned; a buffer of the wrong shape or dtype is refused naming the key."""
+    from twamerge.errors import InvalidArgumentError
+
+    paths, sds = write_variants(tmp_path)
+    buf = torch.full((4 * 256,), float("nan"))
+    with open_checkpoints(paths) as cs:
+        for key in cs.float_keys:
+            n = cs.numel(key)
+            out = buf[: 4 * n].view(4, *cs.shape(key))
+            assert cs.stack(key, out=out) is out and torch.equal(out, torch.stack([sd[key] for sd in sds])), key
+            part = buf[: 4 * (n - 1)].view(4, n - 1)
+            assert cs.stack_slice(key, 1, n, out=part) is part
+            assert torch.equal(part, torch.stack([sd[key].reshape(-1)[1:] for sd in sds])), key
+            assert torch.equal(cs.stack_slice(key, 0, n), torch.stack([sd[key].reshape(-1) for sd in sds])), key
+        with pytest.raises(InvalidArgumentError, match=r"stacking 'fc.weight' needs \[4, 10, 8\]"):
+            cs.stack("fc.weight", out=torch.empty(4, 80))
+        with pytest.raises(InvalidArgumentError, match="stacking 'fc.bias' needs"):
+            cs.stack_slice("fc.bias", 0, 10, out=torch.empty(4, 10, dtype=torch.float64))

@@ -92,13 +92,21 @@ def test_directory_output_copies_hf_files(tmp_path):
     src.mkdir()
     (src / "config.json").write_text('{"model_type": "bert"}')
     (src / "tokenizer.json").write_text("{}")
+    (src / "modules.json").write_text('[{"idx": 0, "path": "", "type": "Transformer"}, '
+                                      '{"idx": 1, "path": "1_Pooling", "type": "Pooling"}]')
     (src / "1_Pooling").mkdir()
     (src / "1_Pooling" / "config.json").write_text("{}")
+    # Code, a training run's state and the source's own card are never copied (only data-only side files are).
+    for name in ("modeling_x.py", "trainer_state.json", "training_args.bin", "optimizer.pt", "scheduler.pt",
+                 "rng_state.pth", "README.md"):
+        (src / name).write_text("x")
     save_file({"w": torch.zeros(1)}, str(src / "model.safetensors"))
     out = tmp_path / "merged"
     written = write_checkpoint({"w": torch.ones(3)}, out, metadata={}, hf_source_dir=src)
     assert written == [out / "model.safetensors"]
-    assert sorted(p.name for p in out.iterdir()) == ["1_Pooling", "config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["1_Pooling", "config.json", "model.safetensors", "modules.json",
+                                                     "tokenizer.json"]
+    assert [p.name for p in (out / "1_Pooling").iterdir()] == ["config.json"]
     assert torch.equal(load_file(str(out / "model.safetensors"))["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "src"]
     write_checkpoint({"w": torch.zeros(3)}, out, metadata={}, hf_source_dir=src, force=True)

@@ -49,3 +49,13 @@ def test_every_option_is_scored_and_a_rerun_fits_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(nw, "fit", no_fit)
     nw.main(["--pools", str(tmp_path / "pools"), "--out", str(out)])
+    # A study of some options written as a marked section: the page above it is kept, a rerun replaces the section.
+    for _ in range(2):
+        nw.main(["--pools", str(tmp_path / "pools"), "--out", str(out), "--options", "twa,old", "--md", str(md),
+                 "--section", "Step budget"])
+    again = md.read_text()
+    assert again.startswith(page) and again.count("<!-- section: Step budget -->") == 1
+    section = again[len(page):]
+    assert "## Step budget" in section and "| twa | old | select | select_any |" in section
+    assert "init_greedy" not in section  # fitted for the page above, not asked for here
+    assert "python benchmarks/pools.py --seeds" in section and "--options twa,old" in section

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -79,8 +81,12 @@ def test_apply_reproduces_the_output_bit_for_bit(run, tmp_path, dtype):
 
 def test_apply_refuses_other_checkpoints(run, tmp_path):
     _fit(run, tmp_path / "fit.safetensors", greedy=False, eval_candidates=False)
+    # Another file in the last candidate's place (reversing the list no longer differs: discovery puts
+    # epoch-numbered names in natural order).
+    other = tmp_path / "other.safetensors"
+    shutil.copy2(run.checkpoints[0], other)
     with pytest.raises(TwamergeError, match="SHA-256"):
-        apply_report(tmp_path / "fit.json", list(reversed(run.checkpoints)), tmp_path / "x.safetensors")
+        apply_report(tmp_path / "fit.json", [*run.checkpoints[:-1], other], tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -275,43 +281,61 @@ def test_forced_c_kernels_and_their_limits(run, tmp_path):
 @pytest.mark.parametrize("candidates, reads", [(False, 2), (True, 3)])
 def test_each_candidate_is_read_as_often_as_the_readme_says(run, tmp_path, candidates, reads):
     """docs/how-it-works.md, "Reads of the candidate files": the subspace build (one read: each layer
-    block's K copies fit in memory) and the written merge (hashed on that read), plus one read of each
-    candidate to score it; the uniform baseline is the subspace mean and reads nothing."""
-    from twamerge.io import count_reads
+    block's K copies fit in memory) and the written merge, plus one read of each candidate to score it;
+    the uniform baseline is the subspace mean and reads nothing. Each input is hashed once, on the
+    hashing threads, straight from the file (every byte of it, not the reads' tensors)."""
+    from twamerge.io import count_reads, hashing
 
+    # A digest remembered from an earlier test of the same files would be reused without hashing them.
+    hashing._SHA_CACHE.clear()
     with count_reads() as counts:
-        _fit(run, tmp_path / "m.safetensors", greedy=False, eval_candidates=candidates)
-    for path in run.checkpoints:
+        report = _fit(run, tmp_path / "m.safetensors", greedy=False, eval_candidates=candidates)
+    for path, source in zip(run.checkpoints, report["candidates"]):
         data_bytes = sum(t.numel() * t.element_size() for t in load_file(str(path)).values())
         assert counts.bytes_read[path.resolve()] == reads * data_bytes, path.name
-        # The SHA-256 in the metadata comes from those reads: the hasher itself read only the small gaps.
-        assert counts.hash_bytes_read.get(path.resolve(), 0) < 0.01 * path.stat().st_size
+        assert counts.hash_bytes_read[path.resolve()] == path.stat().st_size, path.name
+        assert source["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_greedy_trials_read_only_their_ingredients(run, tmp_path):
-    """Each greedy-soup trial reads the soup so far and the candidate it tries, and nothing else."""
+def test_greedy_trials_read_no_candidate_file(run, tmp_path, monkeypatch):
+    """The greedy soup's trials are points of the subspace: the read counter shows no candidate byte while they
+    run, and each trial is one combine and one scoring pass of the fit rows. The soup chosen is then merged
+    once from its ingredients' files and scored as the row's figures."""
+    from twamerge import methods
+    from twamerge.evaluation import Scorer
     from twamerge.io import count_reads
+    from twamerge.subspace import Subspace
 
+    during, calls = {}, []
+    real_soup, real_combine, real_score = methods.greedy_soup, Subspace.combine, Scorer.score
+
+    def soup_spy(order, *args, **kwargs):
+        before = dict(counts.bytes_read)
+        calls.clear()
+        result = real_soup(order, *args, **kwargs)
+        during["bytes"] = {p: n - before.get(p, 0) for p, n in counts.bytes_read.items() if n != before.get(p, 0)}
+        during["calls"], during["trials"] = list(calls), len(order) - 1
+        return result
+
+    monkeypatch.setattr(methods, "greedy_soup", soup_spy)
+    monkeypatch.setattr(Subspace, "combine",
+                        lambda self, *a, **k: calls.append("combine") or real_combine(self, *a, **k))
+    monkeypatch.setattr(Scorer, "score", lambda self, split: calls.append(split) or real_score(self, split))
     with count_reads() as counts:
         report = _fit(run, tmp_path / "m.safetensors")
-    cands = [m for m in report["methods"] if m["kind"] == "candidate"]
-    names = [m["name"] for m in cands]
-    ingredients = set(next(m for m in report["methods"] if m["kind"] == "greedy")["ingredients"])
-    # Replay the soup from the report: best first by fit-split accuracy, each ingredient kept when tried.
-    order = sorted(range(len(cands)), key=lambda i: -cands[i]["fit"]["metric"])
-    expected = dict.fromkeys(names, 3)  # the subspace build, scoring, the written merge
-    soup = [order[0]]
-    for i in order[1:]:
-        for j in soup + [i]:
-            expected[names[j]] += 1
-        if names[i] in ingredients:
-            soup.append(i)
-    if len(soup) == 1:  # no trial kept: the soup's row is the best candidate merged and scored once more
-        expected[names[order[0]]] += 1
-    assert {n for n in names if n in ingredients} == {names[j] for j in soup}
-    for path in run.checkpoints:
+    greedy = next(m for m in report["methods"] if m["kind"] == "greedy")
+    assert during["bytes"] == {}  # not one candidate byte while the trials run
+    trials = during["trials"]
+    assert during["calls"].count("combine") == during["calls"].count("fit") == trials == len(run.checkpoints) - 1
+    assert during["calls"].count("heldout") == 0  # only the soup chosen is scored on them, after the trials
+    # Outside the trials: the subspace build, scoring the candidate, the written merge; and the soup chosen.
+    for i, path in enumerate(run.checkpoints):
         data_bytes = sum(t.numel() * t.element_size() for t in load_file(str(path)).values())
-        assert counts.bytes_read[path.resolve()] == expected[path.name] * data_bytes, path.name
+        assert counts.bytes_read[path.resolve()] == (3 + (i in greedy["indices"])) * data_bytes, path.name
+    sub, gap = greedy["subspace"], greedy["subspace_gap"]
+    assert gap == {"loss": sub["heldout"]["loss"] - greedy["heldout"]["loss"],
+                   "metric": sub["heldout"]["metric"] - greedy["heldout"]["metric"]}
+    assert abs(gap["loss"]) < 0.05 * greedy["heldout"]["loss"]  # 8 bits: the subspace soup is close to the exact one
 
 
 def test_bf16_candidates_fit_with_bf16_flat_buffers(run, tmp_path):
@@ -384,9 +408,12 @@ def test_held_out_rows_are_never_used_to_fit_or_choose(run, tmp_path, monkeypatc
     assert len(heldout_rows) == held
     # Every scored set is either exactly the fit rows or exactly the held-out rows: nothing mixes them.
     assert set(scored_sets) == {frozenset(used["train"]), frozenset(heldout_rows)}
-    # Held-out scores: one per reported row (candidates, uniform, the kept greedy soup, TWA), nothing more.
+    # Held-out scores: one per reported figure (candidates, uniform, the greedy soup exact and in the subspace,
+    # TWA), nothing more.
     rows_with_heldout = sum(m["heldout"] is not None for m in report["methods"])
-    assert scored_sets.count(frozenset(heldout_rows)) == rows_with_heldout
+    greedy = next(m for m in report["methods"] if m["kind"] == "greedy")
+    assert greedy["subspace"]["heldout"] is not None
+    assert scored_sets.count(frozenset(heldout_rows)) == rows_with_heldout + 1
 
 
 def test_select_best_writes_the_best_baseline_on_held_out_rows_and_apply_repeats_it(tmp_path):

@@ -216,3 +216,30 @@ def test_one_read_and_two_reads_give_the_same_basis(blocks):
     assert reads["n"] == (len(stacks) if blocks == "layer" else 2 * len(stacks))
     for f in ("mean", "codes", "scales", "zeros", "transform", "spread"):
         assert torch.equal(getattr(once, f), getattr(twice, f)), f
+
+
+@pytest.mark.parametrize("blocks, cache_bytes", [("global", None), ("size:40", None), ("size:40", 0), ("layer", None)])
+def test_a_scratch_buffer_holds_the_reads_and_changes_nothing(blocks, cache_bytes):
+    """With a scratch buffer (the fit's gradient buffer) every read is stacked into it, none into a fresh
+    tensor, and the subspace is the same; a buffer too small for a read leaves that read its own tensor."""
+    stacks = _candidates(shapes=((7, 3), (11,), (4, 4, 2), (30,), (5, 5)))
+    into: list[bool] = []
+
+    class TakesOut(StackedCandidates):  # as CheckpointSet.stack_slice: fills ``out`` when given
+        def stack_slice(self, name, lo, hi, *, out=None):
+            into.append(out is not None)
+            part = super().stack_slice(name, lo, hi)
+            return part.clone() if out is None else out.copy_(part)
+
+    layout = make_layout(list(stacks), [s.shape[1:] for s in stacks.values()], blocks, 8)
+    kw = {} if cache_bytes is None else {"cache_bytes": cache_bytes}
+    plain = build_subspace(TakesOut(stacks), layout, bits=4, **kw)
+    assert into and not any(into)
+    for room, all_into in ((layout.n_cols * 10, True), (130, False)):
+        into.clear()
+        scratch = torch.full((room,), float("nan"))
+        sub = build_subspace(TakesOut(stacks), layout, bits=4, scratch=scratch, **kw)
+        assert all(into) if all_into else (any(into) and not all(into)), into
+        assert not bool(scratch.isnan().all())  # written
+        for f in ("mean", "codes", "scales", "zeros", "transform", "spread"):
+            assert torch.equal(getattr(plain, f), getattr(sub, f)), (room, f)

@@ -99,7 +99,7 @@ def _error_case(tmp_path, name, lm, clf):
     if name == "model rejects the batch":
         rows = [{"input_ids": [101, 40000 + i, 102]} for i in range(24)]
         return lm_dirs, ["--val", write_jsonl(tmp_path / "v.jsonl", rows)], \
-            "LlamaForCausalLM rejects a batch of input_ids [8, 3] int64: IndexError"
+            "LlamaForCausalLM rejects a batch of input_ids [4, 3] int64: IndexError"  # evaluation.PROBE_ROWS rows
     rows = [{"text": t, "label": i % 5} for i, t in enumerate(texts)]
     return clf_dirs, ["--val", write_jsonl(tmp_path / "v.jsonl", rows)], "label 4 is out of range for a model with 3 outputs"
 
@@ -135,14 +135,14 @@ def test_gradient_checkpointing_learns_the_same_merge(lm, tmp_path):
     rounding), and a clear error for a model that cannot do it."""
     dirs, val, _ = lm
     reports = []
-    for flag in ([], ["--gradient-checkpointing"]):
-        out = tmp_path / f"m{len(flag)}"
-        r = _run("fit", *dirs, "--val", val, "-o", out, "--epochs", "1", "--no-greedy", "--no-candidates",
-                 "--report", tmp_path / f"r{len(flag)}.json", "-q", *flag)
+    for i, flag in enumerate(["--no-gradient-checkpointing", "--gradient-checkpointing"]):
+        r = _run("fit", *dirs, "--val", val, "-o", tmp_path / f"m{i}", "--epochs", "1", "--no-greedy",
+                 "--no-candidates", "--report", tmp_path / f"r{i}.json", "-q", flag)
         assert r.exit_code == 0, r.output
-        reports.append(json.loads((tmp_path / f"r{len(flag)}.json").read_text()))
+        reports.append(json.loads((tmp_path / f"r{i}.json").read_text()))
     a, b = (torch.tensor(r["merge"]["block_alphas"]) for r in reports)
     assert (a - 1 / 3).abs().max() > 1e-4 and torch.allclose(a, b, atol=1e-5)
+    assert reports[0]["settings"]["gradient_checkpointing"] is False
     assert reports[1]["settings"]["gradient_checkpointing"] is True
 
     from digits_run import MODEL_SPEC, make_digits_run

@@ -6,19 +6,23 @@ traceback with ``-v``), 2 a usage error (a bad option, or a value a config refus
 a bug and propagates with its traceback.
 
 The options come from the config dataclasses (``config.option`` metadata, see ``cli_options``); the
-output from ``render``. Adding a command: ``@command(app, "name", CHECKPOINTS, Fields(SomeConfig,
-"Panel"), *COMMON)`` on a function of ``args``, wrap the library call in ``with _fail_on_twamerge_error():``
-(building the configs inside it) and finish with ``emit(result, args.json_out, renderer)``.
+output from ``render``. Every option may also come from the project's settings (``[tool.twamerge]`` in
+the nearest pyproject.toml, a twamerge.toml, or ``--config FILE``; see ``settings``), under the command
+line. Adding a command: ``@_command("name", CHECKPOINTS, Fields(SomeConfig, "Panel"))`` on a function of
+``args``, wrap the library call in ``with _fail_on_twamerge_error():`` (building the configs inside it)
+and finish with ``emit(result, args.json_out, renderer)``.
 """
 
 import contextlib
+import functools
+import inspect
 import logging
 import os
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -37,6 +41,7 @@ from .config import (
 )
 from .errors import InvalidArgumentError, TwamergeError, one_line
 from .render import configure_logging, emit, progress
+from .settings import read_settings
 
 app = typer.Typer(
     name="twamerge",
@@ -96,6 +101,11 @@ def _quiet_callback(value: bool) -> bool:
 CHECKPOINTS = param("checkpoints", Annotated[list[Path], typer.Argument(
     help="Checkpoint files, globs or directories (natural order: epoch10 after epoch9).", show_default=False)])
 COMMON = (
+    param("config_file", Annotated[Optional[Path], typer.Option(
+        "--config", metavar="FILE", show_default=False,
+        help="Settings from this TOML file (a pyproject.toml's [tool.twamerge], or a twamerge.toml); default: the "
+             "nearest twamerge.toml or pyproject.toml with [tool.twamerge], from the working folder up. The command "
+             "line wins over it.")], None),
     param("json_out", Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")], False),
     param("verbose", Annotated[int, typer.Option("-v", "--verbose", count=True, callback=_verbose_callback,
                                                  help="More logging; tracebacks on errors.")], 0),
@@ -128,22 +138,65 @@ def _fail_on_twamerge_error() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-@command(app, "average", CHECKPOINTS, Fields(AverageConfig, "Average"), Fields(ReadConfig, "Checkpoints"),
-         Fields(OutputConfig, "Output", ("path", "force", "dtype", "max_shard_size")), *COMMON)
+def _command(name: str, *parts: Fields | inspect.Parameter
+             ) -> Callable[[Callable[[Args], None]], Callable[[Args], None]]:
+    """``command`` of the app with the common options, whose function runs once the project's settings are in
+    ``args`` (under the command line) and their -v/-q, if any, are applied."""
+    def register(fn: Callable[[Args], None]) -> Callable[[Args], None]:
+        @functools.wraps(fn)
+        def with_settings(args: Args) -> None:
+            with _fail_on_twamerge_error():
+                args.apply_settings(read_settings(args.config_file))
+            _verbose_callback(args.verbose)
+            _quiet_callback(args.quiet)
+            from_file = [f"{key} ({where})" for key, where in args.sources.items() if where != "command line"]
+            if from_file:
+                logging.getLogger(__name__).info("settings: %s", ", ".join(from_file))
+            fn(args)
+
+        return command(app, name, *parts, *COMMON)(with_settings)
+
+    return register
+
+
+def default_output(checkpoints: list[Path]) -> Path:
+    """Where -o goes when neither the command line nor the settings say: ``merged.safetensors`` in the working
+    folder, or the folder ``merged`` when the candidates are Hugging Face or LoRA adapter folders (a loadable
+    model or adapter folder)."""
+    from .io.discovery import expand_paths
+
+    try:
+        first = expand_paths(checkpoints)[0]
+    except (TwamergeError, IndexError):  # the command's own reading of the candidates names the fault
+        return Path("merged.safetensors")
+    folder = first.is_dir() and any((first / name).is_file() for name in ("config.json", "adapter_config.json"))
+    return Path("merged") if folder else Path("merged.safetensors")
+
+
+def _output(args: Args) -> OutputConfig:
+    if args.output is None:
+        args.set_default("output", default_output(args.checkpoints))
+    return args.config(OutputConfig)
+
+
+@_command("average", CHECKPOINTS, Fields(AverageConfig, "Average"), Fields(ReadConfig, "Checkpoints"),
+          Fields(ModelConfig, "Model", ("spec",)),
+          Fields(OutputConfig, "Output", ("path", "force", "dtype", "max_shard_size", "merge_into_base")))
 def average_cmd(args: Args) -> None:
     """Average checkpoints without data: uniform (SWA), fixed --weights, or --ema."""
     from .merge import average_checkpoints
 
     with _fail_on_twamerge_error():
         avg = args.config(AverageConfig)
-        result = average_checkpoints(args.checkpoints, args.config(OutputConfig), weights=avg.weights, ema=avg.ema,
-                                     normalize=avg.normalize, read=args.config(ReadConfig),
-                                     progress=progress("averaging", STATE.quiet))
+        result = average_checkpoints(args.checkpoints, _output(args), weights=avg.weights, ema=avg.ema,
+                                     normalize=avg.normalize, hash_inputs=avg.hash_inputs,
+                                     read=args.config(ReadConfig), progress=progress("averaging", STATE.quiet),
+                                     model=args.config(ModelConfig).spec)
     emit(result, args.json_out, render.average_summary)
 
 
-@command(app, "inspect", CHECKPOINTS, Fields(ReadConfig, "Checkpoints", ("ema_key", "keys")),
-         Fields(InspectConfig, "Inspect"), *COMMON)
+@_command("inspect", CHECKPOINTS, Fields(ReadConfig, "Checkpoints", ("ema_key", "keys")),
+          Fields(InspectConfig, "Inspect"))
 def inspect_cmd(args: Args) -> None:
     """Describe checkpoints: formats, sizes, whether they can be merged, diversity, basis memory."""
     from .inspect_ckpt import inspect_checkpoints
@@ -161,8 +214,8 @@ FAIL_IF_WORSE = param("fail_if_worse", Annotated[bool, typer.Option(
     help=f"Exit {EXIT_WORSE} when the written merge loses to the best candidate on held-out data.")], False)
 
 
-@command(app, "fit", CHECKPOINTS, DATA, MODEL, Fields(ReadConfig, "Checkpoints"), Fields(FitConfig, "Fit"),
-         Fields(OutputConfig, "Output"), FAIL_IF_WORSE, *COMMON)
+@_command("fit", CHECKPOINTS, DATA, MODEL, Fields(ReadConfig, "Checkpoints"), Fields(FitConfig, "Fit"),
+          Fields(OutputConfig, "Output"), FAIL_IF_WORSE)
 def fit_cmd(args: Args) -> None:
     """Learn the averaging coefficients on validation data (TWA) and write the merged checkpoint."""
     from .pipeline import fit
@@ -170,8 +223,8 @@ def fit_cmd(args: Args) -> None:
     with _fail_on_twamerge_error():
         cfg = args.config(FitConfig)
         result = fit(args.checkpoints, val=args.config(DataConfig), model=args.config(ModelConfig),
-                     output=args.config(OutputConfig), cfg=cfg, read=args.config(ReadConfig),
-                     progress=progress("fitting", STATE.quiet))
+                     output=_output(args), cfg=cfg, read=args.config(ReadConfig),
+                     progress=progress("fitting", STATE.quiet), sources=args.sources)
     if not STATE.quiet:
         render.fit_table(result, Console(file=sys.stderr))
     summary = {k: v for k, v in result.items() if k != "merge"}
@@ -183,8 +236,8 @@ def fit_cmd(args: Args) -> None:
         raise typer.Exit(EXIT_WORSE)
 
 
-@command(app, "eval", CHECKPOINTS, DATA, MODEL, Fields(ReadConfig, "Checkpoints", ("ema_key",)),
-         Fields(EvalConfig, "Evaluation"), *COMMON)
+@_command("eval", CHECKPOINTS, DATA, MODEL, Fields(ReadConfig, "Checkpoints", ("ema_key",)),
+          Fields(EvalConfig, "Evaluation"))
 def eval_cmd(args: Args) -> None:
     """Loss and metric of each checkpoint on all rows of --val."""
     from .pipeline import evaluate_checkpoints
@@ -192,19 +245,21 @@ def eval_cmd(args: Args) -> None:
     with _fail_on_twamerge_error():
         cfg = args.config(EvalConfig)
         result = evaluate_checkpoints(args.checkpoints, val=args.config(DataConfig), model=args.config(ModelConfig),
-                                      batch_size=cfg.batch_size, device=cfg.device, read=args.config(ReadConfig))
+                                      batch_size=cfg.batch_size, device=cfg.device, read=args.config(ReadConfig),
+                                      batch_tokens=cfg.batch_tokens)
     emit(result, args.json_out, render.eval_table)
 
 
-@command(app, "apply", param("report", Annotated[Path, typer.Argument(
+@_command("apply", param("report", Annotated[Path, typer.Argument(
     help="The JSON report of a fit (--report).", show_default=False)]), CHECKPOINTS,
-         Fields(OutputConfig, "Output", ("path", "force", "max_shard_size")), *COMMON)
+          Fields(ModelConfig, "Model", ("spec",)),
+          Fields(OutputConfig, "Output", ("path", "force", "max_shard_size", "merge_into_base")))
 def apply_cmd(args: Args) -> None:
     """Re-emit a fit's merge from its saved coefficients (no data or model needed)."""
     from .pipeline import apply_report
 
     with _fail_on_twamerge_error():
-        result = apply_report(args.report, args.checkpoints, args.config(OutputConfig))
+        result = apply_report(args.report, args.checkpoints, _output(args), model=args.config(ModelConfig).spec)
     emit(result, args.json_out, render.apply_summary)
 
 
@@ -218,7 +273,7 @@ def main() -> None:
     # A torchrun rank ends without interpreter shutdown. Gloo's worker threads outlive
     # destroy_process_group, and one that releases a collective's Python tensor while the
     # interpreter shuts down aborts the process (SIGABRT instead of our exit code; see
-    # distributed._wait). Everything the command writes is complete and renamed into place before
+    # distributed.wait_collective). Everything the command writes is complete and renamed into place before
     # it returns, so only the streams and the log handlers need flushing.
     try:
         app()

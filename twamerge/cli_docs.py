@@ -71,7 +71,7 @@ def _value(p: Any) -> str:
 def _default(p: Any) -> str:
     if p.required:
         return "required"
-    if p.is_flag and p.secondary_opts:
+    if p.is_flag and p.secondary_opts and p.default is not None:  # None: decided at run time (the help says how)
         return f"`{p.opts[0] if p.default else p.secondary_opts[0]}`"
     if p.default is None or p.is_flag or p.count:
         return ""

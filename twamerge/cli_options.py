@@ -6,6 +6,10 @@ config into Typer options, and :func:`command` registers a function whose signat
 those options. The function receives an :class:`Args` and builds each config with ``args.config(Cls)``,
 so a setting's name, default, choices and help are written once, in config.py.
 
+Every option is also a key of the project's settings file (``settings.py``): :func:`command` records
+what each command takes in :data:`SETTINGS`, and :meth:`Args.apply_settings` fills in, under the
+command line, the values a settings file gives (Click says which options the command line set).
+
 Typer reads a command's options from its signature, so :func:`command` builds an ``inspect.Signature``
 of ``Annotated[type, typer.Option(...)]`` parameters and sets it on a function taking ``**values``.
 """
@@ -22,10 +26,14 @@ from typing import Annotated, Any, Literal, Optional
 import typer
 
 from .errors import InvalidArgumentError, TwamergeError
+from .settings import Setting, SettingsFile
 
-__all__ = ["Args", "Fields", "command", "param", "param_name"]
+__all__ = ["SETTINGS", "Args", "Fields", "command", "param", "param_name"]
 
 _REQUIRED = inspect.Parameter.empty
+
+#: Every command's options as a settings file names them: ``{"fit": {"epochs": Setting(...), ...}, ...}``.
+SETTINGS: dict[str, dict[str, Setting]] = {}
 
 
 def param_name(flag: str) -> str:
@@ -64,8 +72,22 @@ class Fields:
         hints = typing.get_type_hints(self.cls)
         return [_parameter(f, hints[f.name], self.panel) for f in self.fields()]
 
-    def build(self, values: dict[str, Any]) -> Any:
+    def settings(self) -> list[Setting]:
+        """Each option as a settings file gives it: the command line's form (then ``parse``), or the field's own."""
+        hints = typing.get_type_hints(self.cls)
+        out = []
+        for f in self.fields():
+            meta = f.metadata
+            if "setting" in meta and meta["setting"] is None:  # command line only (settings.COMMAND_LINE_ONLY)
+                continue
+            forms = (_cli_type(f, hints[f.name], _cli_default(f)),) + ((hints[f.name],) if "parse" in meta else ())
+            out.append(Setting(meta.get("setting", _key(meta["flag"])), param_name(meta["flag"]), forms,
+                               meta.get("parse"), meta.get("min"), meta.get("max"), meta.get("names_file", False)))
+        return out
+
+    def build(self, values: dict[str, Any], parsed: set[str] = frozenset()) -> Any:
         """The config from the parsed ``values``; an option left out (None) keeps the field's default.
+        ``parsed`` names the values that already have the field's type (from a settings file): no ``parse``.
 
         Raises:
             InvalidArgumentError: a value the field's ``parse`` or the config's validation refuses.
@@ -76,7 +98,7 @@ class Fields:
             value = values[param_name(flag)]
             if value is None:
                 continue
-            if "parse" in f.metadata:
+            if "parse" in f.metadata and param_name(flag) not in parsed:
                 try:
                     value = f.metadata["parse"](value)
                 except TwamergeError:
@@ -92,7 +114,15 @@ class Fields:
             raise InvalidArgumentError(str(exc)) from None
 
 
+def _key(flag: str) -> str:
+    """The settings key of an option: ``--fail-if-worse`` -> ``fail-if-worse``, ``--greedy/--no-greedy`` ->
+    ``greedy``."""
+    return flag.split("/")[0].lstrip("-")
+
+
 def _cli_default(f: dataclasses.Field) -> Any:
+    if "cli_default" in f.metadata:  # left out on the command line, the command supplies the value (-o)
+        return f.metadata["cli_default"]
     if f.default is not dataclasses.MISSING:
         return f.default
     # A field made by a factory (a dict, a list) is built by its ``parse`` from the option, or left to the factory.
@@ -126,13 +156,36 @@ def _parameter(f: dataclasses.Field, hint: Any, panel: str) -> inspect.Parameter
                              annotation=Annotated[_cli_type(f, hint, default), info])
 
 
+def _param_setting(p: inspect.Parameter) -> Setting | None:
+    """The setting of a parameter of no config (``--json``, ``-v``, ``--fail-if-worse``); None for an argument."""
+    kind, *extras = typing.get_args(p.annotation)
+    info = next((e for e in extras if isinstance(e, typer.models.OptionInfo)), None)
+    if info is None:
+        return None
+    # In ``Annotated``, typer.Option's positional names start with its ``default`` slot.
+    flags = [d for d in (info.default, *info.param_decls) if isinstance(d, str) and d.startswith("--")]
+    if info.count:
+        return Setting(_key(flags[0]), p.name, (int,), low=0)
+    return Setting(_key(flags[0]), p.name, (kind,), low=info.min, high=info.max)
+
+
 class Args:
     """What a generated command receives: ``args.config(FitConfig)`` builds a config from its options;
-    a parameter of no config is an attribute (``args.checkpoints``, ``args.json_out``)."""
+    a parameter of no config is an attribute (``args.checkpoints``, ``args.json_out``).
 
-    def __init__(self, values: dict[str, Any], groups: list[Fields]) -> None:
+    ``sources`` says where each option that is not at its default came from, by settings key:
+    ``"command line"``, the settings file and table (``"pyproject.toml [tool.twamerge.fit]"``), or
+    ``"default"`` for a default the command computes (:meth:`set_default`).
+    """
+
+    def __init__(self, command: str, values: dict[str, Any], groups: list[Fields], given: set[str]) -> None:
+        self.command = command
         self._values = values
         self._groups = {g.cls: g for g in groups}
+        self._given = given
+        self._from_file: set[str] = set()
+        self._key_of = {s.param: s.key for s in SETTINGS[command].values()}
+        self.sources: dict[str, str] = {self._key_of[p]: "command line" for p in sorted(given) if p in self._key_of}
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -140,14 +193,45 @@ class Args:
         except KeyError:
             raise AttributeError(name) from None
 
+    def apply_settings(self, file: SettingsFile | None) -> None:
+        """Take the values ``file`` gives this command for every option the command line left out.
+
+        Raises:
+            InvalidArgumentError: the file has an unknown key or a value of the wrong type (any command's).
+        """
+        if file is None:
+            return
+        for name, source in file.resolve(self.command, SETTINGS).items():
+            if name in self._given:
+                continue
+            self._values[name] = source.value
+            self._from_file.add(name)
+            self.sources[self._key_of[name]] = source.where
+
+    def set_default(self, name: str, value: Any) -> None:
+        """Give option ``name``, left out everywhere, the value the command computes (``-o``'s default)."""
+        self._values[name] = value
+        self.sources[self._key_of[name]] = "default"
+
     def config(self, cls: type) -> Any:
-        return self._groups[cls].build(self._values)
+        group = self._groups[cls]
+        try:
+            return group.build(self._values, self._from_file)
+        except InvalidArgumentError as exc:
+            # A value from a settings file that the config refuses: the message names the field; say where it was set.
+            for f in group.fields():
+                name = param_name(f.metadata["flag"])
+                if name in self._from_file and str(exc).startswith(f"{f.name}="):
+                    raise InvalidArgumentError(f"{exc} (set by {self._key_of[name]} in "
+                                               f"{self.sources[self._key_of[name]]})") from None
+            raise
 
 
 def command(app: typer.Typer, name: str, *parts: Fields | inspect.Parameter
             ) -> Callable[[Callable[[Args], None]], Callable[[Args], None]]:
     """Register ``fn(args)`` as command ``name`` of ``app``, with the options of ``parts`` in order (arguments
-    first in the usage line); ``fn``'s docstring is the command's help."""
+    first in the usage line); ``fn``'s docstring is the command's help. Every option is a settings key of
+    ``name`` in :data:`SETTINGS`."""
     params = [p for part in parts for p in (part.parameters() if isinstance(part, Fields) else [part])]
     seen: set[str] = set()
     for p in params:
@@ -157,12 +241,22 @@ def command(app: typer.Typer, name: str, *parts: Fields | inspect.Parameter
     # Positional arguments first, as Python signatures require; options keep their order.
     params.sort(key=lambda p: p.kind != inspect.Parameter.POSITIONAL_OR_KEYWORD)
     groups = [p for p in parts if isinstance(p, Fields)]
+    settings = [s for part in parts
+                for s in (part.settings() if isinstance(part, Fields) else [_param_setting(part)]) if s is not None]
+    SETTINGS[name] = {s.key: s for s in settings}
+    if len(SETTINGS[name]) != len(settings):
+        raise TypeError(f"command {name!r}: two options have the same settings key")
+    # Typer hands the Click context to a parameter of this type: it tells which options the command line set.
+    context = inspect.Parameter("_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
 
     def register(fn: Callable[[Args], None]) -> Callable[[Args], None]:
-        def run(**values: Any) -> None:
-            fn(Args(values, groups))
+        def run(_ctx: typer.Context, **values: Any) -> None:
+            # Not DEFAULT (nor a default_map): typed on the command line, even when equal to the default.
+            sources = {n: _ctx.get_parameter_source(n) for n in values}
+            given = {n for n, s in sources.items() if s is not None and s.name not in ("DEFAULT", "DEFAULT_MAP")}
+            fn(Args(name, values, groups, given))
 
-        run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        run.__signature__ = inspect.Signature([*params, context])  # type: ignore[attr-defined]
         run.__doc__, run.__name__ = fn.__doc__, fn.__name__
         app.command(name)(run)
         return fn

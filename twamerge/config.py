@@ -20,6 +20,18 @@ from .kernels.layout import SUPPORTED_BITS
 from .methods import METHODS, by_init, data_free_weights, init_names
 from .options import parse_size
 
+# The fit's step budget (docs/defaults.md, "Step budget"): at least MIN_STEPS steps, and past them an early stop
+# once the mean fit loss of the last two windows of epochs is no more than STOP_TOL below the best before them.
+MIN_STEPS = 150
+STOP_TOL = 1e-3
+
+# Tokens per batch of token ids (docs/performance.md, "Language models"). The fit's 8192 is the row default's
+# 32 rows at 256 tokens, so rows up to 256 tokens train in the batches the defaults were chosen with. Scoring
+# costs less per token in smaller batches on a CPU (less padding; GPT-2 size: 3.2 ms at 2048, 3.8 at 4096,
+# 4.4 at 16384); 4096 keeps batches large enough for an accelerator to be busy.
+BATCH_TOKENS = 8192
+EVAL_BATCH_TOKENS = 4096
+
 BLOCK_PATTERN = re.compile(r"^(global|layer|size:[1-9][0-9]*)$")
 
 Optimizer = Literal["adamw", "sgd"]
@@ -72,7 +84,11 @@ def option(flag: str, help: str | Callable[[], str], **spelling: Any) -> dict[st
         spelling: optional ``short`` (``-o``); ``min``/``max`` (bounds the parser checks and --help shows);
             ``choices`` (when the field's type is not a ``Literal``); ``metavar``; ``cli_type`` (what the
             parser reads when it differs from the field's type) and ``parse`` (text -> the field's value;
-            a ``ValueError`` becomes a usage error naming the flag).
+            a ``ValueError`` becomes a usage error naming the flag); ``cli_default`` (the command line's
+            default when it differs from the field's: None lets the command compute it, as -o does);
+            ``setting`` (the key in a settings file when it is not the flag's name, see twamerge.settings);
+            ``names_file`` (the value may name a file, ``file.py:name``, or a folder: a settings file's
+            are read from its folder).
     """
     return {"flag": flag, "help": help, **spelling}
 
@@ -102,11 +118,10 @@ def _key_values(items: list[str]) -> dict:
 
 
 def _task_help() -> str:
-    from .tasks import ARCHITECTURE_SUFFIXES, TASK_NAMES  # tasks imports the models; read when the CLI is built
+    from .tasks import HEAD_KINDS, TASK_NAMES  # tasks imports the models; read when the CLI is built
 
-    heads = ", ".join(f"...{suffix}" for suffix, _ in ARCHITECTURE_SUFFIXES)
-    return (f"auto (from config.architectures: {heads}; else the label dtype), {', '.join(TASK_NAMES)}, or module:fn "
-            "returning a twamerge.tasks.Task.")
+    return (f"auto (a transformers model's head kind from transformers' auto mappings: {HEAD_KINDS}; else the "
+            f"label dtype), {', '.join(TASK_NAMES)}, or module:fn returning a twamerge.tasks.Task.")
 
 
 def _loss_help() -> str:
@@ -143,7 +158,8 @@ class DataConfig:
         "--max-length", "Truncate token sequences to this length (default: max_position_embeddings, at most 512).",
         min=1))
     preprocess: str | None = field(default=None, metadata=option(
-        "--preprocess", "module:fn or file.py:fn mapping the raw columns (a dict of lists) to the model's inputs."))
+        "--preprocess", "module:fn or file.py:fn mapping the raw columns (a dict of lists) to the model's inputs.",
+        names_file=True))
     allow_nonfinite_data: bool = field(default=False, metadata=option(
         "--allow-nonfinite-data", "Accept NaN/Inf in --val inputs and labels."))
 
@@ -157,12 +173,19 @@ class ModelConfig:
 
     spec: str | None = field(default=None, metadata=option(
         "--model", "file.py:factory, package.module:factory, timm:NAME, or a Hugging Face config folder "
-        "(auto-detected for HF checkpoint folders)."))
+        "(default: the candidates' own folder when it holds config.json, else model = in [tool.twamerge]); for LoRA "
+        "adapters, the base model's folder (default: their base_model_name_or_path).",
+        names_file=True))
     args: dict = field(default_factory=dict, metadata=option(
         "--model-arg", "KEY=VALUE for the factory (JSON literal values); repeatable.", cli_type=list[str],
-        parse=_key_values))
-    loss: str = field(default="auto", metadata=option("--loss", _loss_help))
-    task: str = field(default="auto", metadata=option("--task", _task_help))
+        parse=_key_values, setting="model-args"))
+    loss: str = field(default="auto", metadata=option("--loss", _loss_help, names_file=True))
+    task: str = field(default="auto", metadata=option("--task", _task_help, names_file=True))
+    # Off by default: a candidate folder's Python files are code from wherever the folder came from.
+    trust_remote_code: bool = field(default=False, metadata=option(
+        "--trust-remote-code", "Run the Python code a Hugging Face folder's auto_map names (modeling_*.py, "
+        "tokenization_*.py, ...): only for folders you trust. Without it such a folder is refused. Command line only.",
+        setting=None))
 
 
 @dataclass(frozen=True)
@@ -193,8 +216,9 @@ class OutputConfig:
     """
 
     path: Path = field(metadata=option(
-        "--output", "The merged checkpoint: .safetensors (default), .pt, or a folder for Hugging Face inputs.",
-        short="-o"))
+        "--output", "The merged checkpoint: .safetensors, .pt, or a folder for Hugging Face inputs (default: "
+        "merged.safetensors in the working folder; merged/ for Hugging Face or adapter folder candidates).",
+        short="-o", cli_default=None))
     force: bool = field(default=False, metadata=option("--force", "Overwrite existing outputs.", short="-f"))
     dtype: str | None = field(default="auto", metadata=option(
         "--dtype", "Output dtype of floating tensors.", choices=typing.get_args(OutDType)))
@@ -203,6 +227,10 @@ class OutputConfig:
         parse=parse_size))
     report: Path | None = field(default=None, metadata=option("--report", "Write the JSON report here."))
     plot: Path | None = field(default=None, metadata=option("--plot", "Draw the alphas and the fit curve (PNG)."))
+    # LoRA adapters merge into an adapter by default (docs/adapters.md).
+    merge_into_base: bool = field(default=False, metadata=option(
+        "--merge-into-base", "LoRA adapters: write the base model with the merged update added (a full model folder) "
+        "instead of a merged adapter."))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -232,7 +260,16 @@ class FitConfig:
     bits: int = field(default=8, metadata=option(
         "--bits", "Basis storage: 1/2/4/8-bit codes or 16/32-bit floats.", choices=SUPPORTED_BITS))
     group_size: int = field(default=128, metadata=option("--group-size", "Elements per quantization group."))
-    epochs: int = field(default=10, metadata=option("--epochs", "Passes over the fit split.", min=0))
+    epochs: int = field(default=10, metadata=option(
+        "--epochs", "Passes over the fit split (0: no training, the start point is written).", min=0))
+    # A fit's length counted in epochs alone is a few dozen steps on a small --val, too few to reach the best
+    # candidate of a run that is still improving (docs/defaults.md, "Step budget").
+    min_steps: int = field(default=MIN_STEPS, metadata=option(
+        "--min-steps", "Optimizer steps at least (when --epochs > 0), however few rows --val has.", min=0))
+    stop_tol: float = field(default=STOP_TOL, metadata=option(
+        "--stop-tol", "Past --min-steps and half the planned steps, stop early (after a short decay of the learning "
+        "rate) once neither of the last two windows of whole epochs has a mean fit loss below the best earlier "
+        "window's by more than this fraction of it; 0: never.", min=0.0))
     lr: float = field(default=0.05, metadata=option("--lr", "Learning rate, in units of the candidates' spread."))
     optimizer: Optimizer = field(default="adamw", metadata=option("--optimizer", "Optimizer of the coefficients."))
     weight_decay: float = field(default=0.0, metadata=option(
@@ -243,10 +280,20 @@ class FitConfig:
         "--schedule", "Learning rate after the warm-up: cosine (to 0), step (/10 at 50% and 75% of the steps after "
         "the warm-up, as in the paper) or constant."))
     batch_size: int = field(default=32, metadata=option(
-        "--batch-size", "Rows per fit step (and per BatchNorm recalibration batch).", min=1))
+        "--batch-size", "Rows per fit step (and per BatchNorm recalibration batch), at most; token ids are also "
+        "bounded by --batch-tokens.", min=1))
     # Scoring only reads the model (inference mode): larger batches cost no gradient memory.
     eval_batch_size: int = field(default=256, metadata=option(
-        "--eval-batch-size", "Rows per batch when scoring (inference mode).", min=1))
+        "--eval-batch-size", "Rows per batch when scoring (inference mode), at most; token ids are also bounded by "
+        "--eval-batch-tokens.", min=1))
+    # A language model's memory grows with the tokens of a batch, not its rows (docs/performance.md, "Language
+    # models"): token-id rows are packed, sorted by length, into batches of at most this many tokens.
+    batch_tokens: int = field(default=BATCH_TOKENS, metadata=option(
+        "--batch-tokens", "Token ids: tokens per fit step at most (rows x the longest row, padding included; a "
+        "longer row is a batch of its own); rows of similar length share a batch. Sizing: docs/performance.md.",
+        min=1))
+    eval_batch_tokens: int = field(default=EVAL_BATCH_TOKENS, metadata=option(
+        "--eval-batch-tokens", "Token ids: tokens per scoring batch at most (inference mode).", min=1))
     holdout: float = field(default=0.2, metadata=option(
         "--holdout", "Fraction of --val kept aside for the report (seeded, stratified).", min=0.0, max=0.95))
     seed: int = field(default=0, metadata=option("--seed", "Seed of the held-out split, the data order and dropout."))
@@ -268,6 +315,9 @@ class FitConfig:
     restarts: int = field(default=1, metadata=option(
         "--restarts", "Fit N times with the seeds --seed, --seed+1, ... (data order, dropout) and average the "
         "coefficients.", min=1))
+    fit_floor: bool = field(default=True, metadata=option(
+        "--fit-floor/--no-fit-floor", "Never end worse than a scored baseline on the fit split: a fit whose "
+        "fit-split loss is above the best baseline's continues from it once, and writes it if still above."))
     coordinates: Coordinates = field(default="candidates", metadata=option(
         "--coordinates", "Units of the trained coordinates: candidates (each direction in units of the candidates' "
         "spread along it) or weights (isotropic in weight space, as in the paper)."))
@@ -276,12 +326,18 @@ class FitConfig:
         "--greedy/--no-greedy", f"Include the baseline {METHODS['greedy'].summary}."))
     eval_candidates: bool = field(default=True, metadata=option(
         "--candidates/--no-candidates", f"Report {METHODS['candidate'].summary}."))
-    gradient_checkpointing: bool = field(default=False, metadata=option(
-        "--gradient-checkpointing", "Recompute activations in the backward pass: less memory, one more forward pass "
-        "per step (Hugging Face models)."))
+    # None: auto, on for language models (the rule and its measurement: docs/performance.md, "Language models").
+    gradient_checkpointing: bool | None = field(default=None, metadata=option(
+        "--gradient-checkpointing/--no-gradient-checkpointing", "Recompute activations in the backward pass: less "
+        "memory, one more forward pass per step (Hugging Face models). Default: on for causal language models "
+        "whose model supports it, else off."))
     precision: Precision = field(default="auto", metadata=option(
         "--precision", "Autocast of forward and backward: auto (bf16 on a GPU that supports it when the candidates "
         "are 16-bit, else fp32), fp32, bf16, fp16; the coefficients stay float32."))
+    # Sharding the model itself over the ranks (FSDP2), not only the basis (docs/how-it-works.md, "Distributed fit").
+    shard_model: Toggle = field(default="auto", metadata=option(
+        "--shard-model", "Shard the model's weights and gradients over the ranks (FSDP2) as well as the basis, so "
+        "that memory per rank falls as ranks are added (auto: on under torchrun with more than one rank)."))
 
     def __post_init__(self) -> None:
         _check(bool(BLOCK_PATTERN.match(self.blocks)), "blocks", self.blocks, "global, layer or size:N (N > 0)")
@@ -289,6 +345,8 @@ class FitConfig:
         _check(self.group_size >= 8 and self.group_size % 8 == 0, "group_size", self.group_size,
                "a positive multiple of 8")
         _check(self.epochs >= 0, "epochs", self.epochs, "an integer >= 0")
+        _check(self.min_steps >= 0, "min_steps", self.min_steps, "an integer >= 0")
+        _check(0 <= self.stop_tol < 1, "stop_tol", self.stop_tol, "a fraction in [0, 1)")
         _check(self.lr > 0, "lr", self.lr, "a positive number")
         _check_choice("optimizer", self.optimizer, Optimizer)
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
@@ -297,6 +355,8 @@ class FitConfig:
         _check_choice("schedule", self.schedule, Schedule)
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "an integer >= 1")
+        _check(self.batch_tokens >= 1, "batch_tokens", self.batch_tokens, "an integer >= 1")
+        _check(self.eval_batch_tokens >= 1, "eval_batch_tokens", self.eval_batch_tokens, "an integer >= 1")
         _check(0 <= self.holdout < 1, "holdout", self.holdout, "a fraction in [0, 1)")
         _check_device(self.device)
         if self.backend is not None:
@@ -305,6 +365,7 @@ class FitConfig:
         _check_choice("coordinates", self.coordinates, Coordinates)
         _check_choice("init", self.init, Init)
         _check_choice("precision", self.precision, Precision)
+        _check_choice("shard_model", self.shard_model, Toggle)
         # The baseline --init starts from must be scored (the greedy soup needs no candidate rows: it scores them).
         start = by_init(self.init)
         if start.skip is not None:
@@ -322,10 +383,13 @@ class EvalConfig:
     """Settings of ``evaluate_checkpoints`` (``twamerge eval``)."""
 
     batch_size: int = field(default=64, metadata=option("--batch-size", "Rows per batch (inference mode).", min=1))
+    batch_tokens: int = field(default=EVAL_BATCH_TOKENS, metadata=option(
+        "--batch-tokens", "Token ids: tokens per batch at most (rows x the longest row, padding included).", min=1))
     device: str = field(default="auto", metadata=_DEVICE)
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _check(self.batch_tokens >= 1, "batch_tokens", self.batch_tokens, "an integer >= 1")
         _check_device(self.device)
 
 
@@ -352,6 +416,9 @@ class AverageConfig:
         "--ema", "EMA decay over the checkpoints in the given order.", min=0.0, max=1.0))
     normalize: bool = field(default=True, metadata=option(
         "--normalize/--no-normalize", "Rescale --weights to sum to 1."))
+    hash_inputs: bool = field(default=True, metadata=option(
+        "--hash/--no-hash", "Compute each input's SHA-256 (on worker threads beside the merge) for the summary and "
+        "the output's metadata; --no-hash leaves them out: no provenance hashes in the output, for raw speed."))
 
     def __post_init__(self) -> None:
         # The merge's own rule (both given, a weight that is not finite, weights summing to 0), applied to the

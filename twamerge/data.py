@@ -9,6 +9,10 @@ Reading (:func:`read_table`) keeps every column it can use as read: numbers, rag
 text and images. A file is read by the reader registered for its suffix (:func:`data_reader`);
 a folder is a ``datasets.save_to_disk`` folder or a folder of data files.
 
+Batches (:func:`batch_rows`) hold a number of rows; rows of token ids are also packed, sorted by
+length, into batches of at most a number of tokens, since a language model's memory grows with the
+tokens of a batch rather than its rows.
+
 Everything is read into memory as tensors: validation sets are small next to the checkpoints, and
 random access makes the seeded, stratified split and the shuffles trivial. Nothing here touches
 the network (``datasets`` is used only on local paths).
@@ -62,7 +66,8 @@ class RawTable:
         return len(next(iter(self.columns.values()))) if self.columns else 0
 
     def kind(self, name: str) -> str:
-        """``numeric`` (a tensor), ``ragged`` (a list of 1-D tensors), ``text``, ``image`` or ``other``."""
+        """``numeric`` (a tensor), ``ragged`` (a list of 1-D tensors), ``text``, ``image``, ``chat`` (a list
+        of messages per row, :func:`conversations`) or ``other``."""
         col = self.columns[name]
         if isinstance(col, torch.Tensor):
             return "numeric"
@@ -73,6 +78,8 @@ class RawTable:
             return "ragged"
         if isinstance(first, str):
             return "text"
+        if isinstance(first, list):
+            return "chat"
         return "other"
 
 
@@ -158,6 +165,20 @@ def ragged(values: list) -> list[torch.Tensor] | None:
     return out
 
 
+def conversations(values: list) -> list[list[dict]] | None:
+    """Chat rows (TRL's conversational format): one list of messages, dicts with a ``role``, per row; else None.
+
+    Keys holding None are left out of each message: datasets fills a key that only some messages have
+    (``tool_calls``) with None, and a chat template would read it as given.
+    """
+    out = []
+    for row in values:
+        if not isinstance(row, (list, tuple)) or not all(isinstance(m, dict) and "role" in m for m in row):
+            return None
+        out.append([{k: v for k, v in m.items() if v is not None} for m in row])
+    return out if any(out) else None
+
+
 def _read_hf(ds, source: str) -> RawTable:
     """The columns of a datasets ``Dataset``: numbers as tensors, ragged sequences, text, images, ClassLabels."""
     import datasets
@@ -180,11 +201,16 @@ def _read_hf(ds, source: str) -> RawTable:
         if array is not None and array.dtype.kind in "biuf":
             table.columns[name] = torch.from_numpy(np.ascontiguousarray(array))
         elif array is None or array.dtype == object:
-            rows = ragged(list(ds[name]))
-            if rows is None:
-                table.dropped[name] = "neither numbers, a list of numbers per row, text nor an image"
-            else:
+            values = list(ds[name])
+            rows = ragged(values)
+            chat = conversations(values) if rows is None else None
+            if rows is not None:
                 table.columns[name] = rows
+            elif chat is not None:
+                table.columns[name] = chat
+            else:
+                table.dropped[name] = ("neither numbers, a list of numbers per row, text, chat messages "
+                                       "(dicts with a role) nor an image")
         else:
             table.dropped[name] = f"dtype {array.dtype} is neither numbers, text nor an image"
     return table
@@ -404,13 +430,73 @@ def _collate(column: torch.Tensor | list[torch.Tensor], rows: torch.Tensor, pad:
     return torch.nn.utils.rnn.pad_sequence([column[i] for i in rows.tolist()], batch_first=True, padding_value=pad)
 
 
+# A fit epoch sorts rows by length within windows of this many batches' worth of rows (of a shuffled
+# order), so that a batch holds rows of similar lengths (little padding) while which rows share a
+# batch still changes from epoch to epoch.
+SORT_WINDOW_BATCHES = 8
+
+
+def row_tokens(data: TensorData) -> torch.Tensor | None:
+    """The tokens of each row ``[N]`` (the length of its longest ragged input: token ids and their mask),
+    or None when no input is ragged (rectangular tensors, batched by rows alone)."""
+    lengths = [torch.tensor([v.shape[0] for v in data.columns[c]], dtype=torch.long)
+               for c in data.inputs if not isinstance(data.columns[c], torch.Tensor)]
+    return torch.stack(lengths).amax(0) if lengths else None
+
+
+def _pack(order: list[int], lengths: list[int], rows: int, tokens: int) -> list[list[int]]:
+    """Consecutive rows of ``order`` into batches of at most ``rows`` rows and ``tokens`` padded tokens
+    (rows x the batch's longest row). A row longer than ``tokens`` makes a batch of its own."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        n = lengths[i]
+        if current and (len(current) + 1 > rows or (len(current) + 1) * max(longest, n) > tokens):
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, n)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def batch_rows(data: TensorData, index: torch.Tensor, batch_size: int, generator: torch.Generator | None = None,
+               tokens: int | None = None) -> list[torch.Tensor]:
+    """The row indices of each batch over ``index``, in the order they are used.
+
+    Rectangular data, or ``tokens`` None: ``batch_size`` rows per batch, in order (shuffled when a
+    generator is given). Ragged inputs (token ids) with a ``tokens`` budget: at most ``batch_size``
+    rows and ``tokens`` padded tokens per batch; with a generator (the fit) the shuffled rows are
+    sorted by length within windows of :data:`SORT_WINDOW_BATCHES` batches' worth of rows, packed,
+    and the batches shuffled; without one (scoring) all rows are sorted, longest first, so that a batch
+    that does not fit in memory is the first one.
+    """
+    found = None if tokens is None else row_tokens(data)
+    if found is None:
+        if generator is not None:
+            index = index[torch.randperm(index.numel(), generator=generator)]
+        return [index[start:start + batch_size] for start in range(0, index.numel(), batch_size)]
+    lengths = found.tolist()
+    if generator is None:
+        order = sorted(index.tolist(), key=lambda i: -lengths[i])  # stable: equal lengths keep their order
+        batches = _pack(order, lengths, batch_size, tokens)
+    else:
+        shuffled = index[torch.randperm(index.numel(), generator=generator)].tolist()
+        window = SORT_WINDOW_BATCHES * batch_size
+        batches = []
+        for start in range(0, len(shuffled), window):
+            part = sorted(shuffled[start:start + window], key=lambda i: -lengths[i])
+            batches += _pack(part, lengths, batch_size, tokens)
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return [torch.tensor(b, dtype=torch.long) for b in batches]
+
+
 def iter_batches(data: TensorData, index: torch.Tensor, batch_size: int,
-                 generator: torch.Generator | None = None) -> Iterator[Batch]:
-    """Yield :class:`Batch` es over ``index`` (shuffled when a generator is given), padded per batch."""
-    if generator is not None:
-        index = index[torch.randperm(index.numel(), generator=generator)]
-    for start in range(0, index.numel(), batch_size):
-        rows = index[start:start + batch_size]
+                 generator: torch.Generator | None = None, tokens: int | None = None) -> Iterator[Batch]:
+    """Yield :class:`Batch` es over ``index``, padded per batch (which rows share a batch: :func:`batch_rows`)."""
+    for rows in batch_rows(data, index, batch_size, generator, tokens):
         inputs = {c: _collate(data.columns[c], rows, data.pad.get(c, 0)) for c in data.inputs}
         target = None if data.label is None else _collate(data.columns[data.label], rows,
                                                           data.pad.get(data.label, IGNORE_INDEX))
@@ -418,4 +504,15 @@ def iter_batches(data: TensorData, index: torch.Tensor, batch_size: int,
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Batches of ``batch_size`` rows over ``n`` rows (row batching; with a token budget: :func:`epoch_steps`)."""
     return max(1, math.ceil(n / batch_size))
+
+
+def epoch_steps(data: TensorData, index: torch.Tensor, batch_size: int, tokens: int | None) -> int:
+    """The batches of one epoch of :func:`iter_batches` over ``index``: :func:`steps_per_epoch` for rows;
+    with a token budget, those of all rows sorted by length. A fit epoch makes exactly as many when its
+    rows fit in one sorting window (:data:`SORT_WINDOW_BATCHES`), else a few more (each window of rows ends
+    with its own partial batch)."""
+    if tokens is None or row_tokens(data) is None:
+        return steps_per_epoch(index.numel(), batch_size)
+    return max(1, len(batch_rows(data, index, batch_size, None, tokens)))

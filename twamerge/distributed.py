@@ -12,6 +12,13 @@ collective that can follow a failure carries an error flag (one extra element of
 when any rank raised, all ranks exchange the messages and raise together: the failing rank its own
 error, the others :class:`RankFailedError` naming it. Code between two flagged collectives runs
 inside :meth:`Comm.phase`, which ends with such a flagged (empty) all-reduce.
+
+A sharded model (``twamerge.sharding``) runs collectives of its own inside every forward and
+backward, on a process group of its own, where no error flag can ride along. A rank that fails
+there breaks that group before it joins the agreement (``Comm.on_failure``), so that its peers,
+blocked in one of those collectives, get an error at once and join the agreement too; their errors
+say only that a peer went away (:func:`is_peer_failure`), so the agreement names the rank that
+failed first for a reason of its own.
 """
 
 from __future__ import annotations
@@ -23,8 +30,8 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -36,17 +43,18 @@ log = logging.getLogger(__name__)
 # How long a rank waits in a collective for the others (a hung peer, a slow filesystem).
 TIMEOUT = datetime.timedelta(minutes=30)
 _SYNCED = "_twamerge_synced"
+_RELEASED = "_twamerge_released"
 
 
 class RankFailedError(TwamergeError):
     """Another rank of a distributed fit failed; this rank stopped with it."""
 
 
-# The Works of the latest collectives, kept until later ones push them out (see _wait).
+# The Works of the latest collectives, kept until later ones push them out (see wait_collective).
 _RECENT_WORKS: collections.deque = collections.deque(maxlen=8)
 
 
-def _wait(work) -> None:
+def wait_collective(work) -> None:
     """Wait for a collective started with ``async_op=True`` and keep its Work alive past this call.
 
     Gloo's worker threads release a finished collective just after the caller wakes up. If that
@@ -97,6 +105,8 @@ class Comm:
     world_size: int
     device: torch.device
     owns_group: bool = False
+    # Called with the error before this rank joins an agreement as a failing rank (see the module docstring).
+    on_failure: list[Callable[[BaseException], None]] = field(default_factory=list)
 
     @property
     def is_main(self) -> bool:
@@ -111,12 +121,12 @@ class Comm:
     def all_gather(self, out: torch.Tensor, local: torch.Tensor) -> None:
         """``out`` [N * chunk] <- every rank's ``local`` [chunk], in rank order."""
         fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        _wait(fn(out, local, async_op=True))
+        wait_collective(fn(out, local, async_op=True))
 
     def reduce_scatter(self, out: torch.Tensor, full: torch.Tensor) -> None:
         """``out`` [chunk] <- this rank's chunk of the sum over ranks of ``full`` [N * chunk]."""
         fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-        _wait(fn(out, full, async_op=True))
+        wait_collective(fn(out, full, async_op=True))
 
     def sum(self, t: torch.Tensor, error: BaseException | None = None) -> torch.Tensor:
         """All-reduce (sum) ``t`` with an error flag riding along; raises on every rank if any rank failed.
@@ -125,12 +135,14 @@ class Comm:
             t: any shape, float32/float64 (a new tensor of the same shape and dtype is returned).
             error: this rank's failure since the last agreement, if any.
         """
+        if error is not None:
+            self.release_peers(error)
         flat = t.detach().reshape(-1)
         buf = torch.empty(flat.numel() + 1, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32,
                           device=self.device)
         buf[:-1] = flat.to(buf.device, buf.dtype)
         buf[-1] = 1.0 if error is not None else 0.0
-        _wait(dist.all_reduce(buf, async_op=True))
+        wait_collective(dist.all_reduce(buf, async_op=True))
         if float(buf[-1]) > 0:
             self._fail(error)
         return buf[:-1].to(t.device, t.dtype).view(t.shape)
@@ -156,11 +168,11 @@ class Comm:
         """Rank 0's JSON-serialisable ``obj``, decoded from JSON on every rank (rank 0 included)."""
         payload = json.dumps(obj).encode() if self.is_main else b""
         size = torch.tensor([len(payload)], dtype=torch.int64, device=self.device)
-        _wait(dist.broadcast(size, src=0, async_op=True))
+        wait_collective(dist.broadcast(size, src=0, async_op=True))
         buf = torch.zeros(int(size), dtype=torch.uint8, device=self.device)
         if self.is_main:
             buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
-        _wait(dist.broadcast(buf, src=0, async_op=True))
+        wait_collective(dist.broadcast(buf, src=0, async_op=True))
         return json.loads(bytes(buf.cpu().numpy()))
 
     def gather_objects(self, obj: object) -> list:
@@ -179,21 +191,44 @@ class Comm:
         rows = everyone.view(self.world_size, longest).cpu()
         return [json.loads(bytes(rows[r, :int(sizes[r])].numpy())) for r in range(self.world_size)]
 
+    def release_peers(self, error: BaseException) -> None:
+        """Run the ``on_failure`` callbacks (each at most once per error): this rank failed, and peers may be
+        waiting for it in collectives that carry no error flag."""
+        if getattr(error, _RELEASED, False):
+            return
+        for callback in self.on_failure:
+            try:
+                callback(error)
+            except Exception as exc:  # noqa: BLE001 - the agreement must still run; the error is what matters
+                log.debug("rank %d: releasing its peers failed: %s", self.rank, exc)
+        setattr(error, _RELEASED, True)
+
     def _fail(self, error: BaseException | None) -> None:
-        message = None if error is None else one_line(error)
-        messages = self.gather_objects(message)
-        if error is not None:
+        mine = None if error is None else [one_line(error), is_peer_failure(error)]
+        reports = self.gather_objects(mine)
+        failed = [r for r, m in enumerate(reports) if m is not None]
+        # The rank to name: the first that failed for a reason of its own, not because a peer went away.
+        first = next((r for r in failed if not reports[r][1]), failed[0])
+        if error is not None and (first == self.rank or not reports[self.rank][1]):
             setattr(error, _SYNCED, True)
             raise error
-        first = next(r for r, m in enumerate(messages) if m is not None)
         exc = RankFailedError(f"rank {first} of {self.world_size} failed, so every rank stopped and nothing was "
-                              f"written: {messages[first]}")
+                              f"written: {reports[first][0]}")
         setattr(exc, _SYNCED, True)
         raise exc
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because a peer left it (a closed connection, a
+    timeout): what a rank sees when another rank fails inside a sharded forward or backward."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("gloo" in text or "Connection closed by peer" in text)
 
 
 class SingleProcess(Comm):

@@ -19,8 +19,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .data import TensorData, iter_batches
 from .distributed import Comm
 from .errors import ModelError, TwamergeError
-from .models import call_model, output_tensor
+from .models import HiddenStates, call_model, output_tensor
 from .precision import autocast
+from .sharding import balance_forwards, copy_into, scoring_mode
 from .tasks import Task
 
 # A state to load: a mapping, or (key, tensor) pairs produced one at a time so that a whole
@@ -47,8 +48,8 @@ def load_state(model: nn.Module, state: State) -> None:
     targets = model.state_dict(keep_vars=True)
     for key, value in state.items() if isinstance(state, Mapping) else state:
         target = targets.get(key)
-        if target is not None and not (target.data_ptr() == value.data_ptr() and target.dtype == value.dtype):
-            target.copy_(value)
+        if target is not None:
+            copy_into(target, value)  # a sharded model's parameter takes its rows
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -57,8 +58,9 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, data: TensorData, index: torch.Tensor, batch_size: int,
-                          device: torch.device, amp: torch.dtype | None = None) -> bool:
-    """Re-estimate BatchNorm running statistics on ``index`` (as SWA's update_bn). Returns whether any BN exists."""
+                          device: torch.device, amp: torch.dtype | None = None, tokens: int | None = None) -> bool:
+    """Re-estimate BatchNorm running statistics on ``index`` (as SWA's update_bn), in batches of at most
+    ``batch_size`` rows and ``tokens`` tokens. Returns whether any BN exists."""
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not bns:
         return False
@@ -68,7 +70,7 @@ def recalibrate_batchnorm(model: nn.Module, data: TensorData, index: torch.Tenso
         m.momentum = None  # cumulative average over the whole pass
     was_training = model.training
     model.train()
-    for batch in iter_batches(data, index, batch_size):
+    for batch in iter_batches(data, index, batch_size, tokens=tokens):
         with autocast(device, amp):
             call_model(model, batch.to(device).inputs)
     for m, momentum in zip(bns, momenta):
@@ -77,36 +79,40 @@ def recalibrate_batchnorm(model: nn.Module, data: TensorData, index: torch.Tenso
     return True
 
 
-@torch.inference_mode()
 def evaluate(model: nn.Module, data: TensorData, index: torch.Tensor, task: Task, batch_size: int,
-             device: torch.device, comm: Comm, amp: torch.dtype | None = None) -> dict:
+             device: torch.device, comm: Comm, amp: torch.dtype | None = None, tokens: int | None = None) -> dict:
     """Mean loss and metric of ``model`` over the rows ``index`` (eval mode): ``{"loss", "metric", "n"}``.
 
-    ``n`` counts the task's items (rows, or tokens for a language model). Each rank scores its
+    Batches hold at most ``batch_size`` rows and, for token ids, ``tokens`` tokens (padding included;
+    ``data.batch_rows``). ``n`` counts the task's items (rows, or tokens for a language model). Each rank scores its
     contiguous share of ``index``; the sums ``[loss, metric numerator, items]`` are added over
     ranks, so every rank returns the figures of the whole of ``index``. A failure on any rank
-    raises on every rank.
+    raises on every rank. Runs in inference mode (a sharded model: ``sharding.scoring_mode``, and as
+    many forward passes on every rank, ``sharding.balance_forwards``).
     """
-    lo, hi = comm.shard(index.numel())
-    error: BaseException | None = None
-    sums = [0.0, 0.0, 0.0]
-    try:
-        sums = _sums(model, data, index[lo:hi], task, batch_size, device, amp)
-    except (Exception, KeyboardInterrupt) as exc:
-        error = exc
-    total = comm.sum(torch.tensor(sums, dtype=torch.float64), error)
+    with scoring_mode(model):
+        lo, hi = comm.shard(index.numel())
+        error: BaseException | None = None
+        sums = [0.0, 0.0, 0.0]
+        try:
+            sums = _sums(model, data, index[lo:hi], task, batch_size, device, amp, tokens)
+            with autocast(device, amp):
+                balance_forwards(model, data, index, batch_size, tokens, comm, lambda x: task.forward(model, x), device)
+        except (Exception, KeyboardInterrupt) as exc:
+            error = exc
+        total = comm.sum(torch.tensor(sums, dtype=torch.float64), error)
     return task.finish(float(total[0]), float(total[1]), int(round(float(total[2]))))
 
 
 def _sums(model: nn.Module, data: TensorData, index: torch.Tensor, task: Task, batch_size: int,
-          device: torch.device, amp: torch.dtype | None = None) -> list[float]:
+          device: torch.device, amp: torch.dtype | None = None, tokens: int | None = None) -> list[float]:
     """``[loss sum, metric numerator, items]`` over ``index`` on this rank."""
     model.eval()
     total = [0.0, 0.0, 0.0]
-    for batch in iter_batches(data, index, batch_size):
+    for batch in iter_batches(data, index, batch_size, tokens=tokens):
         batch = batch.to(device)
         with autocast(device, amp):
-            out = call_model(model, batch.inputs)
+            out = task.forward(model, batch.inputs)
         for i, value in enumerate(task.sums(out, batch)):
             total[i] += float(value)
     return total
@@ -115,17 +121,20 @@ def _sums(model: nn.Module, data: TensorData, index: torch.Tensor, task: Task, b
 class Scorer:
     """Loads states into the fit's model, recalibrates BatchNorm when asked, and scores both splits.
 
-    BatchNorm statistics are re-estimated in batches of the fit's ``batch_size`` (the batches the model
-    trains with); scoring runs in batches of ``eval_batch_size``. Every rank loads the whole state (the
+    BatchNorm statistics are re-estimated in batches of the fit's ``batch_size`` rows and ``batch_tokens``
+    tokens (the batches the model trains with); scoring runs in batches of ``eval_batch_size`` rows and
+    ``eval_batch_tokens`` tokens (token budgets apply to token ids; None: rows only). Every rank loads the whole state (the
     forward needs every weight) and recalibrates BatchNorm on the whole fit split, identically; scoring
     is split across ranks and summed.
     """
 
     def __init__(self, model: nn.Module, splits: Splits, batch_size: int, device: torch.device,
-                 recalibrate: bool, comm: Comm, amp: torch.dtype | None = None, eval_batch_size: int | None = None):
+                 recalibrate: bool, comm: Comm, amp: torch.dtype | None = None, eval_batch_size: int | None = None,
+                 batch_tokens: int | None = None, eval_batch_tokens: int | None = None):
         self.model, self.splits = model, splits
         self.batch_size, self.device, self.recalibrate = batch_size, device, recalibrate
         self.eval_batch_size = eval_batch_size or batch_size
+        self.batch_tokens, self.eval_batch_tokens = batch_tokens, eval_batch_tokens
         self.comm, self.amp = comm, amp
 
     def load(self, state: State | Callable[[], State], *, recalibrate: bool) -> None:
@@ -140,7 +149,7 @@ class Scorer:
         """Re-estimate BatchNorm statistics on the fit rows (when the fit recalibrates at all)."""
         if self.recalibrate:
             recalibrate_batchnorm(self.model, self.splits.data, self.splits.fit, self.batch_size, self.device,
-                                  self.amp)
+                                  self.amp, self.batch_tokens)
 
     def score(self, split: str) -> dict | None:
         """``{"loss", "metric", "n"}`` on the ``fit`` or ``heldout`` rows; None when there are none."""
@@ -148,44 +157,56 @@ class Scorer:
         if idx.numel() == 0:
             return None
         return evaluate(self.model, self.splits.data, idx, self.splits.task, self.eval_batch_size, self.device,
-                        self.comm, self.amp)
+                        self.comm, self.amp, self.eval_batch_tokens)
 
     def score_both(self) -> dict:
         """``{"fit": ..., "heldout": ...}``: the scores of the loaded state on both splits."""
         return {"fit": self.score("fit"), "heldout": self.score("heldout")}
 
 
+# Rows of the probe's batch: enough to see padding, few enough that a large model answers in seconds
+# (a whole fit batch of a GPT-2-sized model took a minute on one CPU thread).
+PROBE_ROWS = 4
+
+
 @torch.no_grad()
 def probe(model: nn.Module, data: TensorData, index: torch.Tensor, task: Task, batch_size: int,
-          device: torch.device, amp: torch.dtype | None = None) -> None:
+          device: torch.device, amp: torch.dtype | None = None, tokens: int | None = None) -> None:
     """One batch through the model (forward only) and the task, then every label against the model's outputs.
 
-    Run before anything expensive, so that data the model cannot take fails in seconds, in one line.
+    Run before anything expensive, so that data the model cannot take fails in seconds, in one line. The
+    batch is the first of ``index`` in batches of at most ``batch_size`` and :data:`PROBE_ROWS` rows and
+    ``tokens`` tokens: with a token budget, the longest rows.
 
     Raises:
         ModelError: the model rejects the batch (naming the columns, shapes and dtypes sent, and the
             model's own complaint) or its output does not fit the labels.
         DataError: a label the model cannot predict (out of range, other than -100).
     """
-    batch = next(iter_batches(data, index[:batch_size], batch_size)).to(device)
+    batch = next(iter_batches(data, index, min(batch_size, PROBE_ROWS), tokens=tokens)).to(device)
     model.eval()
     try:
         with autocast(device, amp):
-            out = call_model(model, batch.inputs)
+            out = task.forward(model, batch.inputs)
     except TwamergeError:
         raise
     except Exception as exc:
         raise ModelError(f"{type(model).__name__} rejects a batch of {batch.describe()}: {type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:400]}") from exc
+    labels = data.label_values()
     try:
+        if isinstance(out, HiddenStates):
+            n_outputs: int | None = out.head.n_outputs
+        else:
+            pred = output_tensor(out)
+            n_outputs = pred.shape[-1] if pred.dim() >= 1 else None
+        # Every label first, so that a label out of range is named as the worst of the data, not of this batch.
+        if labels is not None and n_outputs is not None:
+            task.check_labels(labels, n_outputs)
         task.sums(out, batch)
-        pred = output_tensor(out)
     except TwamergeError:
         raise
     except Exception as exc:
         raise ModelError(f"the {task.name} loss cannot be computed on the output of {type(model).__name__} for a "
                          f"batch of {batch.describe()}: {type(exc).__name__}: {' '.join(str(exc).split())[:400]}"
                          ) from exc
-    labels = data.label_values()
-    if labels is not None and pred.dim() >= 1:
-        task.check_labels(labels, pred.shape[-1])

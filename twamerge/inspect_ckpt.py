@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointMismatchError, InvalidArgumentError, NonFiniteError
+from .errors import CheckpointError, CheckpointMismatchError, InvalidArgumentError, NonFiniteError
 from .io import Candidate, CheckpointSet, expand_paths, open_candidates, validate_candidates
+from .io.adapters import Adapter, AdapterSet, adapter_paths, check_agree, find_base
 from .kernels.layout import FLOAT_BITS, PACKED_BITS, SUPPORTED_BITS
 from .options import dtype_name
 
@@ -98,6 +99,74 @@ def _round(x: float) -> float | None:
     return None if not math.isfinite(x) else round(x, 6)
 
 
+def _similarity(cs: CheckpointSet, progress: Callable[[Iterable[str]], Iterable[str]] | None) -> dict[str, Any]:
+    """Pairwise cosine similarity and distance of the centred candidates, their norms and the rank."""
+    gram = centred_gram(cs, progress=progress)
+    diag = gram.diagonal().clamp_min(0)
+    norms = diag.sqrt()
+    denom = norms[:, None] * norms[None, :]
+    cosine = torch.where(denom > 0, gram / denom.clamp_min(1e-300), torch.full_like(gram, math.nan))
+    dist = (diag[:, None] + diag[None, :] - 2 * gram).clamp_min(0).sqrt()
+    eig = torch.linalg.eigvalsh(gram)
+    rank = int((eig > 1e-10 * max(float(eig.max()), 1e-300)).sum()) if float(eig.max()) > 0 else 0
+    return {
+        "cosine": [[_round(float(v)) for v in row] for row in cosine],
+        "distance": [[_round(float(v)) for v in row] for row in dist],
+        "norms": [_round(float(v)) for v in norms],
+        "rank": rank,
+    }
+
+
+def _inspect_adapters(paths: list[Path], *, similarity: bool, bits: Sequence[int], group_size: int,
+                      progress: Callable[[Iterable[str]], Iterable[str]] | None, t0: float) -> dict[str, Any]:
+    """``inspect`` of LoRA adapter folders: each adapter's rank, alpha and modules; whether they can be merged
+    (same base, modules and rank); the similarity of their updates (``s B A``, formed module by module; the
+    base cancels when centring); the basis memory of a fit, which spans the base model (``io.adapters``)."""
+    opened: list[Adapter] = []
+    try:
+        for p in paths:
+            opened.append(Adapter(p))
+        files = [{**_file_info(a.file), "path": str(a.path), "format": "peft-lora",
+                  "lora": {"r": a.r, "lora_alpha": a.config.get("lora_alpha"), "use_rslora": a.rslora,
+                           "scaling": a.scaling, "base_model": a.base_name, "modules": len(a.modules)}}
+                 for a in opened]
+        mergeable = len(opened) >= 2
+        reason = None if mergeable else f"need at least 2 adapters to merge, got {len(opened)}"
+        if mergeable:
+            try:
+                check_agree(opened)
+            except CheckpointMismatchError as e:
+                mergeable, reason = False, str(e)
+        updates = AdapterSet(opened, None, allow_nonfinite=False)
+        sim = None
+        if mergeable and similarity:
+            try:
+                sim = _similarity(updates, progress)
+            except NonFiniteError as e:
+                mergeable, reason = False, str(e)
+        described = updates.describe()
+        try:
+            base = find_base(opened, None)
+        except CheckpointError:
+            base = None
+        d = described["update_params"]
+        if base is not None:  # a fit's basis spans every floating tensor of the base
+            (cand,) = open_candidates([base])
+            try:
+                d = sum(math.prod(e[0]) for e in cand.entries.values() if e[1].is_floating_point)
+            finally:
+                cand.close()
+        memory = {str(b): basis_memory_bytes(len(opened), d, b, group_size) for b in bits}
+        return {"command": "inspect", "count": len(opened), "files": files, "mergeable": mergeable, "reason": reason,
+                "merged_tensors": len(updates.keys), "dropped_keys": [], "float_params": d,
+                "adapters": {**described, "base_dir": None if base is None else str(base)}, "similarity": sim,
+                "basis_memory": {"group_size": group_size, "rows": max(len(opened) - 1, 0), "bytes": memory},
+                "seconds": round(time.perf_counter() - t0, 3)}
+    finally:
+        for a in opened:
+            a.close()
+
+
 def inspect_checkpoints(
     paths: Sequence[str | Path],
     *,
@@ -131,6 +200,10 @@ def inspect_checkpoints(
     t0 = time.perf_counter()
     if keys not in ("strict", "intersection"):
         raise InvalidArgumentError(f"keys={keys!r}; expected 'strict' or 'intersection'")
+    adapters = adapter_paths(paths)
+    if adapters is not None:
+        return _inspect_adapters(adapters, similarity=similarity, bits=bits, group_size=group_size,
+                                 progress=progress, t0=t0)
     cands = open_candidates(expand_paths(paths), ema_key)
     try:
         files = [_file_info(c) for c in cands]
@@ -149,23 +222,9 @@ def inspect_checkpoints(
         if mergeable and similarity:
             cs = CheckpointSet(cands, common, dropped, allow_nonfinite=False)
             try:
-                gram = centred_gram(cs, progress=progress)
+                sim = _similarity(cs, progress)
             except NonFiniteError as e:
                 mergeable, reason = False, str(e)
-            else:
-                diag = gram.diagonal().clamp_min(0)
-                norms = diag.sqrt()
-                denom = norms[:, None] * norms[None, :]
-                cosine = torch.where(denom > 0, gram / denom.clamp_min(1e-300), torch.full_like(gram, math.nan))
-                dist = (diag[:, None] + diag[None, :] - 2 * gram).clamp_min(0).sqrt()
-                eig = torch.linalg.eigvalsh(gram)
-                rank = int((eig > 1e-10 * max(float(eig.max()), 1e-300)).sum()) if float(eig.max()) > 0 else 0
-                sim = {
-                    "cosine": [[_round(float(v)) for v in row] for row in cosine],
-                    "distance": [[_round(float(v)) for v in row] for row in dist],
-                    "norms": [_round(float(v)) for v in norms],
-                    "rank": rank,
-                }
         if mergeable:
             d = sum(math.prod(cands[0].entries[key][0]) for key in common
                     if cands[0].entries[key][1].is_floating_point)

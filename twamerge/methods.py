@@ -70,7 +70,13 @@ class Scoring(Protocol):
         ...
 
     def merge(self, weights: list[float], heldout: bool = True) -> dict:
-        """Load ``sum_k weights[k] c_k`` and score it: ``{"fit", "heldout"}`` (``{"fit"}`` alone without heldout)."""
+        """Load ``sum_k weights[k] c_k``, merged from the files, and score it: ``{"fit", "heldout"}`` (``{"fit"}``
+        alone without heldout)."""
+        ...
+
+    def point(self, weights: list[float], heldout: bool = True, fit: bool = True) -> dict:
+        """Load the point of the fit's quantized subspace whose coefficients are ``weights`` in every block (one
+        combine of the basis: no file read) and score it on the splits asked: ``{"fit", "heldout"}``."""
         ...
 
     def heldout(self) -> dict | None:
@@ -256,21 +262,40 @@ def _uniform_rows(s: Scoring) -> list[MethodResult]:
 def _greedy_rows(s: Scoring) -> list[MethodResult]:
     """Sort by fit-split metric, add each candidate to the running uniform soup if the fit metric strictly improves.
 
-    Each trial is scored on the fit split, which alone decides; a kept trial is scored on the held-out
-    split too while it is loaded, so the soup's row needs no merge of its own unless no candidate
-    was ever added to the first.
+    The soups are tried in the fit's subspace (``Scoring.point``: one combine and one scoring pass of the fit
+    rows each, no file read), the first one (the best candidate alone) too, so that every comparison is
+    between points of the same quantized subspace; the fit split alone decides. The soup chosen is scored on
+    the held-out rows (loaded again unless it was the last trial), then merged once from the files, exactly
+    as ``--select best`` writes it, and scored: the row's figures are that exact soup's; ``subspace`` holds
+    the subspace soup's (where ``--init greedy`` starts) and ``subspace_gap`` its held-out loss and metric
+    minus the exact soup's.
     """
     candidates = [s.candidate(i) for i in range(s.k)]
     higher = s.higher_is_better
     sign = 1 if higher else -1
     order = sorted(range(s.k), key=lambda i: -sign * candidates[i].fit["metric"])
-    soup, accepted = greedy_soup(order, candidates[order[0]].fit, s.k, lambda w: s.merge(w, heldout=False),
-                                 lambda a, b: is_better(a, b, higher),
-                                 on_accept=lambda result: {**result, "heldout": s.heldout()})
-    if accepted is None:
-        accepted = s.merge(one_hot(s.k, soup))
-    return [MethodResult("greedy", "greedy", **accepted,
-                         detail={"ingredients": [candidates[j].name for j in sorted(soup)], "indices": sorted(soup)})]
+    loaded: list[list[float]] = []  # the weights of the soup loaded last
+
+    def trial(weights: list[float]) -> dict:
+        loaded[:] = [weights]
+        return s.point(weights, heldout=False)
+
+    first = trial(one_hot(s.k, order[:1]))
+    soup, accepted = greedy_soup(order, first["fit"], s.k, trial, lambda a, b: is_better(a, b, higher))
+    weights = one_hot(s.k, soup)
+    heldout = s.heldout() if loaded[0] == weights else s.point(weights, fit=False)["heldout"]
+    in_subspace = {"fit": (accepted or first)["fit"], "heldout": heldout}
+    exact = s.merge(weights)
+    return [MethodResult("greedy", "greedy", **exact, detail={
+        "ingredients": [candidates[j].name for j in sorted(soup)], "indices": sorted(soup),
+        "subspace": in_subspace, "subspace_gap": _heldout_gap(in_subspace["heldout"], exact["heldout"])})]
+
+
+def _heldout_gap(approx: dict | None, exact: dict | None) -> dict | None:
+    """``approx`` minus ``exact``, loss and metric (None without held-out rows)."""
+    if approx is None or exact is None:
+        return None
+    return {"loss": approx["loss"] - exact["loss"], "metric": approx["metric"] - exact["metric"]}
 
 
 def _best_on_fit(rows: list[MethodResult], higher_is_better: bool) -> list[MethodResult]:

@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
+from .io.discovery import config_folder
 
 if TYPE_CHECKING:
     from .io.candidates import CheckpointSet
@@ -78,43 +80,96 @@ def load_factory(spec: str, option: str = "--model") -> Callable:
     return factory
 
 
-def _build_hf(directory: Path, args: dict[str, Any]) -> nn.Module:
+def custom_code_entries(directory: Path, filename: str = "config.json") -> dict[str, str]:
+    """The ``auto_map`` of ``directory/filename`` (``config.json``, ``tokenizer_config.json``, ...): Auto class
+    -> the folder's Python class transformers would import to load it (``"modeling_x.XForCausalLM"``);
+    empty when it names none, or the file is missing or not JSON."""
+    try:
+        data = json.loads((directory / filename).read_text())
+    except (OSError, ValueError):
+        return {}
+    auto_map = data.get("auto_map") if isinstance(data, dict) else None
+    if not isinstance(auto_map, dict):
+        return {}
+    # A tokenizer's entry is a [slow, fast] pair of class references, either of which may be null.
+    return {str(k): v if isinstance(v, str) else ", ".join(str(x) for x in v or [] if x)
+            for k, v in auto_map.items()}
+
+
+def custom_code_refusal(directory: Path, filename: str, entries: dict[str, str], key: str | None = None) -> str:
+    """The one-line refusal of a folder that transformers can load only by running its own Python code."""
+    key = key if key in entries else next(iter(entries))
+    return (f"{directory / filename}: auto_map {key}: {entries[key]} is Python code from that folder, which "
+            "twamerge runs only with --trust-remote-code (pass it only for a folder whose code you trust)")
+
+
+def _build_hf(directory: Path, args: dict[str, Any], trust_remote_code: bool = False) -> nn.Module:
+    """The transformers model a folder's config.json names, with fresh weights.
+
+    Every transformers call says ``trust_remote_code`` explicitly: left unset, transformers asks on a
+    terminal whether to run the folder's code (and runs it on "y"), which a command must never do.
+    """
     try:
         import transformers
     except ImportError as exc:
         raise ModelError(
             f"--model {directory}: Hugging Face directories need transformers; pip install 'twamerge[transformers]'"
         ) from exc
+    if "trust_remote_code" in args:
+        raise ModelError("--model-arg trust_remote_code: not a config argument; the flag is --trust-remote-code")
+    entries = custom_code_entries(directory)
     try:
-        config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True, **args)
+        config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True,
+                                                         trust_remote_code=trust_remote_code, **args)
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError for bad or unknown configs
+        if entries and not trust_remote_code:
+            raise ModelError(custom_code_refusal(directory, "config.json", entries, "AutoConfig")) from exc
         raise ModelError(f"--model {directory}: config.json cannot be loaded ({type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:300]})") from exc
     architectures = getattr(config, "architectures", None) or []
     for arch in architectures:
+        # The folder's own class for this architecture, as its auto_map names it (e.g. modeling_x.XForCausalLM).
+        custom = next((k for k, ref in entries.items() if k.startswith("AutoModel")
+                       and ref.rsplit(".", 1)[-1] == arch), None)
+        if custom is not None and trust_remote_code:
+            from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+            log.warning("--trust-remote-code: running %s of %s", entries[custom], directory)
+            return get_class_from_dynamic_module(entries[custom], str(directory), local_files_only=True)(config)
         cls = getattr(transformers, arch, None)
         if cls is not None:
+            if entries:
+                log.info("%s: config.json's auto_map is not used (transformers provides %s): none of the folder's "
+                         "code runs", directory, arch)
             return cls(config)
+        if custom is not None:
+            raise ModelError(custom_code_refusal(directory, "config.json", entries, custom))
     raise ModelError(
         f"--model {directory}: config.json names architectures {architectures}, none of which transformers provides"
     )
 
 
-def build_model(spec: str | None, args: dict[str, Any] | None = None, *, hf_dir: Path | None = None) -> nn.Module:
+def build_model(spec: str | None, args: dict[str, Any] | None = None, *, hf_dir: Path | None = None,
+                trust_remote_code: bool = False) -> nn.Module:
     """Build the model on CPU; its weights are overwritten from the checkpoints afterwards.
 
+    ``trust_remote_code`` (``--trust-remote-code``) lets a Hugging Face folder's ``auto_map`` run the
+    folder's Python files; without it such a folder is refused.
+
     Raises:
-        ModelError: unknown spec, factory that raises or does not return an ``nn.Module``.
+        ModelError: unknown spec, factory that raises or does not return an ``nn.Module``; a folder that
+            needs its own code without ``trust_remote_code``.
     """
     args = dict(args or {})
     if spec is None:
         if hf_dir is None:
-            raise ModelError("--model is required unless the checkpoints are Hugging Face directories with config.json")
-        return _build_hf(hf_dir, args)
+            raise ModelError("no model to build: put the candidates in a folder with config.json (a Hugging Face "
+                             "folder), pass --model SPEC, or set model = \"SPEC\" in [tool.twamerge] of pyproject.toml")
+        return _build_hf(hf_dir, args, trust_remote_code)
     if Path(spec).is_dir():
         if not (Path(spec) / "config.json").exists():
             raise ModelError(f"--model {spec}: a directory without config.json")
-        return _build_hf(Path(spec), args)
+        return _build_hf(Path(spec), args, trust_remote_code)
     if spec.startswith("timm:"):
         try:
             import timm
@@ -134,15 +189,64 @@ def build_model(spec: str | None, args: dict[str, Any] | None = None, *, hf_dir:
     return model
 
 
+# Keys of config.json that differ between saves of one model (who saved it, with which version).
+_SAVE_NOTES = ("_name_or_path", "transformers_version")
+
+
+def model_folder(paths: list[Path]) -> Path | None:
+    """The folder whose config.json builds the candidates' model when no ``--model`` is given: the first
+    candidate's :func:`config_folder`, once every candidate has one and their configs agree; None when none has.
+
+    Raises:
+        ModelError: one line naming the first candidate that differs: it has no config.json while others do, or
+            its config.json differs (and the first key that does).
+    """
+    folders = [config_folder(p) for p in paths]
+    first = next((f for f in folders if f is not None), None)
+    if first is None:
+        return None
+    reference = _read_config(first)
+    for path, folder in zip(paths, folders):
+        if folder is None:
+            raise ModelError(f"{path}: no config.json in its folder, while {first} has one; the model is built from "
+                             "the candidates' folder only when they all have it: pass --model SPEC")
+        if folder == first:
+            continue
+        other = _read_config(folder)
+        differ = [k for k in sorted(set(reference) | set(other)) if reference.get(k) != other.get(k)]
+        if differ:
+            key = differ[0]
+            raise ModelError(f"{path}: {folder / 'config.json'} differs from {first / 'config.json'} ({key}: "
+                             f"{json.dumps(other.get(key))} vs {json.dumps(reference.get(key))}); the candidates are "
+                             "not one model: pass --model SPEC to build one")
+    return first
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{folder / 'config.json'}: cannot be read as JSON ({' '.join(str(exc).split())[:200]})"
+                         ) from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{folder / 'config.json'}: holds {type(config).__name__}, expected a JSON object")
+    return {k: v for k, v in config.items() if k not in _SAVE_NOTES}
+
+
 def call_model(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
-    """Call ``model`` by keyword when its forward names every input column, else positionally."""
+    """Call ``model`` by keyword when its forward names every input column, else positionally.
+
+    A forward that takes ``use_cache`` (transformers' decoders) is told not to build a cache of keys and
+    values: scoring and training never reuse it, and it holds two tensors per layer for the whole batch.
+    """
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         params = {}
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     if inputs and (all(name in params for name in inputs) or (takes_kwargs and len(inputs) > 1)):
-        return model(**inputs)
+        extra = {"use_cache": False} if "use_cache" in params and "use_cache" not in inputs else {}
+        return model(**inputs, **extra)
     return model(*inputs.values())
 
 
@@ -158,6 +262,103 @@ def output_tensor(output: Any) -> torch.Tensor:
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise ModelError(f"cannot find the prediction tensor in a model output of type {type(output).__name__}")
+
+
+class OutputHead:
+    """A language model as its body (inputs -> final hidden states) and its output head (hidden states ->
+    logits), so that a loss can send the hidden states through the head a chunk of tokens at a time
+    instead of holding ``[B, T, vocabulary]`` logits (``tasks.CausalLM``).
+
+    The head is the model's own output layer (``get_output_embeddings()``: tied to the input
+    embeddings where the model ties them), followed by what the model's forward does to its logits as
+    its config says: a scale (``logit_scale``, Cohere), a divisor (``logits_scaling``, Granite), a
+    soft cap ``c * tanh(logits / c)`` (``final_logit_softcapping``, Gemma 2 and 3). :func:`output_head`
+    checks the split against the model's own forward before it is used.
+    """
+
+    def __init__(self, body: nn.Module, head: nn.Module, config: Any = None):
+        self.body, self.head = body, head
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.scale = getattr(text, "logit_scale", None)
+        self.divisor = getattr(text, "logits_scaling", None)
+        self.softcap = getattr(text, "final_logit_softcapping", None)
+
+    @property
+    def n_outputs(self) -> int:
+        """The width of the logits (the vocabulary)."""
+        weight = getattr(self.head, "weight", None)
+        return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else -1
+
+    def hidden(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The final hidden states ``[B, T, H]`` of the body on ``inputs``."""
+        out = call_model(self.body, inputs)
+        states = getattr(out, "last_hidden_state", None)
+        return states if isinstance(states, torch.Tensor) else output_tensor(out)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits for ``hidden`` ``[..., H]``: the head, then its config's scale and soft cap."""
+        logits = self.head(hidden)
+        if isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool):
+            logits = logits * self.scale
+        if isinstance(self.divisor, (int, float)) and not isinstance(self.divisor, bool):
+            logits = logits / self.divisor
+        if isinstance(self.softcap, (int, float)) and not isinstance(self.softcap, bool) and self.softcap > 0:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+@dataclass
+class HiddenStates:
+    """A model output that stops before the logits: the final hidden states and the head that makes them
+    logits (what ``tasks.CausalLM.forward`` returns when the model splits; its loss applies the head)."""
+
+    states: torch.Tensor  # [B, T, H]
+    head: OutputHead
+
+
+# How many positions the check of a split compares (one row): enough to catch a head the model's
+# forward post-processes, few enough that its full logits cost little at any vocabulary.
+_CHECK_POSITIONS = 64
+
+
+@torch.no_grad()
+def output_head(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[OutputHead | None, str]:
+    """The model split into body and head (:class:`OutputHead`), or None and the reason why not.
+
+    The split is a transformers model's ``base_model`` and ``get_output_embeddings()``; it is used
+    only when its logits equal those of the model's own forward on the first row of ``inputs`` (at
+    most 64 positions, in eval mode, under the caller's autocast), so a model that does something to
+    its logits that the split does not know falls back to its forward instead of being scored wrong. A
+    model sharded over the ranks (FSDP, ``--shard-model``) is not split.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is not None and isinstance(model, fsdp.FSDPModule):
+        # A sharded model gathers its root's parameters (embeddings, output layer) in its own forward only.
+        return None, "the model is sharded over the ranks (--shard-model), and only its forward gathers its head"
+    get_head = getattr(model, "get_output_embeddings", None)
+    body = getattr(model, "base_model", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, nn.Module) or not isinstance(body, nn.Module) or body is model:
+        return None, "the model has no separate body (base_model) and output layer (get_output_embeddings)"
+    split = OutputHead(body, head, getattr(model, "config", None))
+    ids = inputs.get("input_ids")
+    length = ids.shape[1] if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+    sample = {k: v[:1, :_CHECK_POSITIONS] if length is not None and v.dim() >= 2 and v.shape[1] == length else v[:1]
+              for k, v in inputs.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        own = output_tensor(call_model(model, sample)).float()  # a model that rejects the inputs: the caller's error
+        try:
+            mine = split.logits(split.hidden(sample)).float()
+        except Exception as exc:  # a body that takes other inputs than the model, an output without hidden states
+            return None, f"its body and head cannot be called on their own ({type(exc).__name__}: {exc})"
+    finally:
+        model.train(was_training)
+    tolerance = 1e-3 * float(own.abs().max().clamp_min(1.0))
+    if own.shape != mine.shape or not torch.allclose(mine, own, rtol=1e-3, atol=tolerance):
+        return None, "its head applied to the body's hidden states does not give the logits of its forward"
+    return split, ""
 
 
 class ModelKeys:
@@ -211,11 +412,12 @@ class ModelKeys:
         return [*self.merged, *self.alias_of, *self.buffers]
 
 
-def enable_gradient_checkpointing(model: nn.Module, spec: str) -> None:
+def enable_gradient_checkpointing(model: nn.Module, spec: str, *, required: bool = True) -> bool:
     """Recompute activations in the backward pass instead of keeping them (``--gradient-checkpointing``).
 
     Hugging Face models (and any module with the same method) switch it on themselves; the
-    non-reentrant form is asked for because the fit's inputs never require gradients.
+    non-reentrant form is asked for because the fit's inputs never require gradients. Returns whether
+    it is on; a model without the method raises when ``required`` (the flag asked for it), else stays as it is.
     """
     # transformers 5 renamed the method (the old name still works, with a deprecation warning).
     for name, kwargs in (("activation_checkpointing_enable", "activation_checkpointing_kwargs"),
@@ -224,6 +426,8 @@ def enable_gradient_checkpointing(model: nn.Module, spec: str) -> None:
         if callable(enable):
             break
     else:
+        if not required:
+            return False
         raise ModelError(f"--gradient-checkpointing: the model of {spec} ({type(model).__name__}) has no "
                          "gradient_checkpointing_enable(); drop the flag or add the method to the model")
     try:
@@ -232,3 +436,4 @@ def enable_gradient_checkpointing(model: nn.Module, spec: str) -> None:
         enable()
     if hasattr(getattr(model, "config", None), "use_cache"):
         model.config.use_cache = False  # a cache is useless in training and clashes with checkpointing
+    return True

@@ -10,36 +10,40 @@ failure anywhere stops every rank with the error. Nothing is written until every
 
 Reads of the candidate files (docs/how-it-works.md, "Reads of the candidate files"): the subspace
 build (one read per block when its K copies fit in memory), one read of each candidate to score it,
-the greedy soup's trials (each reads only its ingredients), and the written merge, which also hashes
-every input. The uniform average is the subspace's mean and reads nothing.
+the greedy soup chosen (one read of its ingredients: its trials are points of the subspace and read
+nothing), and the written merge. The uniform average is the subspace's mean and reads nothing. The
+inputs' SHA-256 are computed on worker threads from the moment the candidates are opened.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import distributed, kernels
-from .config import DataConfig, FitConfig, ModelConfig, OutputConfig, ReadConfig
-from .data import split_holdout
+from . import __version__, distributed, kernels, sharding
+from .config import EVAL_BATCH_TOKENS, DataConfig, FitConfig, ModelConfig, OutputConfig, ReadConfig
+from .data import iter_batches, split_holdout
 from .distributed import Comm, SingleProcess, split_columns
 from .errors import BackendUnavailableError, FitError, OutputError, TwamergeError, one_line
 from .evaluation import Scorer, Splits, evaluate, has_batchnorm, load_state, probe, recalibrate_batchnorm
 from .fit import FitOutcome, FlatBinding, train_coefficients
-from .io import AtomicWrite, CheckpointSet, check_output, open_checkpoints, write_checkpoint
+from .io import AtomicWrite, CheckpointSet
+from .io.adapters import AdapterSet, check_merge_output, open_inputs, source_dirs, tokenizer_dir, write_output
+from .io.model_card import apply_command, fit_card
 from .io.writer import check_side_outputs
 from .merge import build_metadata, linear_merge
-from .methods import METHODS, MethodResult, by_init, fit_baselines
-from .models import ModelKeys, build_model, enable_gradient_checkpointing
+from .methods import METHODS, MethodResult, best_candidate, by_init, fit_baselines
+from .models import ModelKeys, build_model, enable_gradient_checkpointing, model_folder
 from .options import dtype_name, parse_dtype
 from .precision import resolve_precision
-from .prepare import ModelContext, hf_dirs, load_inputs
+from .prepare import ModelContext, load_inputs
+from .shard_write import check_sharded_output, send_rows, write_sharded
 from .report import (
     BasisSummary,
     DataSummary,
@@ -68,6 +72,7 @@ def fit(
     cfg: FitConfig = FitConfig(),
     read: ReadConfig = ReadConfig(),
     progress: Progress | None = None,
+    sources: Mapping[str, str] | None = None,
 ) -> dict:
     """Learn averaging coefficients on validation data (TWA) and write the merged checkpoint.
 
@@ -80,6 +85,8 @@ def fit(
         cfg: fit hyper-parameters.
         read: how the candidates are read (``--key``, ``--keys``, ``--allow-nonfinite``).
         progress: optional wrapper around long loops (a progress bar).
+        sources: where each setting came from (the CLI's: command line, a settings file, default), kept in
+            the report as ``setting_sources``.
 
     Returns:
         The report (a JSON-able dict): metrics of every candidate, the uniform average, the greedy
@@ -94,6 +101,7 @@ def fit(
         >>> report["methods"][-1]["heldout"]["metric"]
     """
     run = FitRun.start(cfg, val=val, model=model, out=OutputConfig.of(output), read=read, progress=progress)
+    run.sources = None if sources is None else dict(sources)
     results = FitResults()
     try:
         with run.stage("check outputs", timed=False):
@@ -104,12 +112,18 @@ def fit(
             run.net = model_stage(run)
         with run.stage("data"):
             run.splits = data_stage(run)
-        with run.stage("probe"):
-            probe_stage(run)
+        if not run.sharded:
+            with run.stage("probe"):
+                probe_stage(run)
         with run.stage("bind", timed=False):
             run.flat = bind_stage(run)
         with run.stage("subspace"):
             run.subspace = subspace_stage(run)
+        if run.sharded:
+            # A sharded model has weights only once the subspace's mean is in its shards: it is probed then.
+            with run.stage("probe"):
+                load_point(run.flat, run.subspace, torch.zeros(run.flat.layout.n_blocks, run.subspace.rows), run.comm)
+                probe_stage(run)
         run.scorer = make_scorer(run)
         # The baselines come first: the greedy soup and the best candidate can be the fit's start point.
         with run.stage("evaluate", agree=False):
@@ -119,7 +133,9 @@ def fit(
         with run.stage("merge"):
             results.merged = merge_stage(run, results.trained)
         with run.stage("evaluate", agree=False):
-            results.twa = results.written = evaluate_stage(run, results.merged)
+            results.twa = results.written = evaluate_stage(run, results.merged, heldout=not cfg.fit_floor)
+        if cfg.fit_floor:
+            floor_stage(run, results)
         if cfg.select == "best":
             with run.stage("select", agree=False):
                 results.merged, results.written = select_stage(run, results)
@@ -187,6 +203,8 @@ class FitRun:
     flat: FlatSpace | None = None
     subspace: Subspace | None = None
     scorer: Scorer | None = None
+    sources: dict[str, str] | None = None  # where each setting came from, for the report (fit's ``sources``)
+    sharded: bool = False  # the model sharded over the ranks (--shard-model, twamerge.sharding)
 
     @classmethod
     def start(cls, cfg: FitConfig, *, val: DataConfig, model: ModelConfig, out: OutputConfig, read: ReadConfig,
@@ -196,7 +214,9 @@ class FitRun:
         check_backend(cfg.backend, device, cfg.bits)
         # Under torchrun (or inside an initialised process group of several ranks) the fit is distributed.
         comm = distributed.init(device)
-        return cls(cfg, val, model, out, read, device, comm, progress if comm.is_main else None)
+        run = cls(cfg, val, model, out, read, device, comm, progress if comm.is_main else None)
+        run.sharded = sharding.enabled(cfg.shard_model, comm.world_size)
+        return run
 
     @contextlib.contextmanager
     def stage(self, name: str, *, agree: bool = True, timed: bool = True) -> Iterator[None]:
@@ -218,6 +238,8 @@ class FitRun:
     def close(self) -> None:
         """Close the candidates (once opened) and leave the process group (when this fit made it)."""
         try:
+            if self.flat is not None:
+                self.flat.binding.close()
             if self.cs is not None:
                 self.cs.close()
         finally:
@@ -253,6 +275,7 @@ class FitResults:
     trained: FitOutcome | None = None  # the learned coefficients and the training curve
     merged: Merged | None = None  # what is written: TWA's merge, or under --select best the chosen one
     twa: Evaluated | None = None  # TWA's merge as scored (its row and quantization gap are always reported)
+    floor: dict | None = None  # what floor_stage found and did (--fit-floor)
     written: Evaluated | None = None  # the written merge as scored (TWA's unless --select best chose another)
 
 
@@ -292,11 +315,19 @@ def check_outputs_stage(run: FitRun) -> None:
 def open_stage(run: FitRun, checkpoints: Sequence[str | Path]) -> CheckpointSet:
     """Open and validate the candidates; then, knowing whether they are HF folders, check the output's form."""
     read, out = run.read, run.out
-    cs = open_checkpoints(checkpoints, ema_key=read.ema_key, keys=read.keys, allow_nonfinite=read.allow_nonfinite)
+    # LoRA adapter folders open as the adapted models (io.adapters), on their base (--model, or their config's).
+    cs = open_inputs(checkpoints, ema_key=read.ema_key, keys=read.keys, allow_nonfinite=read.allow_nonfinite,
+                     model=run.model_cfg.spec)
     try:
         parse_dtype(out.dtype)
         if run.comm.is_main:
-            check_output(out.path, force=out.force, hf_source_dir=cs.hf_dir, max_shard_size=out.max_shard_size)
+            check_merge_output(cs, out.path, merge_into_base=out.merge_into_base, force=out.force,
+                               max_shard_size=out.max_shard_size)
+            if run.sharded:
+                check_sharded_output(cs, out.path)
+            # The inputs' SHA-256 (the report's and the metadata's) on worker threads from now on, beside the
+            # fit's work; the write waits for what is left of it. Only the rank that writes needs them.
+            cs.start_hashing()
     except BaseException:
         cs.close()
         raise
@@ -304,9 +335,16 @@ def open_stage(run: FitRun, checkpoints: Sequence[str | Path]) -> CheckpointSet:
 
 
 def model_stage(run: FitRun) -> Network:
-    cfg, cs, spec = run.cfg, run.cs, run.model_cfg.spec or str(run.cs.hf_dir)
-    model = build_model(run.model_cfg.spec, run.model_cfg.args, hf_dir=cs.hf_dir).to(run.device)
-    keys = ModelKeys(model, cs, run.model_cfg.spec)
+    cfg, cs = run.cfg, run.cs
+    # Without --model, the candidates' own Hugging Face folder (their config.json agreeing) builds the model.
+    folder = _model_folder(cs) if run.model_cfg.spec is None else None
+    spec = run.model_cfg.spec or str(folder)
+    # A model to shard is built without its weights (on the meta device); each rank allocates its rows of them.
+    with sharding.parameters_on_meta() if run.sharded else contextlib.nullcontext():
+        model = build_model(run.model_cfg.spec, run.model_cfg.args, hf_dir=folder,
+                            trust_remote_code=run.model_cfg.trust_remote_code)
+    model = model if run.sharded else model.to(run.device)
+    keys = ModelKeys(model, cs, spec)
     bn = has_batchnorm(model)
     recalibrate = cfg.bn_recalibrate == "on" or (cfg.bn_recalibrate == "auto" and bn)
     if cfg.bn_recalibrate == "on" and not bn:
@@ -317,25 +355,53 @@ def model_stage(run: FitRun) -> Network:
     return Network(model, keys, spec, recalibrate, amp)
 
 
+def _config_source(cs: CheckpointSet, spec: str | None) -> Path | None:
+    """Where a folder output's config and processor files come from: the candidates' Hugging Face folder (the
+    adapters' base), else --model's when it is one (checkpoint files of a Trainer folder given with --model)."""
+    if cs.hf_dir is not None:
+        return cs.hf_dir
+    return Path(spec) if spec is not None and (Path(spec) / "config.json").is_file() else None
+
+
+def _model_folder(cs: CheckpointSet) -> Path | None:
+    """The folder that builds the model without --model: the candidates' own, or the adapters' base."""
+    return cs.base_dir if isinstance(cs, AdapterSet) else model_folder(cs.paths)
+
+
 def data_stage(run: FitRun) -> Splits:
     """The validation data as the model takes it (text tokenized with the candidates' tokenizer), the
     task (its loss and metric), and the seeded split."""
-    data, task = load_inputs(run.val, run.model_cfg, ModelContext(run.net.model, hf_dirs(run.cs.paths)))
+    data, task = load_inputs(run.val, run.model_cfg,
+                             ModelContext(run.net.model, source_dirs(run.cs, run.model_cfg.spec)))
     log.info("task %s: loss %s, metric %s (%s is better)", task.name, type(task).__name__, task.metric_name,
              "higher" if task.higher_is_better else "lower")
     fit_idx, held_idx = split_holdout(data, run.cfg.holdout, run.cfg.seed)
+    # Gradient checkpointing by default for a language model: it lowers the fit's peak memory there
+    # (docs/performance.md, "Language models"); elsewhere only when asked (model_stage).
+    if run.cfg.gradient_checkpointing is None and task.labels_from_inputs:
+        if enable_gradient_checkpointing(run.net.model, run.net.spec, required=False):
+            log.info("gradient checkpointing on (a language model; --no-gradient-checkpointing turns it off)")
     return Splits(data, fit_idx, held_idx, task)
 
 
 def probe_stage(run: FitRun) -> None:
     """One batch through the model before anything expensive (``evaluation.probe``)."""
     splits = run.splits
-    probe(run.net.model, splits.data, splits.fit, splits.task, run.cfg.batch_size, run.device, run.net.amp)
+    probe(run.net.model, splits.data, splits.fit, splits.task, run.cfg.batch_size, run.device, run.net.amp,
+          run.cfg.batch_tokens)
 
 
 def bind_stage(run: FitRun) -> FlatSpace:
     names, cs, comm = run.net.keys.merged, run.cs, run.comm
-    layout = make_layout(names, [tuple(cs.shape(n)) for n in names], run.cfg.blocks, run.cfg.group_size)
+    layout = make_layout(names, [tuple(cs.shape(n)) for n in names], run.cfg.blocks, run.cfg.group_size,
+                         pad_tensors=run.sharded)
+    if run.sharded:
+        splits = run.splits
+        batch = next(iter_batches(splits.data, splits.fit[:run.cfg.batch_size], run.cfg.batch_size))
+        binding = sharding.ShardedBinding(run.net.model, layout, run.device, comm,
+                                          dtype=flat_dtype(cs, names, run.net.amp), amp=run.net.amp,
+                                          aliases=run.net.keys.alias_of, inputs=batch.inputs)
+        return FlatSpace(layout, binding.columns.n_local, None, binding)
     chunk, ranges = split_columns(layout.n_cols, layout.group_size, comm.world_size)
     binding = FlatBinding(run.net.model, layout, run.device, n_cols=chunk * comm.world_size,
                           world_size=comm.world_size, dtype=flat_dtype(cs, names, run.net.amp))
@@ -354,19 +420,23 @@ def subspace_stage(run: FitRun) -> Subspace:
     """Mean and Gram, then the quantized orthonormal basis (this rank's columns), streaming over the candidates.
 
     The build checks the candidates for NaN/Inf itself, from each tensor's Gram matrix (a non-finite
-    value makes it non-finite), unless ``--allow-nonfinite`` asked not to.
+    value makes it non-finite), unless ``--allow-nonfinite`` asked not to. It stacks each tensor's K copies
+    in the gradient buffer, idle until training (which clears it every step): no K copies of the largest
+    tensor above the fit's own memory.
     """
     cfg, cs = run.cfg, run.cs
     return build_subspace(cs, run.flat.layout, bits=cfg.bits, comm=run.comm, rank_rtol=cfg.rank_rtol,
                           device=run.device, backend=cfg.backend, progress=run.progress,
-                          check_finite=not cs.allow_nonfinite)
+                          check_finite=not cs.allow_nonfinite,
+                          columns=run.flat.binding.columns if run.sharded else None,
+                          scratch=None if run.sharded else run.flat.binding.grad)
 
 
 def make_scorer(run: FitRun) -> Scorer:
     """Loads states into the bound model and scores both splits (BatchNorm re-estimated when the fit does)."""
     cfg, net = run.cfg, run.net
     return Scorer(net.model, run.splits, cfg.batch_size, run.device, net.recalibrate, run.comm, net.amp,
-                  cfg.eval_batch_size)
+                  cfg.eval_batch_size, cfg.batch_tokens, cfg.eval_batch_tokens)
 
 
 def uniform_buffers(cs: CheckpointSet, keys: ModelKeys) -> dict[str, torch.Tensor]:
@@ -379,10 +449,9 @@ def uniform_buffers(cs: CheckpointSet, keys: ModelKeys) -> dict[str, torch.Tenso
 
 
 def load_point(flat: FlatSpace, subspace: Subspace, beta: torch.Tensor, comm: Comm) -> None:
-    """Make the model's merged parameters the subspace point ``mean + P~^T beta`` (every rank gets all of it)."""
-    local_w = flat.binding.local_w
-    subspace.combine(beta.to(local_w.device), out=local_w[:subspace.mean.numel()])
-    comm.all_gather(flat.binding.flat, local_w)
+    """Make the model's merged parameters the subspace point ``mean + P~^T beta`` (every rank gets all of it, or
+    of a sharded model its rows)."""
+    flat.binding.load_point(subspace, beta, comm)
 
 
 class FitScoring:
@@ -390,7 +459,8 @@ class FitScoring:
 
     Scoring a candidate reads that candidate alone (its row is made once, however many baselines
     ask); the uniform average is the subspace's mean (``beta = 0``) with the candidates' mean
-    buffers and reads no weights; a merge reads the candidates it weighs.
+    buffers and reads no weights; a merge reads the candidates it weighs; a point of the subspace
+    (a greedy-soup trial) is one combine of the basis and reads nothing.
     """
 
     def __init__(self, run: FitRun):
@@ -399,6 +469,7 @@ class FitScoring:
         self.higher_is_better = run.splits.task.higher_is_better
         self._keys = run.net.keys.model_keys()
         self._candidates: dict[int, MethodResult] = {}
+        self._buffer_stacks: dict[str, torch.Tensor] | None = None
 
     def candidate(self, i: int) -> MethodResult:
         if i not in self._candidates:
@@ -419,11 +490,27 @@ class FitScoring:
 
     def merge(self, weights: list[float], heldout: bool = True) -> dict:
         cs, binding, scorer = self.run.cs, self.run.flat.binding, self.run.scorer
-        scorer.load(lambda: linear_merge(cs, weights, into=binding.param_view), recalibrate=True)
+        scorer.load(lambda: binding.merge(cs, weights), recalibrate=True)
         scores = {"fit": scorer.score("fit")}
         if heldout:
             scores["heldout"] = scorer.score("heldout")
         return scores
+
+    def point(self, weights: list[float], heldout: bool = True, fit: bool = True) -> dict:
+        run = self.run
+        with run.stage("subspace point", timed=False):
+            load_point(run.flat, run.subspace, run.subspace.beta_of(weights).float(), run.comm)
+        run.scorer.load(self._buffers(weights), recalibrate=True)
+        return {split: run.scorer.score(split) for split, wanted in (("fit", fit), ("heldout", heldout)) if wanted}
+
+    def _buffers(self, weights: list[float]) -> dict[str, torch.Tensor]:
+        """The model's buffers for a merge of ``weights`` (integer ones: the first candidate's, as ``linear_merge``
+        keeps them), from the candidates' buffers read once (small: BatchNorm statistics, counters)."""
+        if self._buffer_stacks is None:
+            self._buffer_stacks = {key: self.run.cs.stack(key) for key in self.run.net.keys.buffers}
+        w = torch.tensor(weights, dtype=torch.float64)
+        return {key: torch.tensordot(w, x.double(), dims=1).to(x.dtype) if x.is_floating_point() else x[0]
+                for key, x in self._buffer_stacks.items()}
 
     def heldout(self) -> dict | None:
         return self.run.scorer.score("heldout")
@@ -441,20 +528,25 @@ def start_point(run: FitRun, baselines: list[MethodResult]) -> torch.Tensor:
     ``--init`` puts forward (the uniform average, the paper's start; the greedy soup; the best candidate
     on the fit split), located in the subspace (``Subspace.theta_of``)."""
     method = by_init(run.cfg.init)
-    row = method.contenders(baselines, run.splits.task.higher_is_better)[0]
-    weights = method.row_weights(row, len(run.cs))
+    return theta_of_row(run, method.contenders(baselines, run.splits.task.higher_is_better)[0])
+
+
+def theta_of_row(run: FitRun, row: MethodResult) -> torch.Tensor:
+    """The coordinates [B, R] of a fit baseline's merge (its weights in every block) in the subspace."""
+    weights = METHODS[row.kind].row_weights(row, len(run.cs))
     return run.subspace.theta_of(weights, run.cfg.coordinates)
 
 
-def train_stage(run: FitRun, baselines: list[MethodResult]) -> FitOutcome:
-    """Learn the coefficients on the fit rows, from the start point ``cfg.init`` names.
+def train_stage(run: FitRun, baselines: list[MethodResult], start: MethodResult | None = None) -> FitOutcome:
+    """Learn the coefficients on the fit rows, from the start point ``cfg.init`` names (or from the baseline
+    row ``start``: :func:`floor_stage`'s continuation).
 
     With ``cfg.restarts`` > 1 the fit runs that many times with the seeds ``seed, seed + 1, ...``
     (data order and dropout) and the coefficients are averaged: the merge is linear in them, so
     this is the average of the fitted points, which smooths the noise of one data order.
     """
     cfg = run.cfg
-    theta0 = start_point(run, baselines)
+    theta0 = start_point(run, baselines) if start is None else theta_of_row(run, start)
     buffers = uniform_buffers(run.cs, run.net.keys)
     outcomes = []
     for restart in range(cfg.restarts):
@@ -463,18 +555,25 @@ def train_stage(run: FitRun, baselines: list[MethodResult]) -> FitOutcome:
         outcomes.append(train_coefficients(run.flat.binding, run.subspace, run.splits,
                                            replace(cfg, seed=cfg.seed + restart), run.comm,
                                            progress=run.progress, theta0=theta0, amp=run.net.amp))
+    for outcome in outcomes:
+        outcome.runs[-1]["start"] = cfg.init if start is None else start.name
     if len(outcomes) == 1:
         return outcomes[0]
-    curves = torch.tensor([o.curve for o in outcomes], dtype=torch.float64)
+    # An early stop can end the restarts at different steps: each step's loss is the mean over those that reached it.
+    curve = []
+    for i in range(max(len(o.curve) for o in outcomes)):
+        reached = [o.curve[i] for o in outcomes if len(o.curve) > i]
+        curve.append(sum(reached) / len(reached))
     seconds = [o.seconds_per_step for o in outcomes if o.seconds_per_step is not None]
-    return FitOutcome(beta=torch.stack([o.beta for o in outcomes]).mean(0), curve=curves.mean(0).tolist(),
-                      seconds_per_step=sum(seconds) / len(seconds) if seconds else None)
+    return FitOutcome(beta=torch.stack([o.beta for o in outcomes]).mean(0), curve=curve,
+                      seconds_per_step=sum(seconds) / len(seconds) if seconds else None,
+                      runs=[r for o in outcomes for r in o.runs])
 
 
 def merge_stage(run: FitRun, trained: FitOutcome) -> Merged:
     subspace = run.subspace
     # The gradient buffer is free once training is over: it holds the trained point, not a new D floats.
-    point = subspace.combine(trained.beta, out=run.flat.binding.local_g[:subspace.mean.numel()])
+    point = run.flat.binding.trained_point(subspace, trained.beta)
     return merge_alphas(run, subspace.alphas(trained.beta), point)
 
 
@@ -491,8 +590,8 @@ def merge_alphas(run: FitRun, alphas: torch.Tensor, trained: torch.Tensor) -> Me
     out_dtype = parse_dtype(run.out.dtype)
     # Float32 results go straight into the flat buffer the model's parameters view: the merge is
     # then loaded (and written from there) without a second D floats.
-    tensors = linear_merge(run.cs, _weights_of(alphas, key_block, default_alphas), out_dtype=out_dtype,
-                           progress=run.progress, into=run.flat.binding.param_view)
+    tensors = run.flat.binding.merge(run.cs, _weights_of(alphas, key_block, default_alphas), out_dtype=out_dtype,
+                                     progress=run.progress)
     return Merged(tensors, alphas, key_block, default_alphas, out_dtype, trained)
 
 
@@ -501,12 +600,15 @@ def _weights_of(alphas: torch.Tensor, key_block: dict[str, int], default: list[f
     return lambda key: rows[key_block[key]] if key in key_block else default
 
 
-def evaluate_stage(run: FitRun, merged: Merged) -> Evaluated:
-    """Score exactly what is written (BatchNorm re-estimated for it, and written so)."""
+def evaluate_stage(run: FitRun, merged: Merged, heldout: bool = True) -> Evaluated:
+    """Score exactly what is written (BatchNorm re-estimated for it, and written so): the fit rows, and the
+    held-out rows unless ``heldout`` is False (:func:`floor_stage` scores them once it has decided which merge
+    TWA's is, so that no held-out score is made for a merge that is not reported)."""
     run.scorer.load(merged.tensors, recalibrate=True)
     recalibrated = _keep_recalibrated(merged, run.net)
-    gap = run.subspace.quantization_gap(run.flat.binding.flat, merged.trained, run.comm)
-    row = MethodResult("twa", "twa", **run.scorer.score_both(), detail={"init": run.cfg.init})
+    gap = run.flat.binding.quantization_gap(run.subspace, merged.trained, run.comm)
+    scores = run.scorer.score_both() if heldout else {"fit": run.scorer.score("fit"), "heldout": None}
+    row = MethodResult("twa", "twa", **scores, detail={"init": run.cfg.init})
     return Evaluated(row, recalibrated, gap)
 
 
@@ -522,6 +624,67 @@ def _keep_recalibrated(merged: Merged, net: Network) -> dict[str, torch.Tensor]:
     return recalibrated
 
 
+def floor_stage(run: FitRun, results: FitResults) -> None:
+    """Never below the baselines on the fit rows (``--fit-floor``, docs/defaults.md, "The fit floor").
+
+    Every scored baseline (each candidate, the uniform average, the greedy soup; the start point is one of
+    them) lies in TWA's search space, so a fit that ends with a higher fit-split loss than the best of them
+    has stopped short. It then continues once from that baseline (a second fit of the same budget); if it
+    still ends above it, TWA's merge is that baseline. Only fit-split losses decide; the held-out rows of
+    the merge kept are scored here, after the decision. Sets ``results.floor``: the losses compared and
+    ``action`` (``kept``: the fit was at or below every baseline; ``continued``: the continuation was;
+    ``returned``: the baseline is written as TWA), and updates ``results`` when the merge changes. A fit of
+    0 steps (``--epochs 0``) writes its start point as asked and is left alone.
+    """
+    rows = [r for r in results.baselines if r.fit is not None]
+    twa = results.twa
+    if rows and results.trained.curve:
+        best = min(rows, key=lambda r: r.fit["loss"])
+        results.floor = {"best_baseline": best.name, "best_fit_loss": best.fit["loss"],
+                         "twa_fit_loss": twa.row.fit["loss"], "action": "kept"}
+        if twa.row.fit["loss"] > best.fit["loss"]:
+            twa = _continue_from(run, results, best)
+    if twa.row.heldout is None and (results.floor or {}).get("action") != "returned":
+        # The model holds TWA's merge as it was scored on the fit rows (nothing was loaded since).
+        with run.stage("evaluate", agree=False):
+            twa.row.heldout = run.scorer.score("heldout")
+    results.twa = results.written = twa
+
+
+def _continue_from(run: FitRun, results: FitResults, best: MethodResult) -> Evaluated:
+    """:func:`floor_stage`'s second fit, from the baseline ``best``; returns TWA as it ends (``best`` itself
+    when the second fit still ends above it). Updates ``results.trained``, ``results.merged``, ``results.floor``."""
+    floor = results.floor
+    log.info("the fit ends at a fit-split loss of %.6g, above %s's %.6g: it continues from %s",
+             floor["twa_fit_loss"], best.name, best.fit["loss"], best.name)
+    with run.stage("fit"):
+        more = train_stage(run, results.baselines, start=best)
+    results.trained = _joined(results.trained, more)
+    with run.stage("merge"):
+        merged = merge_stage(run, more)
+    with run.stage("evaluate", agree=False):
+        twa = evaluate_stage(run, merged, heldout=False)
+    floor["continued_fit_loss"] = twa.row.fit["loss"]
+    if twa.row.fit["loss"] <= best.fit["loss"]:
+        floor["action"] = "continued"
+        results.merged = merged
+        return twa
+    floor["action"] = "returned"
+    log.info("the continued fit ends at %.6g, still above: TWA's merge is %s", twa.row.fit["loss"], best.name)
+    with run.stage("merge"):
+        results.merged, recalibrated = merge_row(run, best, merged.trained)
+    row = MethodResult("twa", "twa", fit=best.fit, heldout=best.heldout, detail=twa.row.detail)
+    return Evaluated(row, recalibrated, twa.quantization_gap)
+
+
+def _joined(first: FitOutcome, then: FitOutcome) -> FitOutcome:
+    """The coefficients of ``then``, with the curve and runs of both fits in order."""
+    steps = [(o.seconds_per_step, len(o.curve)) for o in (first, then) if o.seconds_per_step is not None]
+    seconds = sum(s * n for s, n in steps) / sum(n for _, n in steps) if steps else None
+    return FitOutcome(beta=then.beta, curve=first.curve + then.curve, seconds_per_step=seconds,
+                      runs=first.runs + then.runs)
+
+
 def select_stage(run: FitRun, results: FitResults) -> tuple[Merged, Evaluated]:
     """``--select best``: the merge to write is the best on the held-out rows (``report.best_on_heldout``).
 
@@ -534,22 +697,29 @@ def select_stage(run: FitRun, results: FitResults) -> tuple[Merged, Evaluated]:
     chosen = best_on_heldout([*results.baselines, twa.row], run.splits.task.higher_is_better)
     if chosen is twa.row:
         return results.merged, twa
-    method = METHODS[chosen.kind]
-    weights = method.row_weights(chosen, len(run.cs))
-    alphas = torch.tensor(weights, dtype=torch.float64).expand(run.flat.layout.n_blocks, len(weights)).clone()
-    written = merge_alphas(run, alphas, results.merged.trained)
-    run.scorer.load(written.tensors, recalibrate=not method.one_candidate)
-    recalibrated = {} if method.one_candidate else _keep_recalibrated(written, run.net)
+    written, recalibrated = merge_row(run, chosen, results.merged.trained)
     log.info("--select best: writing %s, the best on the held-out rows", chosen.name)
     return written, Evaluated(chosen, recalibrated, twa.quantization_gap)
+
+
+def merge_row(run: FitRun, row: MethodResult, trained: torch.Tensor) -> tuple[Merged, dict[str, torch.Tensor]]:
+    """A fit baseline's merge (its weights, the same in every block) from the original files, loaded as it was
+    scored: BatchNorm re-estimated on the fit rows for a merge of several candidates, a candidate as it is.
+    Returns it and the BatchNorm statistics re-estimated for it."""
+    method = METHODS[row.kind]
+    weights = method.row_weights(row, len(run.cs))
+    alphas = torch.tensor(weights, dtype=torch.float64).expand(run.flat.layout.n_blocks, len(weights)).clone()
+    merged = merge_alphas(run, alphas, trained)
+    run.scorer.load(merged.tensors, recalibrate=not method.one_candidate)
+    return merged, ({} if method.one_candidate else _keep_recalibrated(merged, run.net))
 
 
 def describe_ranks(run: FitRun) -> list[dict] | None:
     """Each rank's columns, basis bytes and peak memory (a distributed fit's report); None in one process."""
     if run.comm.world_size == 1:
         return None
-    return run.comm.gather_objects({"col_range": list(run.flat.col_range), "basis_bytes": run.subspace.basis_bytes(),
-                                    **peak_memory()})
+    share = run.flat.binding.describe() if run.sharded else {"col_range": list(run.flat.col_range)}
+    return run.comm.gather_objects({**share, "basis_bytes": run.subspace.basis_bytes(), **peak_memory()})
 
 
 def write_stage(run: FitRun, results: FitResults) -> dict:
@@ -563,6 +733,10 @@ def write_stage(run: FitRun, results: FitResults) -> dict:
     per_rank = describe_ranks(run)
     report = None
     with run.stage("write", timed=False):
+        if not run.comm.is_main and run.sharded:
+            # Rank 0 writes the checkpoint tensor by tensor, gathering each sharded one from every rank.
+            send_rows(run.flat.binding, results.merged.tensors, run.out.path, run.out.max_shard_size,
+                      _config_source(run.cs, run.model_cfg.spec))
         if run.comm.is_main:
             with AtomicWrite() as aw:
                 report = _stage_outputs(run, results, aw, per_rank)
@@ -583,17 +757,32 @@ def _stage_outputs(run: FitRun, results: FitResults, aw: AtomicWrite, per_rank: 
                               blocks=cfg.blocks, bits=cfg.bits, alphas=merged.alphas.tolist(),
                               heldout=written.row.heldout, metric_name=splits.task.metric_name,
                               higher_is_better=splits.task.higher_is_better)
+    tokenizer = tokenizer_dir(cs, run.model_cfg.spec, run.val.tokenizer)
+    facts = {"version": __version__, "settings": {"blocks": cfg.blocks, "bits": cfg.bits}, "candidates": sources,
+             "methods": [r.to_dict() for r in [*results.baselines, twa.row]], "metric_name": splits.task.metric_name,
+             "higher_is_better": splits.task.higher_is_better, "heldout_rows": int(splits.heldout.numel()),
+             "written": {"name": written.row.name}, "merge": {"block_alphas": merged.alphas.tolist(),
+                                                              "key_block": merged.key_block}}
+    card = model_card(cs, facts, out, None if out.report is None else str(out.report))
     # timings["write"] is the checkpoint's write alone.
     with run.stage("write", agree=False):
-        files = write_checkpoint(merged.tensors, out.path, metadata=metadata, force=out.force,
-                                 max_shard_size=out.max_shard_size, hf_source_dir=cs.hf_dir, transaction=aw)
+        if run.sharded:
+            files = write_sharded(run.flat.binding, merged.tensors, out.path, metadata=metadata, force=out.force,
+                                  max_shard_size=out.max_shard_size, source_dir=_config_source(cs, run.model_cfg.spec),
+                                  tokenizer=tokenizer, model_card=card, transaction=aw)
+        else:
+            files = write_output(cs, out.path, tensors=merged.tensors,
+                                 weights_of=_weights_of(merged.alphas, merged.key_block, merged.default_alphas),
+                                 metadata=metadata, out_dtype=merged.out_dtype, merge_into_base=out.merge_into_base,
+                                 force=out.force, max_shard_size=out.max_shard_size, tokenizer=tokenizer,
+                                 model_card=card, source_dir=_config_source(cs, run.model_cfg.spec), transaction=aw)
     layout, data, flat = run.flat.layout, splits.data, run.flat
     report = build_report(
         settings=cfg,
         data=DataSummary(str(run.val.path), data.n, int(splits.fit.numel()), int(splits.heldout.numel()),
                          list(data.inputs), data.label),
         model={"spec": run.net.spec, "args": run.model_cfg.args, "loss": run.model_cfg.loss,
-               "task": splits.task.name},
+               "task": splits.task.name, "tokenizer": None if tokenizer is None else str(tokenizer)},
         candidates=sources,
         metric_name=splits.task.metric_name,
         higher_is_better=splits.task.higher_is_better,
@@ -609,11 +798,19 @@ def _stage_outputs(run: FitRun, results: FitResults, aw: AtomicWrite, per_rank: 
         outputs=[str(p) for p in files],
         timings=run.timer.seconds,
         memory={**peak_memory(), "basis_bytes": subspace.basis_bytes(),
-                "flat_buffer_bytes": 2 * flat.binding.flat.numel() * flat.binding.flat.element_size()},
+                "flat_buffer_bytes": flat.binding.buffer_bytes()},
         distributed=None if per_rank is None else {"world_size": len(per_rank),
                                                    "backend": torch.distributed.get_backend(), "ranks": per_rank},
         written=written.row,
     )
+    report["fit"].update(runs=trained.runs, floor=results.floor)
+    if isinstance(cs, AdapterSet):
+        report["adapters"] = cs.describe()
+    report["warnings"] = loss_warnings(report)
+    if run.sources is not None:
+        report["setting_sources"] = run.sources
+    for line in report["warnings"]:
+        log.warning("%s", line)
     if out.report is not None:
         from .report import write_report
 
@@ -623,6 +820,38 @@ def _stage_outputs(run: FitRun, results: FitResults, aw: AtomicWrite, per_rank: 
 
         plot_report(report, out.plot, out.force, transaction=aw)
     return report
+
+
+def model_card(cs: CheckpointSet, facts: dict, out: OutputConfig, report_path: str | None) -> str:
+    """The README.md of a fit's folder output (``io.model_card``), from the report (``apply``) or the part of it
+    known before the write (``fit``): both write the same card for the same report path and output."""
+    adapters = cs.describe() if isinstance(cs, AdapterSet) else None
+    blocks = None
+    if adapters is not None:
+        key_block = facts["merge"]["key_block"]
+        blocks = sorted({key_block[k] for k in [*cs.adapted, *cs.whole] if k in key_block})
+    as_adapter = adapters is not None and not out.merge_into_base
+    reproduce = None if report_path is None else apply_command(
+        report_path, [c["path"] for c in facts["candidates"]], str(out.path), merge_into_base=out.merge_into_base)
+    return fit_card(facts, library_name="peft" if as_adapter else "transformers" if cs.hf_dir is not None else None,
+                    base_model=cs.base_name if adapters is not None else None, adapter=adapters,
+                    merge_into_base=out.merge_into_base, alpha_blocks=blocks, reproduce=reproduce)
+
+
+def loss_warnings(report: dict) -> list[str]:
+    """The report's warnings: one line when the written merge is worse than the best candidate on the held-out
+    rows (on the fit rows under ``--holdout 0``), naming both figures and the two guards against it."""
+    written = report["written"]
+    if written["at_least_best"] is not False:
+        return []
+    split = "heldout" if report["heldout_rows"] else "fit"
+    rows = [MethodResult(r["name"], r["kind"], r.get("fit"), r.get("heldout")) for r in report["methods"]]
+    best = best_candidate(rows, split, report["higher_is_better"])
+    mine = next(r for r in rows if (r.name, r.kind) == (written["name"], written["kind"]))
+    where = f"the {report['heldout_rows']} held-out rows" if split == "heldout" else "the fit rows (--holdout 0)"
+    return [f"the written merge ({mine.name}) scores {report['metric_name']} {getattr(mine, split)['metric']:.4f} on "
+            f"{where}, worse than the best candidate {best.name} ({getattr(best, split)['metric']:.4f}); --select best "
+            "writes the best of TWA and the baselines on the held-out rows, --fail-if-worse makes this an error"]
 
 
 # -- eval and apply ---------------------------------------------------------------------------------
@@ -637,28 +866,31 @@ def evaluate_checkpoints(
     device: str = "auto",
     read: ReadConfig = ReadConfig(),
     bn_recalibrate: bool = False,
+    batch_tokens: int = EVAL_BATCH_TOKENS,
 ) -> dict:
-    """Loss and metric of each checkpoint on all rows of ``val``.
+    """Loss and metric of each checkpoint on all rows of ``val``, in batches of at most ``batch_size`` rows and
+    (token ids) ``batch_tokens`` tokens.
 
     Returns:
         ``{"metric_name", "higher_is_better", "task", "rows", "checkpoints": [{"path", "loss", "metric", "n"}]}``
         (``n``: the task's items, e.g. tokens for a language model).
     """
     dev = select_device(device)
-    cs = open_checkpoints(checkpoints, ema_key=read.ema_key, keys=read.keys, allow_nonfinite=read.allow_nonfinite,
-                          min_count=1)
+    cs = open_inputs(checkpoints, ema_key=read.ema_key, keys=read.keys, allow_nonfinite=read.allow_nonfinite,
+                     min_count=1, model=model.spec)
     try:
-        net = build_model(model.spec, model.args, hf_dir=cs.hf_dir).to(dev)
-        keys = ModelKeys(net, cs, model.spec).model_keys()
-        data, task = load_inputs(val, model, ModelContext(net, hf_dirs(cs.paths)))
+        folder = _model_folder(cs) if model.spec is None else None
+        net = build_model(model.spec, model.args, hf_dir=folder, trust_remote_code=model.trust_remote_code).to(dev)
+        keys = ModelKeys(net, cs, model.spec or str(folder)).model_keys()
+        data, task = load_inputs(val, model, ModelContext(net, source_dirs(cs, model.spec)))
         everything = torch.arange(data.n)
-        probe(net, data, everything, task, batch_size, dev)
+        probe(net, data, everything, task, batch_size, dev, tokens=batch_tokens)
         results = []
         for i in range(len(cs)):
             load_state(net, ((k, cs.get(i, k)) for k in keys))
             if bn_recalibrate:
-                recalibrate_batchnorm(net, data, everything, batch_size, dev)
-            score = evaluate(net, data, everything, task, batch_size, dev, SingleProcess(dev))
+                recalibrate_batchnorm(net, data, everything, batch_size, dev, tokens=batch_tokens)
+            score = evaluate(net, data, everything, task, batch_size, dev, SingleProcess(dev), tokens=batch_tokens)
             results.append({"path": str(cs.paths[i]), **score})
     finally:
         cs.close()
@@ -667,34 +899,50 @@ def evaluate_checkpoints(
 
 
 def apply_report(report_path: str | Path, checkpoints: Sequence[str | Path],
-                 output: OutputConfig | str | Path) -> dict:
+                 output: OutputConfig | str | Path, *, model: str | None = None) -> dict:
     """Re-emit a fit's merge from its saved coefficients: no data and no model needed.
 
     The candidates must be the fit's (checked by SHA-256, in order); the output is bit-for-bit the
-    fit's output (the same tensors, the same metadata).
+    fit's output (the same tensors, the same metadata, the same model card for the same report path
+    and output). LoRA adapters merged into their base (``output.merge_into_base``) need the base:
+    ``model``, else the fit's ``--model`` folder, else the adapters' base_model_name_or_path.
     """
     out = OutputConfig.of(output)
     report = read_report(Path(report_path))
     merge = report["merge"]
-    cs = open_checkpoints(checkpoints, allow_nonfinite=True)
+    fit_model = (report.get("model") or {}).get("spec")
+    if model is None and isinstance(fit_model, str) and Path(fit_model).is_dir():
+        model = fit_model
+    cs = open_inputs(checkpoints, allow_nonfinite=True, model=model, need_base=out.merge_into_base)
     try:
-        check_output(out.path, force=out.force, hf_source_dir=cs.hf_dir, max_shard_size=out.max_shard_size)
+        check_merge_output(cs, out.path, merge_into_base=out.merge_into_base, force=out.force,
+                           max_shard_size=out.max_shard_size)
         expected = [c["sha256"] for c in report["candidates"]]
         if len(expected) != len(cs):
             raise TwamergeError(f"{report_path}: the fit used {len(expected)} candidates; {len(cs)} were given")
+        cs.start_hashing()  # on worker threads, beside the merge; the check below waits for the digests
         alphas = torch.tensor(merge["block_alphas"], dtype=torch.float64)
-        # The merge reads every candidate once and hashes it on that read; the check comes after it.
-        merged = linear_merge(cs, _weights_of(alphas, merge["key_block"], merge["default_alphas"]),
-                              out_dtype=parse_dtype(merge.get("out_dtype")))
+        weights_of = _weights_of(alphas, merge["key_block"], merge["default_alphas"])
+        out_dtype = parse_dtype(merge.get("out_dtype"))
+        # The check comes after the merge, which runs while the files are hashed. Merged adapters are
+        # written as factors: the dense merge is needed only for a merge into the base.
+        as_adapter = isinstance(cs, AdapterSet) and not out.merge_into_base
+        merged = None if as_adapter else linear_merge(cs, weights_of, out_dtype=out_dtype)
         got = [s["sha256"] for s in cs.sources()]
         for i, (e, g) in enumerate(zip(expected, got)):
             if e != g:
                 raise TwamergeError(f"{cs.paths[i]}: SHA-256 {g[:12]}... differs from the fit's candidate {i + 1} "
                                     f"({report['candidates'][i]['path']}, {e[:12]}...); pass the same files in the "
                                     "same order")
-        merged.update(recalibrated_buffers(report_path, merge.get("recalibrated_buffers", ""), merged))
-        written = write_checkpoint(merged, out.path, metadata=merge["metadata"], force=out.force,
-                                   max_shard_size=out.max_shard_size, hf_source_dir=cs.hf_dir)
+        if merged is not None:
+            merged.update(recalibrated_buffers(report_path, merge.get("recalibrated_buffers", ""), merged))
+        tokenizer = (report.get("model") or {}).get("tokenizer")
+        tokenizer = Path(tokenizer) if isinstance(tokenizer, str) and Path(tokenizer).is_dir() else None
+        written = write_output(cs, out.path, tensors=merged, weights_of=weights_of, metadata=merge["metadata"],
+                               out_dtype=out_dtype, merge_into_base=out.merge_into_base, force=out.force,
+                               max_shard_size=out.max_shard_size, tokenizer=tokenizer,
+                               model_card=model_card(cs, report, out, str(report_path)),
+                               source_dir=_config_source(cs, model))
     finally:
         cs.close()
     return {"outputs": [str(p) for p in written], "report": str(report_path), "candidates": len(expected)}

@@ -4,12 +4,16 @@ The rules, in order (each column not used is named in the log with the reason):
 
 1. ``--preprocess fn``: ``fn(columns)`` (a dict of lists) returns the model's inputs; nothing else is guessed.
 2. Token ids already present (``input_ids``, of any length per row) are used as they are.
-3. Else a text column (``--text``, or by name: ``text``, ``sentence``, ...; ``--text-pair``) is
+3. Else, for a causal LM, chat rows (a ``messages`` column of ``{"role", "content"}`` lists, or
+   TRL's conversational ``prompt`` + ``completion`` lists; ``--text COL`` names another) are
+   rendered with the tokenizer's chat template and scored on the assistant turns only
+   (``text.tokenize_chat``).
+4. Else a text column (``--text``, or by name: ``text``, ``sentence``, ...; ``--text-pair``) is
    tokenized with the candidates' tokenizer; ``prompt`` + ``completion`` rows for a causal LM
    train and score on the completion only.
-4. A datasets ``Image`` column becomes float32 ``[N, C, H, W]`` in [0, 1], or goes through the
+5. A datasets ``Image`` column becomes float32 ``[N, C, H, W]`` in [0, 1], or goes through the
    candidate folder's image processor (``preprocessor_config.json``).
-5. The other numeric columns are inputs (``--inputs`` names them); when the model's ``forward``
+6. The other numeric columns are inputs (``--inputs`` names them); when the model's ``forward``
    names its parameters, columns it does not take are dropped.
 
 The label column is found here (``--label``, else by name) and handed to the task, which gives it
@@ -34,7 +38,7 @@ from . import text as textmod
 from .config import DataConfig, ModelConfig
 from .data import IGNORE_INDEX, RawTable, TensorData, ragged, read_table
 from .errors import DataError
-from .models import load_factory
+from .models import config_folder, custom_code_entries, custom_code_refusal, load_factory
 from .tasks import LabelColumn, Task, resolve_task
 
 log = logging.getLogger(__name__)
@@ -48,7 +52,8 @@ class ModelContext:
 
     Attributes:
         model: the built model (its ``config`` and ``forward`` signature are read).
-        hf_dirs: the candidates' Hugging Face folders (tokenizer and image processor files), in order.
+        hf_dirs: the candidates' Hugging Face folders (tokenizer and image processor files), in order
+            (:func:`hf_dirs`: candidate folders, or the folders of candidate files, with a config.json).
     """
 
     model: nn.Module
@@ -88,7 +93,7 @@ def load_inputs(val: DataConfig, model_cfg: ModelConfig, ctx: ModelContext) -> t
         preprocessed = _preprocess(table, val.preprocess)
     label = _find_label(table, val)
     task = resolve_task(model_cfg.task, model_cfg.loss, ctx.model, table.columns.get(label) if label else None)
-    return _Builder(table, val, task, ctx, label, preprocessed).build(), task
+    return _Builder(table, val, task, ctx, label, preprocessed, model_cfg.trust_remote_code).build(), task
 
 
 def _find_label(table: RawTable, val: DataConfig) -> str | None:
@@ -154,7 +159,7 @@ class _Builder:
     """One preparation: the columns chosen so far, their pad values, and what was left out and why."""
 
     def __init__(self, table: RawTable, val: DataConfig, task: Task, ctx: ModelContext, label: str | None,
-                 preprocessed: set[str]):
+                 preprocessed: set[str], trust_remote_code: bool = False):
         self.table, self.val, self.task, self.ctx, self.label = table, val, task, ctx, label
         self.preprocessed = preprocessed
         self.columns: dict[str, Any] = {}
@@ -162,7 +167,9 @@ class _Builder:
         self.inputs: list[str] = []
         self.used: set[str] = set()
         self.tok: Any = None
+        self.tok_dir: Path | None = None
         self.max_length: int | None = val.max_length
+        self.trust_remote_code = trust_remote_code  # --trust-remote-code: the folders' tokenizer/processor code
 
     def build(self) -> TensorData:
         table, val = self.table, self.val
@@ -206,11 +213,15 @@ class _Builder:
                     self._take(name)
         else:
             texts = [c for c, k in kinds.items() if k == "text" and c not in skip]
-            text, pair = textmod.find_text_columns(texts, self.val.text, self.val.text_pair)
-            if text is not None:
-                self._tokenize(text, pair)
-            elif self.task.labels_from_inputs and {"prompt", "completion"} <= set(texts):
-                self._tokenize_sft()
+            chat = self._chat_columns([c for c, k in kinds.items() if k == "chat" and c not in skip])
+            if chat is not None:
+                self._tokenize_chat(*chat)
+            else:
+                text, pair = textmod.find_text_columns(texts, self.val.text, self.val.text_pair)
+                if text is not None:
+                    self._tokenize(text, pair)
+                elif self.task.labels_from_inputs and {"prompt", "completion"} <= set(texts):
+                    self._tokenize_sft()
         for name, kind in kinds.items():
             if name in self.used or name in skip:
                 continue
@@ -283,7 +294,8 @@ class _Builder:
                                 "Hugging Face folders with tokenizer files; pass --tokenizer DIR")
             textmod.check_same_tokenizer(self.ctx.hf_dirs)
             directory = dirs[0]
-        self.tok = textmod.load_tokenizer(directory)
+        self.tok = textmod.load_tokenizer(directory, self.trust_remote_code)
+        self.tok_dir = directory
         if self.max_length is None:
             self.max_length = textmod.default_max_length(self.ctx.config, self.tok)
         return self.tok
@@ -305,6 +317,56 @@ class _Builder:
         self._tokens(out, "prompt + completion (loss on the completion tokens only)")
         self.used.update({"prompt", "completion"})
 
+    def _chat_columns(self, chats: list[str]) -> tuple[str, str | None] | None:
+        """The chat column to render and, for TRL's conversational prompt/completion, the completion's; None
+        when the data is not chat (or the model is not a language model and ``--text`` does not ask for it).
+
+        ``--text COL`` names a chat column; else ``messages`` (or another of ``text.CHAT_COLUMNS``), else
+        ``prompt`` + ``completion`` columns of messages.
+        """
+        val = self.val
+        if val.text is not None:
+            choice = (val.text, None) if val.text in chats else None
+        elif any(c in chats for c in textmod.CHAT_COLUMNS):
+            choice = (next(c for c in textmod.CHAT_COLUMNS if c in chats), None)
+        elif {"prompt", "completion"} <= set(chats):
+            choice = ("prompt", "completion")
+        else:
+            choice = None
+        if choice is not None and not self.task.labels_from_inputs:
+            if val.text is None:
+                return None  # a classifier's data may carry chat beside its text column: not for it
+            raise DataError(f"--text {val.text}: chat messages are scored as a language model's next tokens, and "
+                            f"{self.ctx.name} is a {self.task.name} model; give a text column")
+        return choice
+
+    def _tokenize_chat(self, column: str, completion: str | None) -> None:
+        """Chat rows through the tokenizer's chat template, the loss on the assistant tokens only; rows left
+        with nothing to score are dropped from every column (and the log says which)."""
+        tok = self._load_tokenizer()
+        textmod.check_chat_template(tok, self.tok_dir)
+        columns = self.table.columns
+        if completion is None:
+            rows, first = columns[column], [0] * len(columns[column])
+            what = f"{column} (chat, the tokenizer's chat template)"
+        else:  # the completion's assistant turns are scored, as TRL's SFT trainer does
+            rows = [list(p) + list(c) for p, c in zip(columns[column], columns[completion])]
+            first = [len(p) for p in columns[column]]
+            what = f"{column} + {completion} (chat, the tokenizer's chat template; the completion scored)"
+        out = textmod.tokenize_chat(tok, rows, first, self.max_length)
+        if out.kept is not None:
+            self._keep_rows(out.kept)
+        self.columns["labels"] = out.columns.pop("labels")
+        self.pad["labels"] = IGNORE_INDEX
+        self._tokens(out, what)
+        self.used.update({column} | ({completion} if completion else set()))
+
+    def _keep_rows(self, kept: list[int]) -> None:
+        """Keep the rows ``kept`` of every column of the table (the others have nothing to score)."""
+        index = torch.tensor(kept, dtype=torch.long)
+        self.table.columns = {k: v[index] if isinstance(v, torch.Tensor) else [v[i] for i in kept]
+                              for k, v in self.table.columns.items()}
+
     def _tokens(self, out: textmod.Tokenized, what: str) -> None:
         names = [c for c in out.columns if c == "input_ids" or self._accepts(c)]
         for c in out.columns:
@@ -313,6 +375,11 @@ class _Builder:
         for c in names:
             self._add_input(c, out.columns[c])
         n = len(out.columns["input_ids"])
+        if out.note is not None:
+            # Rows dropped change what is measured: a warning, not a detail.
+            log.log(logging.WARNING if out.kept is not None else logging.INFO, "tokenized %s: %d rows, max length "
+                    "%d; %s", what, n, self.max_length, out.note)
+            return
         log.info("tokenized %s: %d rows, max length %d%s", what, n, self.max_length,
                  f"; {out.at_limit} rows reach it and may be truncated" if out.at_limit else "")
 
@@ -326,9 +393,14 @@ class _Builder:
             try:
                 import transformers
 
-                proc = transformers.AutoImageProcessor.from_pretrained(str(proc_dir), local_files_only=True)
+                proc = transformers.AutoImageProcessor.from_pretrained(
+                    str(proc_dir), local_files_only=True, trust_remote_code=self.trust_remote_code)
                 pixels = proc(images=images, return_tensors="pt")["pixel_values"]
             except Exception as exc:
+                entries = custom_code_entries(proc_dir, "preprocessor_config.json")
+                if entries and not self.trust_remote_code:
+                    raise DataError(custom_code_refusal(proc_dir, "preprocessor_config.json", entries,
+                                                        "AutoImageProcessor")) from exc
                 raise DataError(f"column {name}: the image processor of {proc_dir} failed ({type(exc).__name__}: "
                                 f"{' '.join(str(exc).split())[:300]})") from exc
             log.info("column %s: %d images through the image processor of %s -> %s %s", name, len(images),
@@ -402,6 +474,9 @@ class _Builder:
             return "not an input of the model"
         if kind == "text":
             return "a text column other than the one tokenized (choose it with --text)"
+        if kind == "chat":
+            return ("chat messages, scored by a causal language model only" if not self.task.labels_from_inputs
+                    else "a chat column other than the one rendered (choose it with --text)")
         if kind == "image":
             return "an image column not used"
         return "not named by --inputs" if self.val.inputs else f"{self.task.name} does not use it"
@@ -438,6 +513,8 @@ def check_finite_columns(columns: dict[str, Any], source: str, *, allow: bool = 
 
 
 def hf_dirs(paths: list[Path]) -> list[Path]:
-    """The candidate paths that are Hugging Face folders (a config.json), in order."""
-    return [Path(p) for p in paths if Path(p).is_dir() and (Path(p) / "config.json").is_file()]
+    """The candidates' Hugging Face folders (with a config.json), in order, each once: a candidate folder, or the
+    folder of a candidate file (``checkpoint-500/model.safetensors``, ``ckpts/*.safetensors`` beside config.json)."""
+    folders = [f for f in map(config_folder, paths) if f is not None]
+    return list(dict.fromkeys(folders))
 

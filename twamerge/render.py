@@ -121,6 +121,12 @@ def inspect_summary(result: dict[str, Any], console: Console) -> None:
         table.add_row(str(i), Path(f["path"]).name, f["format"], str(f["tensors"]), f"{f['params']:,}", dtypes,
                       human_bytes(f["bytes"]))
     console.print(table)
+    lora = result.get("adapters")
+    if lora:
+        console.print(f"LoRA adapters of {lora['base_model']}: rank {lora['rank']}, {lora['modules']} modules "
+                      f"({', '.join(lora['target_modules'])}), updates of {lora['update_params']:,} parameters"
+                      + (f", {len(lora['whole_tensors'])} tensors saved whole" if lora["whole_tensors"] else "")
+                      + ("" if lora["base_dir"] else " (the base is not a local folder: a fit needs --model BASE_DIR)"))
     if result["mergeable"]:
         console.print(f"mergeable: yes ({result['merged_tensors']} tensors, {result['float_params']:,} float "
                       "parameters)")
@@ -149,8 +155,11 @@ def fit_summary(result: dict[str, Any], console: Console) -> None:
     console.print(f"wrote {', '.join(result['outputs'])}")
     twa = next(m for m in result["methods"] if m["kind"] == "twa")
     split = "heldout" if result["heldout_rows"] else "fit"
-    console.print(f"twa {result['metric_name']} on the {split} split: {twa[split]['metric']:.4f} "
-                  f"(best candidate: {result['best_candidate']})")
+    # The best candidate's figure beside TWA's: the comparison --fail-if-worse makes, and the warning names.
+    best = max((m for m in result["methods"] if m["kind"] == "candidate" and m.get(split)),
+               key=lambda m: m[split]["metric"] * (1 if result["higher_is_better"] else -1), default=None)
+    versus = f"best candidate: {best['name']}, {best[split]['metric']:.4f}" if best else "no candidates scored"
+    console.print(f"twa {result['metric_name']} on the {split} split: {twa[split]['metric']:.4f} ({versus})")
     if result["written"]["kind"] != "twa":
         console.print(f"--select best: wrote {result['written']['name']}, the best on the held-out split")
 
@@ -175,8 +184,36 @@ def fit_table(report: dict[str, Any], console: Console) -> None:
                   f"{human_bytes(sub['basis_bytes'])}; {sub['dropped_directions']} directions dropped; "
                   f"quantization gap {sub['quantization_gap']:.2e}; "
                   f"{report['fit']['steps']} steps in {report['timings'].get('fit', 0):.1f} s")
+    console.print(describe_fit(report["fit"]))
+    soup = next((r for r in report["methods"] if r.get("subspace_gap")), None)
+    if soup is not None:  # the greedy soup's trials are points of the subspace; its row is the exact soup's
+        console.print(f"{soup['name']}: chosen in the subspace, where it scores held-out {metric} "
+                      f"{soup['subspace']['heldout']['metric']:.4f} ({soup['subspace_gap']['metric']:+.4f} against "
+                      "the exact soup in the table)")
     if not report["heldout_rows"]:
         console.print("[yellow]--holdout 0: every figure is on the data the coefficients were fit on[/yellow]")
+
+
+def describe_fit(fit: dict[str, Any]) -> str:
+    """One line on how the fit ended: each run's steps (and an early stop), and what the fit floor did."""
+    runs = []
+    for r in fit.get("runs", []):
+        stop = r.get("stop")
+        ended = (f", converged at step {stop['step']} (the last two windows of {stop['window']} steps: mean fit loss "
+                 f"{-100 * stop['improvement']:+.2f}% against the best before them)") if stop else ""
+        runs.append(f"from {r.get('start', '?')}: {r['steps']} of {r['budget']} steps{ended}")
+    floor = fit.get("floor")
+    if floor is None:
+        verdict = "fit floor: off or not applicable"
+    elif floor["action"] == "kept":
+        verdict = (f"fit floor: kept (fit loss {floor['twa_fit_loss']:.4f} <= best baseline {floor['best_baseline']} "
+                   f"{floor['best_fit_loss']:.4f})")
+    else:
+        returned = "" if floor["action"] == "continued" else f", still above: TWA's merge is {floor['best_baseline']}"
+        verdict = (f"fit floor: the fit ended at fit loss {floor['twa_fit_loss']:.4f}, above {floor['best_baseline']} "
+                   f"({floor['best_fit_loss']:.4f}); it continued from there to {floor['continued_fit_loss']:.4f}"
+                   + returned)
+    return "fit: " + "; ".join(runs or ["no steps"]) + "; " + verdict
 
 
 def eval_table(result: dict[str, Any], console: Console) -> None:

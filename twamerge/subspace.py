@@ -18,6 +18,7 @@ differ in scale by orders of magnitude).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -77,12 +78,16 @@ class FlatLayout:
         return out
 
 
-def make_layout(names: Sequence[str], shapes: Sequence[tuple[int, ...]], blocks: str, group_size: int) -> FlatLayout:
+def make_layout(names: Sequence[str], shapes: Sequence[tuple[int, ...]], blocks: str, group_size: int,
+                pad_tensors: bool = False) -> FlatLayout:
     """Group tensors (in the given order) into blocks and place them in a padded flat space.
 
     Args:
         blocks: ``global`` (one block), ``layer`` (one per tensor) or ``size:N`` (consecutive tensors
             until a block holds at least N elements).
+        pad_tensors: start every tensor, not only every block, at a whole quantization group (a sharded
+            model's layout: a rank's rows of a tensor widened to whole groups then stay inside that tensor,
+            see :class:`Columns`). The same as without it for ``layer`` blocks.
     """
     if blocks == "global":
         threshold = math.inf
@@ -106,6 +111,8 @@ def make_layout(names: Sequence[str], shapes: Sequence[tuple[int, ...]], blocks:
             if starts:
                 close_block()
             starts.append(cursor)
+        elif pad_tensors:
+            cursor = -(-cursor // group_size) * group_size
         offsets.append(cursor)
         block_of.append(len(starts) - 1)
         n = math.prod(shape)
@@ -114,6 +121,59 @@ def make_layout(names: Sequence[str], shapes: Sequence[tuple[int, ...]], blocks:
     if starts:
         close_block()
     return FlatLayout(list(names), [tuple(s) for s in shapes], offsets, block_of, ends, group_size)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The flat columns one rank holds of the subspace: its mean and basis columns, and those it owns.
+
+    ``spans`` are the columns stored, group-aligned ranges of the flat space in increasing order, laid
+    end to end in this rank's local space (its ``mean`` and basis). ``owned`` are the columns whose
+    Gram terms and gradient this rank adds: every real column is owned by exactly one rank, inside
+    its spans. A replicated model (``distributed.split_columns``) gives a rank one contiguous range,
+    stored and owned. A sharded model (``twamerge.sharding``) gives it its rows of every parameter,
+    owned, stored widened to whole quantization groups: a group cut by a shard boundary is stored on
+    both ranks and quantized by each exactly as one process quantizes it, and neither adds the
+    other's columns. One process: ``Columns.contiguous(0, D)``.
+    """
+
+    spans: tuple[tuple[int, int], ...]
+    owned: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def contiguous(cls, lo: int, hi: int) -> Columns:
+        part = ((lo, hi),) if hi > lo else ()
+        return cls(part, part)
+
+    @property
+    def n_local(self) -> int:
+        return sum(b - a for a, b in self.spans)
+
+    def starts(self) -> list[int]:
+        """Where each span begins in the local space."""
+        out, at = [], 0
+        for a, b in self.spans:
+            out.append(at)
+            at += b - a
+        return out
+
+    def local(self, col: int) -> int:
+        """The local index of the stored flat column ``col``."""
+        for (a, b), start in zip(self.spans, self.starts()):
+            if a <= col < b:
+                return start + col - a
+        raise ValueError(f"flat column {col} is not held by this rank ({self.spans})")
+
+    def within(self, lo: int, hi: int, owned: bool = False) -> list[tuple[int, int]]:
+        """The stored (or ``owned``) columns inside the flat range ``[lo, hi)``."""
+        ranges = self.owned if owned else self.spans
+        return [(max(a, lo), min(b, hi)) for a, b in ranges if max(a, lo) < min(b, hi)]
+
+    def group_block(self, layout: FlatLayout) -> torch.Tensor:
+        """The block of every stored quantization group, in local order."""
+        every, g = layout.group_block(), layout.group_size
+        parts = [every[a // g: b // g] for a, b in self.spans]
+        return torch.cat(parts).contiguous() if parts else torch.empty(0, dtype=torch.int32)
 
 
 @dataclass
@@ -138,11 +198,15 @@ class Subspace:
     backend: str | None = None
     # The flat columns ``[start, end)`` this object holds (a rank's slice in a distributed fit); None: all.
     col_range: tuple[int, int] | None = None
+    # The columns held when they are not one range (a sharded model's rank: ``Columns``); None: ``col_range``.
+    columns: Columns | None = None
     group_block: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         group_block = self.layout.group_block()
-        if self.col_range is not None:
+        if self.columns is not None:
+            group_block = self.columns.group_block(self.layout)
+        elif self.col_range is not None:
             g = self.layout.group_size
             group_block = group_block[self.col_range[0] // g: self.col_range[1] // g].contiguous()
         self.group_block = group_block.to(self.mean.device)
@@ -154,6 +218,24 @@ class Subspace:
     @property
     def dropped(self) -> list[int]:
         return [self.n_candidates - 1 - r for r in self.ranks]
+
+    def restricted(self, columns: Columns) -> Subspace:
+        """The part of a whole subspace (one process's) that a rank holding ``columns`` builds (tests, benchmarks:
+        the same basis on every rank, to compare a sharded step with one process's without the rounding of a
+        Gram matrix summed over ranks)."""
+        if self.col_range not in (None, (0, self.layout.n_cols)) or self.columns is not None:
+            raise ValueError("restricted() takes the whole subspace of one process")
+        g, bits, spans = self.layout.group_size, self.bits, columns.spans
+        width = 1 if bits in FLOAT_BITS else bits / 8
+
+        def cat(t: torch.Tensor, scale: float) -> torch.Tensor:
+            parts = [t[..., int(a * scale): int(b * scale)] for a, b in spans]
+            return torch.cat(parts, dim=-1).contiguous() if parts else t[..., :0].contiguous()
+
+        groups = 0 if bits in FLOAT_BITS else 1 / g
+        return Subspace(self.layout, cat(self.mean, 1), cat(self.codes, width), cat(self.scales, groups),
+                        cat(self.zeros, groups), self.transform, self.ranks, self.spread, bits, self.n_candidates,
+                        self.backend, None, columns)
 
     def basis_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
@@ -198,18 +280,26 @@ class Subspace:
         k = self.n_candidates
         return 1.0 / k + t - t.mean(dim=1, keepdim=True)
 
-    def theta_of(self, weights: Sequence[float], coordinates: str) -> torch.Tensor:
-        """Trained coordinates ``theta`` [B, R] float32 of the point whose alphas are ``weights`` in every block.
+    def beta_of(self, weights: Sequence[float]) -> torch.Tensor:
+        """Coordinates ``beta`` [B, R] float64 of the point whose alphas are ``weights`` in every block
+        (``combine`` makes it: every candidate, and every average of them, is a point of the subspace).
 
         With ``t = a - 1/K`` the offsets of the wanted weights ``a`` from uniform, ``beta_b`` solves
         ``T_b^T beta_b = t`` in the least-squares sense (exact unless the point leaves the subspace, e.g.
-        a duplicate candidate whose direction was dropped); ``theta = beta / step_scale(coordinates)``.
-        The uniform weights are the subspace's centre, ``theta = 0``, with nothing to solve.
+        a duplicate candidate whose direction was dropped). The uniform weights are the subspace's
+        centre, ``beta = 0``, with nothing to solve.
         """
         target = torch.tensor(weights, dtype=torch.float64) - 1.0 / self.n_candidates
         if not bool(target.any()):
+            return torch.zeros(self.layout.n_blocks, self.rows, dtype=torch.float64)
+        return torch.stack([torch.linalg.pinv(t.T) @ target for t in self.transform])  # [B, R]
+
+    def theta_of(self, weights: Sequence[float], coordinates: str) -> torch.Tensor:
+        """Trained coordinates ``theta`` [B, R] float32 of the point whose alphas are ``weights`` in every block:
+        ``theta = beta_of(weights) / step_scale(coordinates)`` (0 at the centre)."""
+        beta = self.beta_of(weights)
+        if not bool(beta.any()):
             return torch.zeros(self.layout.n_blocks, self.rows)
-        beta = torch.stack([torch.linalg.pinv(t.T) @ target for t in self.transform])  # [B, R]
         scale = self.step_scale(coordinates)
         theta = torch.where(scale > 0, beta / scale.clamp_min(1e-300), torch.zeros_like(beta))
         return theta.float()
@@ -219,23 +309,27 @@ class Subspace:
 
         ``written`` holds the merge as written, all columns (the fit's flat buffer); ``trained``, like
         ``mean``, this object's columns (a rank's, in a distributed fit), whose squared sums are added
-        over ranks. Sums run tensor by tensor, without copies.
+        over ranks. Sums run tensor by tensor, in pieces of ``_GAP_PIECE`` elements: the float64
+        temporaries of a whole tensor would add 20 bytes per element of the largest one to the peak.
         """
         layout, mean = self.layout, self.mean
         c0, c1 = self.col_range or (0, layout.n_cols)
-        sq = torch.zeros(2, dtype=torch.float64)
+        sq = torch.zeros(2, dtype=torch.float64, device=mean.device)
         error = None
         try:
             for i, o in enumerate(layout.offsets):
                 lo, hi = max(o, c0), min(o + layout.numel(i), c1)
-                if lo >= hi:
-                    continue
-                real, ref, centre = written[lo:hi], trained[lo - c0:hi - c0], mean[lo - c0:hi - c0]
-                sq += torch.stack([(real - ref).double().square().sum(), (ref - centre).double().square().sum()]).cpu()
+                for a in range(lo, hi, _GAP_PIECE):
+                    z = min(hi, a + _GAP_PIECE)
+                    real, ref, centre = written[a:z], trained[a - c0:z - c0], mean[a - c0:z - c0]
+                    sq += torch.stack([(real - ref).double().square().sum(), (ref - centre).double().square().sum()])
         except Exception as exc:
             error = exc
-        gap2, moved2 = comm.sum(sq, error).tolist()
+        gap2, moved2 = comm.sum(sq.cpu(), error).tolist()
         return math.sqrt(gap2) / math.sqrt(moved2) if moved2 > 0 else 0.0
+
+
+_GAP_PIECE = 1 << 20
 
 
 def _as_compute(x: torch.Tensor) -> torch.Tensor:
@@ -287,6 +381,8 @@ def build_subspace(
     progress: Callable[[Iterable], Iterable] | None = None,
     check_finite: bool = True,
     cache_bytes: int = CACHE_BYTES,
+    columns: Columns | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> Subspace:
     """Mean, Gram matrices and quantized basis, reading the candidates one tensor at a time.
 
@@ -311,9 +407,15 @@ def build_subspace(
             and only then are its values scanned to name the culprit; so the readers do not scan
             (``CheckpointSet.stack_slice``). ``False`` (``--allow-nonfinite``) does not look for them.
         cache_bytes: the most candidate bytes held to read a multi-tensor block once.
+        columns: the columns this rank holds when they are not its ``split_columns`` range (a sharded
+            model's rank, :class:`Columns`): it reads, stores and quantizes ``columns.spans`` and adds
+            the Gram terms of ``columns.owned`` only.
+        scratch: a buffer the caller does not need during the build (the fit's gradient buffer), whose
+            contents the build overwrites: each tensor's K copies are stacked into it instead of a fresh
+            ``[K, n]`` tensor per read (see :class:`_Scratch`), when ``candidates`` take ``out=``.
     """
     build = _Build(candidates, layout, comm or SingleProcess(), torch.device(device), bits=bits, backend=backend,
-                   rank_rtol=rank_rtol, check_finite=check_finite)
+                   rank_rtol=rank_rtol, check_finite=check_finite, columns=columns, scratch=scratch)
     progress = progress or (lambda it: it)
     reread = build.first_pass(progress, cache_bytes)
     build.second_pass(reread, progress)
@@ -326,17 +428,24 @@ class _Build:
     over ranks, the second pass over the blocks read again, and the result."""
 
     def __init__(self, candidates: CandidateColumns, layout: FlatLayout, comm: Comm, device: torch.device, *,
-                 bits: int, backend: str | None, rank_rtol: float, check_finite: bool):
+                 bits: int, backend: str | None, rank_rtol: float, check_finite: bool, columns: Columns | None = None,
+                 scratch: torch.Tensor | None = None):
         self.candidates, self.layout, self.comm, self.device, self.backend = candidates, layout, comm, device, backend
+        takes_out = "out" in inspect.signature(candidates.stack_slice).parameters
+        self.scratch = _Scratch(scratch if takes_out else None)
         self.rank_rtol, self.check_finite = rank_rtol, check_finite
         self.k = k = len(candidates)
-        _, ranges = split_columns(layout.n_cols, layout.group_size, comm.world_size)
-        self.c0, self.c1 = ranges[comm.rank]
+        self.col_range: tuple[int, int] | None = None
+        if columns is None:
+            _, ranges = split_columns(layout.n_cols, layout.group_size, comm.world_size)
+            self.col_range = ranges[comm.rank]
+            columns = Columns.contiguous(*self.col_range)
+        self.cols = columns
         index_of = {name: i for i, name in enumerate(layout.names)}
         self.members = [[index_of[n] for n in names] for names in layout.block_names()]
         # Every rank allocates K - 1 rows (the most a block can have); trimmed to the largest rank at the end.
         self.rows = max(1, k - 1)
-        n_cols = self.c1 - self.c0
+        n_cols = columns.n_local
         n_groups = 0 if bits in FLOAT_BITS else n_cols // layout.group_size
         self.bits = bits
         self.mean = torch.zeros(n_cols, dtype=torch.float32, device=device)
@@ -347,26 +456,35 @@ class _Build:
         self.transform = torch.zeros(layout.n_blocks, self.rows, k, dtype=torch.float64)
         self.ranks = [0] * layout.n_blocks
         self.spreads = [0.0] * layout.n_blocks
-        self.basis = _BasisWriter(layout, self.codes, self.scales, self.zeros, self.mean, bits, self.c0, self.c1,
-                                  backend)
+        self.basis = _BasisWriter(layout, self.codes, self.scales, self.zeros, self.mean, bits, columns,
+                                  lambda i: layout.offsets[i] + self.loaded(i)[0], backend)
         self._last: dict[int, torch.Tensor] = {}  # the tensor read last in the second pass
 
-    def owned(self, i: int) -> tuple[int, int]:
-        """The part ``[lo, hi)`` of tensor ``i`` (flattened) in this rank's columns; empty when lo >= hi."""
+    def loaded(self, i: int) -> tuple[int, int]:
+        """The part ``[lo, hi)`` of tensor ``i`` (flattened) in this rank's stored columns; empty when lo >= hi.
+
+        A tensor meets at most one span: a replicated model's rank holds one range, and a sharded model's
+        rank one range of every tensor, which its layout (``make_layout(pad_tensors=True)``) keeps
+        inside the tensor's own groups."""
         o0 = self.layout.offsets[i]
-        return max(o0, self.c0) - o0, min(o0 + self.layout.numel(i), self.c1) - o0
+        parts = self.cols.within(o0, o0 + self.layout.numel(i))
+        if len(parts) > 1:
+            raise AssertionError(f"tensor {self.layout.names[i]} meets {len(parts)} spans of this rank's columns")
+        return (parts[0][0] - o0, parts[0][1] - o0) if parts else (0, 0)
 
     def load(self, i: int) -> torch.Tensor:
         """This rank's columns of tensor ``i`` in every candidate, [K, n] on the device."""
-        lo, hi = self.owned(i)
+        lo, hi = self.loaded(i)
         name = self.layout.names[i]
-        return _as_compute(self.candidates.stack_slice(name, lo, hi)).reshape(self.k, -1).to(self.device)
+        out = self.scratch.take(self.k, hi - lo, _dtype_of(self.candidates, name))
+        x = self.candidates.stack_slice(name, lo, hi, **({} if out is None else {"out": out}))
+        return _as_compute(x).reshape(self.k, -1).to(self.device)
 
     def block_bytes(self, b: int) -> int:
         """Bytes of block ``b``'s columns on this rank, all candidates, as they are computed on."""
         total = 0
         for i in self.members[b]:
-            lo, hi = self.owned(i)
+            lo, hi = self.loaded(i)
             dtype = _dtype_of(self.candidates, self.layout.names[i])
             total += self.k * max(0, hi - lo) * (dtype.itemsize if dtype in INPUT_DTYPES else 4)
         return total
@@ -374,18 +492,28 @@ class _Build:
     def gram_pass(self, b: int, keep: bool) -> dict[int, torch.Tensor]:
         """Add block ``b``'s tensors to its Gram matrix and write their mean; returns the tensors read when ``keep``."""
         held: dict[int, torch.Tensor] = {}
+        self.scratch.reset()  # the previous block's tensors are done with
         for i in self.members[b]:
-            lo, hi = self.owned(i)
+            lo, hi = self.loaded(i)
             if lo >= hi:
                 continue
+            if not keep:
+                self.scratch.reset()  # nothing read before in this block is used again
             x = self.load(i)
-            gram, m = kernels.gram(x, backend=self.backend)
-            gram = gram.cpu()
-            if self.check_finite and not bool(torch.isfinite(gram).all()):
-                gram = _locate_nonfinite(self.candidates, self.layout.names[i], x, self.k)
-            self.grams[b] += gram
-            o = self.layout.offsets[i] + lo - self.c0
-            self.mean[o:o + x.shape[1]] = m
+            start = self.layout.offsets[i] + lo  # the flat column of x's first column
+            owned = self.cols.within(start, start + x.shape[1], owned=True)
+            # Stored columns another rank owns (a shard boundary inside a group) give their mean, not Gram terms.
+            cuts = sorted({start, start + x.shape[1], *(c for piece in owned for c in piece)})
+            for a, z in zip(cuts, cuts[1:]):
+                part = x[:, a - start: z - start]
+                gram, m = kernels.gram(part, backend=self.backend)
+                if (a, z) in owned:
+                    gram = gram.cpu()
+                    if self.check_finite and not bool(torch.isfinite(gram).all()):
+                        gram = _locate_nonfinite(self.candidates, self.layout.names[i], part, self.k)
+                    self.grams[b] += gram
+                o = self.cols.local(a)
+                self.mean[o:o + z - a] = m
             if keep:
                 held[i] = x
         return held
@@ -436,6 +564,7 @@ class _Build:
     def _read_again(self, i: int) -> torch.Tensor:
         if i not in self._last:
             self._last.clear()
+            self.scratch.reset()
             self._last[i] = self.load(i)
         return self._last[i]
 
@@ -453,7 +582,36 @@ class _Build:
             codes, scales, zeros = codes[:used].clone(), scales[:used].clone(), zeros[:used].clone()
             transform = transform[:, :used].contiguous()
         return Subspace(self.layout, self.mean, codes, scales, zeros, transform, self.ranks,
-                        torch.tensor(self.spreads, dtype=torch.float64), self.bits, k, self.backend, (self.c0, self.c1))
+                        torch.tensor(self.spreads, dtype=torch.float64), self.bits, k, self.backend, self.col_range,
+                        None if self.col_range is not None else self.cols)
+
+
+class _Scratch:
+    """Room to stack each tensor's K copies in, handed out piece by piece from a buffer the build may overwrite.
+
+    A fresh ``[K, n]`` tensor per read costs its page faults and zeroing, 2-3x the copy itself, and holds K
+    copies of the largest tensor above the fit's own memory (2.9 bytes per parameter for an MLP of 12
+    equal layers at K = 8: the peak RSS's excess over the method's floor). Taken from the fit's gradient
+    buffer, idle until training, it costs neither. ``take`` hands out consecutive pieces until ``reset``;
+    None when a piece does not fit (or there is no buffer): the read then allocates its own.
+    """
+
+    def __init__(self, buffer: torch.Tensor | None):
+        self.bytes = None if buffer is None else buffer.reshape(-1).view(torch.uint8)
+        self.used = 0
+
+    def take(self, k: int, n: int, dtype: torch.dtype) -> torch.Tensor | None:
+        if self.bytes is None:
+            return None
+        start = -(-self.used // 64) * 64  # every piece aligned for any dtype
+        nbytes = k * n * dtype.itemsize
+        if start + nbytes > self.bytes.numel():
+            return None
+        self.used = start + nbytes
+        return self.bytes[start:start + nbytes].view(dtype).view(k, n)
+
+    def reset(self) -> None:
+        self.used = 0
 
 
 def _dtype_of(candidates: CandidateColumns, name: str) -> torch.dtype:
@@ -504,29 +662,31 @@ class _BasisWriter:
     straight from the tensors where a window lies inside one tensor, through a staging buffer where a
     window holds tensor boundaries or the block's padding."""
 
-    def __init__(self, layout, codes, scales, zeros, mean, bits, c0, c1, backend):
+    def __init__(self, layout, codes, scales, zeros, mean, bits, cols: Columns, first: Callable[[int], int],
+                 backend):
+        # ``first(i)``: the flat column of the first column of tensor ``i`` that ``source(i)`` returns.
         self.layout, self.codes, self.scales, self.zeros, self.mean = layout, codes, scales, zeros, mean
-        self.bits, self.c0, self.c1, self.backend = bits, c0, c1, backend
+        self.bits, self.cols, self.first, self.backend = bits, cols, first, backend
         self.stage: torch.Tensor | None = None
 
     def windows(self, b: int) -> list[tuple[int, int, int | None]]:
-        """``(w0, w1, tensor or None)`` in flat columns: direct runs inside one tensor, staged runs between."""
+        """``(w0, w1, tensor or None)`` in flat columns: direct runs inside one tensor, staged runs between;
+        each inside one span of the stored columns."""
         lay, g = self.layout, self.layout.group_size
-        start, end = max(lay.block_starts[b], self.c0), min(lay.block_ends[b], self.c1)
-        if start >= end:
-            return []
-        runs, cursor = [], start
-        for i in (i for i, bb in enumerate(lay.block_of) if bb == b):
-            o0, o1 = lay.offsets[i], lay.offsets[i] + lay.numel(i)
-            d0, d1 = max(-(-o0 // g) * g, start), min(o1 // g * g, end)
-            if d0 >= d1:
-                continue
-            if cursor < d0:
-                runs.append((cursor, d0, None))
-            runs.append((d0, d1, i))
-            cursor = d1
-        if cursor < end:
-            runs.append((cursor, end, None))
+        runs = []
+        for start, end in self.cols.within(lay.block_starts[b], lay.block_ends[b]):
+            cursor = start
+            for i in (i for i, bb in enumerate(lay.block_of) if bb == b):
+                o0, o1 = lay.offsets[i], lay.offsets[i] + lay.numel(i)
+                d0, d1 = max(-(-o0 // g) * g, start), min(o1 // g * g, end)
+                if d0 >= d1:
+                    continue
+                if cursor < d0:
+                    runs.append((cursor, d0, None))
+                runs.append((d0, d1, i))
+                cursor = d1
+            if cursor < end:
+                runs.append((cursor, end, None))
         out = []
         for r0, r1, i in runs:
             for w0 in range(r0, r1, WINDOW // g * g or g):
@@ -539,12 +699,13 @@ class _BasisWriter:
         members = [i for i, bb in enumerate(lay.block_of) if bb == b]
         for w0, w1, direct in self.windows(b):
             if direct is not None:
-                base = lay.offsets[direct] + max(0, self.c0 - lay.offsets[direct])
+                base = self.first(direct)
                 window = source(direct)[:, w0 - base: w1 - base]
             else:
                 window = self._staged(w0, w1, k, members, source)
-            m = self.mean[w0 - self.c0: w1 - self.c0]
-            kernels.orth_quantize(window, m, t32, self.bits, g, self._columns(w0 - self.c0, w1 - self.c0),
+            l0 = self.cols.local(w0)
+            m = self.mean[l0: l0 + w1 - w0]
+            kernels.orth_quantize(window, m, t32, self.bits, g, self._columns(l0, l0 + w1 - w0),
                                   backend=self.backend)
 
     def _columns(self, w0: int, w1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -565,6 +726,6 @@ class _BasisWriter:
             lo, hi = max(o0, w0), min(o1, w1)
             if lo >= hi:
                 continue
-            base = o0 + max(0, self.c0 - o0)
+            base = self.first(i)
             window[:, lo - w0: hi - w0] = source(i)[:, lo - base: hi - base]
         return window

@@ -4,7 +4,7 @@ It owns everything about labels: their form (:meth:`Task.shape_labels`, called b
 on the label column as read), the classes the held-out split keeps in proportion
 (:meth:`Task.strata`), the loss and the metric. Adding a task is one :class:`Task` subclass and
 one entry in :data:`TASKS` (``--task NAME``; ``--task module:fn`` returning an instance needs no
-entry), plus one in ``ARCHITECTURE_SUFFIXES`` if ``auto`` should pick it for a transformers head.
+entry), plus one in ``HEAD_MAPPINGS`` if ``auto`` should pick it for a kind of transformers head.
 
 A :class:`Task` turns a model output and a :class:`~twamerge.data.Batch` into sums, never means:
 ``loss`` returns the sum of per-item losses and the number of items (tokens for a language model,
@@ -17,33 +17,61 @@ the greedy soup, ``--init best`` and ``--fail-if-worse``.
     classification        labelled rows            cross-entropy                accuracy (higher)
     token-classification  labelled tokens (!=-100) cross-entropy                accuracy (higher)
     causal-lm             predicted tokens         shifted next-token CE        perplexity (lower)
+    masked-lm             masked tokens (!=-100)   cross-entropy                perplexity (lower)
     regression            rows                     mean squared error per row   loss (lower)
     entropy (--loss)      rows or tokens           prediction entropy           entropy (lower)
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
+import weakref
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .data import IGNORE_INDEX  # the one definition; ``tasks.IGNORE_INDEX`` is the same constant
 from .errors import DataError, ModelError
-from .models import load_factory, output_tensor
+from .models import HiddenStates, OutputHead, call_model, load_factory, output_head, output_tensor
 
 if TYPE_CHECKING:
     from torch import nn
 
     from .data import Batch
 
+log = logging.getLogger(__name__)
 
-# config.architectures suffix -> task (transformers' naming convention for heads).
-ARCHITECTURE_SUFFIXES = (("ForCausalLM", "causal-lm"), ("ForSequenceClassification", "classification"),
-                         ("ForTokenClassification", "token-classification"),
-                         ("ForImageClassification", "classification"))
+
+# Which task a transformers head is comes from transformers' own registry, not from its class name
+# (GPT2LMHeadModel is a causal LM, BartForConditionalGeneration a seq2seq model): each auto mapping
+# (model type -> head class) names the heads of one kind. Consulted in this order: a class in two
+# mappings takes the first (XLMWithLMHeadModel: causal LM; BART: seq2seq before masked LM).
+# ``None``: a kind of head twamerge has no task for (``--task auto`` refuses it, naming --task).
+HEAD_MAPPINGS = (
+    ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "causal-lm"),
+    ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", None),
+    ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "classification"),
+    ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "token-classification"),
+    ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "masked-lm"),
+    ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "classification"),
+    ("MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES", "classification"),
+    ("MODEL_FOR_VIDEO_CLASSIFICATION_MAPPING_NAMES", "classification"),
+)
+# A custom-code head (``--trust-remote-code``) is in no mapping: its config's ``auto_map`` says which
+# Auto class loads it, e.g. ``{"AutoModelForCausalLM": "modeling_x.XForCausalLM"}``.
+AUTO_CLASS_TASKS = {"AutoModelForCausalLM": "causal-lm", "AutoModelForSeq2SeqLM": None,
+                    "AutoModelForSequenceClassification": "classification",
+                    "AutoModelForTokenClassification": "token-classification", "AutoModelForMaskedLM": "masked-lm",
+                    "AutoModelForImageClassification": "classification",
+                    "AutoModelForAudioClassification": "classification"}
+# For help texts and errors: the kinds of head ``--task auto`` recognises.
+HEAD_KINDS = "causal LM, sequence/token/image/audio/video classification, masked LM; seq2seq is refused"
 
 
 @dataclass
@@ -148,6 +176,10 @@ class Task:
         ``labels`` is the label column as :meth:`shape_labels` returned it.
         """
         return None
+
+    def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+        """The model's output on ``inputs`` as :meth:`loss` and :meth:`sums` read it (by default, its forward)."""
+        return call_model(model, inputs)
 
     def count(self, batch: Batch) -> int:
         """The number of items of ``batch`` (known before the forward pass: the fit divides by it)."""
@@ -264,16 +296,101 @@ class CausalLM(Task):
         mask = batch.inputs.get("attention_mask")
         return ids if mask is None else ids.masked_fill(mask == 0, IGNORE_INDEX)
 
+    def __init__(self) -> None:
+        # The split of each model this task has called (None: it calls the model's forward), decided once.
+        self._heads: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
     def count(self, batch: Batch) -> int:
         return int((self.labels(batch)[:, 1:] != IGNORE_INDEX).sum())
 
+    def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+        """The final hidden states (:class:`~twamerge.models.HiddenStates`) when the model splits into body and
+        head (``models.output_head``, checked once per model against its forward), else its own output."""
+        if model not in self._heads:
+            head, why = output_head(model, inputs)
+            if head is None:
+                log.info("%s: the loss takes the logits of the model's forward ([batch, tokens, vocabulary] at "
+                         "once): %s", type(model).__name__, why)
+            self._heads[model] = head
+        head = self._heads[model]
+        if head is None:
+            return call_model(model, inputs)
+        return HiddenStates(head.hidden(inputs), head)
+
     def loss(self, output: Any, batch: Batch) -> tuple[torch.Tensor, int]:
+        if isinstance(output, HiddenStates):
+            states = output.states
+            labels = self.labels(batch).to(states.device)[:, 1:]
+            keep = labels != IGNORE_INDEX
+            # Only the scored positions reach the head: padding and prompts cost no logits.
+            total = chunked_cross_entropy(states[:, :-1][keep], labels[keep], output.head)
+            return total, int(keep.sum())
         logits = output_tensor(output)  # [B, T, V]
         labels = self.labels(batch).to(logits.device)
         shifted = labels[:, 1:].reshape(-1)
         total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted,
                                 ignore_index=IGNORE_INDEX, reduction="sum")
         return total, int((shifted != IGNORE_INDEX).sum())
+
+    def finish(self, loss_sum: float, numerator: float, n: int) -> dict:
+        loss = loss_sum / max(n, 1)
+        return {"loss": loss, "metric": math.exp(loss) if loss < 700 else math.inf, "n": n}
+
+    def check_labels(self, labels: torch.Tensor, n_outputs: int) -> None:
+        _labels_in_range(labels, n_outputs, "vocabulary entries")
+
+
+# Logits per chunk of :func:`chunked_cross_entropy`: 128 MiB of float32 (about 1,100 positions of a 30k
+# vocabulary, 260 of a 128k one), so the loss holds a few such chunks whatever the batch and the vocabulary.
+CHUNK_LOGIT_BYTES = 128 << 20
+
+
+def chunk_positions(n_outputs: int) -> int:
+    """Positions per chunk of :func:`chunked_cross_entropy` for a head of ``n_outputs`` logits."""
+    return max(1, CHUNK_LOGIT_BYTES // (4 * max(n_outputs, 1)))
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: OutputHead,
+                          chunk: int | None = None) -> torch.Tensor:
+    """Sum of the cross-entropy of ``head.logits(hidden)`` ``[N, V]`` against ``labels`` ``[N]``, a chunk of
+    positions at a time: the logits of one chunk exist at once, never ``[N, V]``.
+
+    With gradients, each chunk is recomputed in the backward pass (``torch.utils.checkpoint``), so the
+    forward keeps no logits either; the head's weights (tied to the embeddings or not) receive their
+    gradient through the head as usual. The logits are taken in float32, as transformers' own loss does.
+    """
+    chunk = chunk or chunk_positions(head.n_outputs)
+
+    def part(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head.logits(h).float(), y, reduction="sum")
+
+    total = hidden.float().sum() * 0  # 0, joined to the graph even when no position is scored
+    for start in range(0, hidden.shape[0], chunk):
+        h, y = hidden[start:start + chunk], labels[start:start + chunk]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(part, h, y, use_reentrant=False)
+        else:
+            total = total + part(h, y)
+    return total
+
+
+class MaskedLM(TokenClassification):
+    """Masked-token prediction (BERT's pre-training head): cross-entropy on the masked positions only.
+
+    The data carries the masking, as transformers' ``DataCollatorForLanguageModeling`` made it for an
+    evaluation: ``input_ids`` with the mask tokens in, and a ``labels`` column holding the original id
+    at each masked position and -100 elsewhere (no random masking here: the figures must not depend on
+    a draw). The metric is the perplexity over those positions, ``exp`` of the mean cross-entropy, as
+    transformers' ``run_mlm.py`` reports it.
+    """
+
+    name = "masked-lm"
+    metric_name = "perplexity"
+    higher_is_better = False
+
+    def sums(self, output: Any, batch: Batch) -> tuple[float, float, int]:
+        total, n = self.loss(output, batch)
+        return float(total), float(total), n
 
     def finish(self, loss_sum: float, numerator: float, n: int) -> dict:
         loss = loss_sum / max(n, 1)
@@ -375,17 +492,78 @@ class CustomLoss(Task):
 
 # The tasks ``--task NAME`` names (``auto`` picks one of them from the model or the label column).
 TASKS: dict[str, Callable[[], Task]] = {"classification": Classification, "causal-lm": CausalLM,
-                                        "token-classification": TokenClassification, "regression": Regression}
+                                        "token-classification": TokenClassification, "regression": Regression,
+                                        "masked-lm": MaskedLM}
 TASK_NAMES = tuple(TASKS)
 
 
-def task_of_architecture(architectures: list[str] | None) -> str | None:
-    """The task a transformers head class implies (``LlamaForCausalLM`` -> ``causal-lm``), or None."""
-    for arch in architectures or []:
-        for suffix, name in ARCHITECTURE_SUFFIXES:
-            if arch.endswith(suffix):
-                return name
+@lru_cache(maxsize=1)
+def _head_registry() -> dict[str, tuple[str | None, str]]:
+    """Head class name -> (task or None, the mapping naming it), from transformers' auto mappings;
+    empty without transformers (a plain module's task then comes from its labels)."""
+    try:
+        from transformers.models.auto import modeling_auto
+    except ImportError:
+        return {}
+    registry: dict[str, tuple[str | None, str]] = {}
+    for mapping, task in HEAD_MAPPINGS:
+        for classes in getattr(modeling_auto, mapping, {}).values():
+            # A model type maps to one class name, or to a tuple of them.
+            for cls in (classes,) if isinstance(classes, str) else classes:
+                registry.setdefault(cls, (task, mapping))
+    return registry
+
+
+def _auto_map_task(arch: str, auto_map: Mapping[str, Any] | None) -> tuple[str | None, str] | None:
+    """(task or None, the auto_map entry) of a custom-code head whose config's ``auto_map`` names ``arch``."""
+    for auto_class, ref in (auto_map or {}).items():
+        refs = [ref] if isinstance(ref, str) else [r for r in ref or [] if isinstance(r, str)]
+        if auto_class in AUTO_CLASS_TASKS and any(r.rsplit(".", 1)[-1] == arch for r in refs):
+            return AUTO_CLASS_TASKS[auto_class], f"auto_map {auto_class}: {ref}"
     return None
+
+
+def task_of_architecture(architectures: list[str] | None,
+                         auto_map: Mapping[str, Any] | None = None) -> tuple[str | None, str] | None:
+    """The head kind of the first architecture transformers' registry (or the config's ``auto_map``) knows:
+    ``(task name, or None for a kind twamerge has no task for; where it was found)``; None when none is known.
+
+    ``["GPT2LMHeadModel"]`` -> ``("causal-lm", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")``.
+    """
+    registry = _head_registry()
+    for arch in architectures or []:
+        if arch in registry:
+            return registry[arch]
+        found = _auto_map_task(arch, auto_map)
+        if found is not None:
+            return found
+    return None
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    transformers = sys.modules.get("transformers")  # never imported here just to answer no
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def _task_of_head(model: nn.Module, label: torch.Tensor | list | None, loss: str) -> Task:
+    """``--task auto``: the head's kind from transformers' registry; a plain module's from its label column.
+
+    Raises:
+        ModelError: a transformers head of a kind twamerge has no task for, or in none of the mappings.
+    """
+    archs = model_architectures(model)
+    found = task_of_architecture(archs, getattr(getattr(model, "config", None), "auto_map", None)) if archs else None
+    if found is None:
+        if not _is_transformers_model(model):
+            return _by_label(label, loss)
+        raise ModelError(f"{archs[0]} is in none of transformers' task mappings ({HEAD_KINDS}), so --task auto "
+                         f"cannot tell what it predicts; pass --task {'|'.join(TASK_NAMES)} or --task module:fn")
+    name, where = found
+    if name is None:
+        raise ModelError(f"{archs[0]} is a sequence-to-sequence head ({where}), and twamerge has no task for "
+                         "it; pass --task module:fn returning a twamerge.tasks.Task (with --preprocess for its "
+                         "decoder inputs)")
+    return TASKS[name]()
 
 
 def model_architectures(model: nn.Module) -> list[str]:
@@ -401,12 +579,13 @@ def resolve_task(task: str, loss: str, model: nn.Module, label: torch.Tensor | l
     Args:
         task: ``auto``, a name of :data:`TASK_NAMES`, or ``module:fn`` returning a :class:`Task`.
         loss: ``auto``, ``ce``, ``mse``, ``entropy`` or ``module:fn`` (``fn(output, label)`` -> scalar mean).
-        model: the model; ``auto`` reads its ``config.architectures`` (transformers heads).
+        model: the model; ``auto`` looks its ``config.architectures`` up in transformers' auto mappings
+            (:data:`HEAD_MAPPINGS`; a custom-code head through its config's ``auto_map``).
         label: the label column as read (its dtype decides ``auto`` for a plain module), or None.
 
     Raises:
-        ModelError: an unknown task, a factory that does not return a Task.
-        DataError: ``auto`` cannot decide (no architecture, no label).
+        ModelError: an unknown task, a factory that does not return a Task; ``auto`` for a transformers
+            model whose architecture is in none of the mappings, or a seq2seq head.
     """
     if ":" in task:
         made = load_factory(task, "--task")()
@@ -423,11 +602,7 @@ def resolve_task(task: str, loss: str, model: nn.Module, label: torch.Tensor | l
     elif loss == "mse":
         base = Regression()
     else:
-        name = task_of_architecture(model_architectures(model))
-        if name is None:
-            base = _by_label(label, loss)
-        else:
-            base = TASKS[name]()
+        base = _task_of_head(model, label, loss)
     if loss == "entropy":
         return Entropy(base)
     if loss in ("auto", "ce", "mse"):

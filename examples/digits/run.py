@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.smoke:
         args.epochs = min(args.epochs, 3)
+        # The smoke run checks the plumbing: the fit's default step budget (--min-steps) would dominate its time.
+        args.fit_arg = ["--min-steps=0", *args.fit_arg]
 
     t_start = time.perf_counter()
     C.set_threads()

@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     xte, yte = data.load("test")
     if args.smoke:
         args.epochs = min(args.epochs, 4)
+        # The smoke run checks the plumbing: the fit's default step budget (--min-steps) would dominate its time.
+        args.fit_arg = ["--min-steps=0", *args.fit_arg]
         seeds, fractions = seeds[:1], [0.5]
         args.val_size = min(args.val_size, 300)
         keep = C.stratified_split(y, [2000 / len(y), 1 - 2000 / len(y)], 0)[0]

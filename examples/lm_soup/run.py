@@ -300,12 +300,13 @@ def own_eval(dirs: dict[str, Path], tok, splits: dict[str, list[str]]) -> dict[s
 # tokenizer from the candidates' folders, causal-LM loss and perplexity).
 
 
-def run_twamerge(run: C.Runner, out: Path, tunes: list[Path], val: Path, test: Path) -> dict:
+def run_twamerge(run: C.Runner, out: Path, tunes: list[Path], val: Path, test: Path,
+                 fit_args: tuple[str, ...] = ()) -> dict:
     """fit (the command a user types, no other option), the uniform soup, the greedy soup of the fit report's
     ingredients, and the test loss and perplexity of all of them.
     -> {"rows", "fit_heldout_ppl", "greedy_ingredients", "alphas"}"""
     merged, report = out / "merged", out / "report.json"
-    run("fit", *tunes, "--val", val, "-o", merged, "--report", report, label="fit")
+    run("fit", *tunes, "--val", val, "-o", merged, "--report", report, *fit_args, label="fit")
     fit = json.loads(report.read_text())
     uniform = out / "uniform"
     run("average", *tunes, "-o", uniform, label="average-uniform")
@@ -431,7 +432,9 @@ def merge(out: Path, result: dict) -> dict:
     run = C.Runner(out)
     tunes = [out / "finetunes" / s["name"] for s in result["settings"]]
     t0 = time.perf_counter()
-    merged = run_twamerge(run, out, tunes, out / "data" / "val.jsonl", out / "data" / "test.jsonl")
+    # --min-steps 0 in the smoke run: it checks the plumbing, and the default step budget would dominate its time.
+    merged = run_twamerge(run, out, tunes, out / "data" / "val.jsonl", out / "data" / "test.jsonl",
+                          ("--min-steps", "0") if result["smoke"] else ())
     result["wall_s"]["twamerge"] = round(time.perf_counter() - t0, 2)
     m, sizes = result["model"], result["sizes"]
     caption = (

@@ -11,17 +11,20 @@ Layout (one job per module):
 - ``rename``: containers and wrapper prefixes -> clean tensor names.
 - ``validate``: candidates agree on keys/shapes/dtypes; the NaN/Inf policy.
 - ``candidates``: ``Candidate``, ``CheckpointSet``, ``open_candidates``, ``open_checkpoints``.
-- ``hashing``: SHA-256 of inputs, fed by the reads a merge does anyway.
+- ``hashing``: SHA-256 of inputs on worker threads beside the reads, and of outputs as written.
 - ``stats``: per-file counts of bytes read (for tests).
 - ``writer`` and ``atomic``: atomic, reproducible outputs; every destination checked before any work,
   and all of a command's files committed together (or none).
+- ``adapters``: PEFT LoRA adapter folders as candidates (read as the adapted models on their base),
+  checked to agree, and written back as one adapter.
+- ``model_card``: the ``README.md`` a merged folder gets.
 """
 
 from .atomic import AtomicWrite, atomic_file, refuse_existing
 from .candidates import Candidate, CheckpointSet, open_candidates, open_checkpoints
 from .discovery import HF_WEIGHT_NAMES, expand_paths
 from .formats import Reader, open_reader, reader_suffixes, register
-from .hashing import StreamingHasher, sha256_file
+from .hashing import FileHash, sha256_file
 from .rename import strip_prefixes, unwrap_state_dict
 from .stats import count_reads, reset_read_stats, stats
 from .validate import check_finite, validate_candidates
@@ -32,8 +35,8 @@ __all__ = [
     "AtomicWrite",
     "Candidate",
     "CheckpointSet",
+    "FileHash",
     "Reader",
-    "StreamingHasher",
     "atomic_file",
     "check_finite",
     "check_output",

@@ -1,20 +1,22 @@
 """Per-file counts of the bytes read, so tests can check how often each candidate is read.
 
-Readers count the tensor data they return (``bytes_read``); the streaming hasher counts the bytes it
-had to read itself because no tensor read covered them (``hash_bytes_read``). Headers and the
+Readers count the tensor data they return (``bytes_read``); the hashing threads count the bytes they
+hash (``hash_bytes_read``: each input file once when its SHA-256 is asked for). Headers and the
 metadata scans of the libraries we call are not counted: they are small and not tensor data.
-Counting is a dict update per tensor, cheap enough to be always on.
+Counting is a dict update per tensor (or per hashed chunk), cheap enough to be always on.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ReadStats", "count_reads", "reset_read_stats", "stats"]
+__all__ = ["ReadStats", "count_reads", "reset_read_stats", "resolved_path", "stats"]
 
 
 @dataclass
@@ -23,24 +25,35 @@ class ReadStats:
 
     bytes_read: dict[Path, int] = field(default_factory=lambda: defaultdict(int))
     hash_bytes_read: dict[Path, int] = field(default_factory=lambda: defaultdict(int))
+    # The hashing threads count beside the reading thread: ``d[k] += n`` is not atomic.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def reset(self) -> None:
-        self.bytes_read.clear()
-        self.hash_bytes_read.clear()
+        with self._lock:
+            self.bytes_read.clear()
+            self.hash_bytes_read.clear()
 
-    def tensor(self, path: Path, n: int) -> None:
-        self.bytes_read[_key(path)] += n
+    def tensor(self, path: Path, n: int, *, resolved: bool = False) -> None:
+        """``n`` bytes of tensor data read from ``path`` (``resolved``: ``path`` is ``resolved_path(...)``'s,
+        which readers keep from when they open a file: resolving costs a system call per component)."""
+        key = path if resolved else resolved_path(path)
+        with self._lock:
+            self.bytes_read[key] += n
 
     def hashed(self, path: Path, n: int) -> None:
-        self.hash_bytes_read[_key(path)] += n
+        key = resolved_path(path)
+        with self._lock:
+            self.hash_bytes_read[key] += n
 
 
-def _key(path: Path) -> Path:
-    # Resolved, so that a test may look a file up by any spelling of its path.
+def resolved_path(path: Path) -> Path:
+    """The key ``path``'s counts are kept under: resolved, so a test may look a file up by any spelling."""
     return Path(path).resolve()
 
 
 stats = ReadStats()
+# A child forked while a hashing thread held the lock would wait on it forever.
+os.register_at_fork(after_in_child=lambda: setattr(stats, "_lock", threading.Lock()))
 
 
 def reset_read_stats() -> None:

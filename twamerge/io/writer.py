@@ -23,7 +23,7 @@ import torch
 from ..errors import OutputError, one_line
 from ..options import dtype_name
 from .atomic import AtomicWrite, check_name_length, refuse_existing
-from .discovery import hf_weight_file
+from .discovery import hf_weight_file, is_adapter_dir
 from .formats.safetensors import ST_DTYPES
 from .formats.sharded import indexed_shards
 from .hashing import BACKGROUND, remember_sha256, sha256_file
@@ -31,17 +31,33 @@ from .jsonschema import load_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WRITE_SUFFIXES", "check_output", "check_side_outputs", "save_safetensors", "write_checkpoint"]
+__all__ = ["SIDE_FILES", "TOKENIZER_FILES", "WRITE_SUFFIXES", "check_output", "check_side_outputs", "copy_side_files",
+           "save_safetensors", "write_checkpoint"]
 
 # Output suffixes: safetensors, or a torch.save state dict.
 WRITE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-# Files never copied from a Hugging Face source directory: weights of the source model.
+# The files a tokenizer is saved as (``save_pretrained``), its chat template included; ``text.TOKENIZER_FILES``
+# lists those that change the token ids.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
+# Named chat templates besides the default one (a folder of ``*.jinja`` files, transformers >= 4.54).
+CHAT_TEMPLATES_DIR = "additional_chat_templates"
+# What a folder output copies from its source besides the tokenizer: data the model's loaders read, never code.
+# Everything else stays behind: *.py (custom code), the source's weights, its model card, and a trainer's state
+# (optimizer.pt, scheduler.pt, rng_state*.pth, trainer_state.json, training_args.bin), which describe a training
+# run the merge is not.
+SIDE_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+              "video_preprocessor_config.json", "feature_extractor_config.json", "image_processor_config.json",
+              # A sentence-transformers model: its module list and settings (and, below, its modules' folders).
+              "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+# A source folder's weights: never copied, and not worth naming among the files left behind.
 _WEIGHT_FILE_SUFFIXES = WRITE_SUFFIXES + (".h5", ".msgpack", ".onnx", ".ot", ".tflite", ".gguf")
 # Every dtype we read, we can write.
 _SAFETENSORS_DTYPES = {dtype: name for name, dtype in ST_DTYPES.items()}
 
 
-def _is_dir_output(out: Path, hf_source_dir: Path | None) -> bool:
+def is_dir_output(out: Path, hf_source_dir: Path | None) -> bool:
     known = out.suffix.lower() in WRITE_SUFFIXES
     return not known and (out.suffix == "" or hf_source_dir is not None)
 
@@ -89,7 +105,7 @@ def check_output(out: str | Path, *, force: bool = False, hf_source_dir: Path | 
     out = Path(out)
     if out.name in ("", ".", "..") or any(part == ".." for part in out.parts[-1:]):
         raise OutputError(f"output {str(out)!r} names a folder, not an output; give the output a name of its own")
-    is_dir = _is_dir_output(out, hf_source_dir)
+    is_dir = is_dir_output(out, hf_source_dir)
     if not is_dir and out.suffix.lower() not in WRITE_SUFFIXES:
         raise OutputError(
             f"output {out} has suffix {out.suffix!r}; use .safetensors (default), .pt/.pth/.bin/.ckpt, or a name "
@@ -111,7 +127,7 @@ def check_output(out: str | Path, *, force: bool = False, hf_source_dir: Path | 
         refuse_existing(shard, force=force)
     if os.path.lexists(out) and not out.is_symlink() and out.is_dir() != is_dir:
         raise OutputError(f"{out} exists and is a {'directory' if out.is_dir() else 'file'}; choose another output")
-    if is_dir and out.is_dir() and not out.is_symlink() and hf_weight_file(out) is None:
+    if is_dir and out.is_dir() and not out.is_symlink() and hf_weight_file(out) is None and not is_adapter_dir(out):
         raise OutputError(f"{out} is a folder that holds no model; twamerge replaces only a model folder "
                           "(choose another output)")
     ancestor = out.parent.absolute()
@@ -176,7 +192,7 @@ def _prepare_tensors(tensors: Mapping[str, torch.Tensor], clone_views: bool) -> 
     return out
 
 
-def _plan_shards(tensors: dict[str, torch.Tensor], max_shard_size: int | None) -> list[list[str]]:
+def plan_shards(tensors: dict[str, torch.Tensor], max_shard_size: int | None) -> list[list[str]]:
     if max_shard_size is None:
         return [list(tensors)]
     shards: list[list[str]] = [[]]
@@ -225,7 +241,10 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: 
             if t.numel():
                 data = memoryview(t.reshape(-1).view(torch.uint8).numpy() if t.dtype != torch.bool else t.numpy())
                 f.write(data)
-                BACKGROUND.submit(sha, data)  # hashed on the background thread while the next tensor is written
+                # Hashed on the background thread while the next tensor is written; not copied: the tensors
+                # stay alive and unchanged until the wait below (a copy of the queue's 256 MB would add to the
+                # peak memory, which is reached here when the merge is large).
+                BACKGROUND.submit(sha, data, copy=False)
     BACKGROUND.wait()
     remember_sha256(path, sha.hexdigest())
 
@@ -237,23 +256,68 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, fmt: str, metadata: dict
         torch.save(tensors, path)
 
 
-def _copy_hf_files(src: Path, dst: Path) -> list[str]:
-    copied = []
-    ignore = shutil.ignore_patterns(*(f"*{s}" for s in _WEIGHT_FILE_SUFFIXES), "*.index.json", ".*")
-    for entry in sorted(src.iterdir()):
-        if entry.name.startswith(".") or entry.name.lower().endswith(_WEIGHT_FILE_SUFFIXES + (".index.json",)):
-            continue
-        if entry.name == "README.md":
-            continue  # the source's model card describes the source, not the merge
-        if entry.is_dir():
-            shutil.copytree(entry, dst / entry.name, ignore=ignore)
-        else:
-            shutil.copy2(entry, dst / entry.name)
-        copied.append(entry.name)
+def copy_side_files(src: Path | None, dst: Path, *, tokenizer: Path | None = None) -> list[str]:
+    """Copy the data-only files a model folder needs besides its weights into ``dst``; returns their names.
+
+    From ``src``: :data:`SIDE_FILES` (config, generation config, processor configs). The tokenizer's
+    files (:data:`TOKENIZER_FILES` and the named chat templates) come from ``tokenizer`` when given,
+    else from ``src``; never a mix of two tokenizers. Nothing else is copied (see :data:`SIDE_FILES`);
+    what was left behind is logged. Symbolic links are copied as the files they point to.
+    """
+    copied: list[str] = []
+
+    def copy(folder: Path, names: tuple[str, ...], sub: str = "") -> None:
+        for name in names:
+            if (folder / sub / name).is_file():
+                shutil.copyfile(folder / sub / name, dst / sub / name)
+                copied.append(f"{sub}/{name}" if sub else name)
+
+    if src is not None:
+        copy(src, SIDE_FILES)
+        for folder in _module_folders(src):  # e.g. 1_Pooling/config.json: data only, never a module's weights
+            names = tuple(sorted(p.name for p in (src / folder).iterdir() if p.is_file() and p.suffix == ".json"))
+            if names:
+                (dst / folder).mkdir(parents=True, exist_ok=True)
+                copy(src, names, folder)
+    tok = tokenizer if tokenizer is not None else src
+    if tok is not None:
+        copy(tok, TOKENIZER_FILES)
+        templates = tok / CHAT_TEMPLATES_DIR
+        if templates.is_dir():
+            names = sorted(p.name for p in templates.iterdir() if p.is_file() and p.suffix == ".jinja")
+            if names:
+                (dst / CHAT_TEMPLATES_DIR).mkdir()
+                for name in names:
+                    shutil.copyfile(templates / name, dst / CHAT_TEMPLATES_DIR / name)
+                copied.append(CHAT_TEMPLATES_DIR)
+    if src is not None:
+        known = set(SIDE_FILES) | set(TOKENIZER_FILES) | {CHAT_TEMPLATES_DIR} | set(_module_folders(src))
+        left = sorted(p.name for p in src.iterdir() if p.name not in known and not p.name.startswith(".")
+                      and not p.name.lower().endswith(_WEIGHT_FILE_SUFFIXES + (".index.json",)))
+        if left:
+            log.info("not copied from %s (not data-only side files): %s", src, ", ".join(left))
     return copied
 
 
-def _set_config_dtype(config_path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+def _module_folders(src: Path) -> list[str]:
+    """The sub-folders a sentence-transformers ``modules.json`` names (``1_Pooling``), those inside ``src`` only."""
+    if not (src / "modules.json").is_file():
+        return []
+    try:
+        modules = load_json(src / "modules.json", "sentence-transformers module list", OutputError)
+    except OutputError as e:
+        log.warning("%s", e)
+        return []
+    folders = []
+    for m in modules if isinstance(modules, list) else []:
+        path = m.get("path") if isinstance(m, dict) else None
+        if isinstance(path, str) and path and (src / path).is_dir() and not (src / path).is_symlink():
+            if (src / path).resolve().parent == src.resolve():  # one level down: never ".." or a deeper path
+                folders.append(path)
+    return folders
+
+
+def set_config_dtype(config_path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     """Make a copied ``config.json`` name the dtype the merged weights were written in.
 
     transformers loads with the config's ``torch_dtype`` (``dtype`` since v5) when asked for
@@ -278,7 +342,7 @@ def _set_config_dtype(config_path: Path, tensors: Mapping[str, torch.Tensor]) ->
         config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _previous_output_files(out: Path, base_name: str) -> list[Path]:
+def previous_output_files(out: Path, base_name: str) -> list[Path]:
     """The files a previous file output at ``out`` consists of: the file, its shards and index, metadata.
 
     Shards are taken from the old index's weight map only (never by globbing), so files the user put
@@ -301,6 +365,8 @@ def write_checkpoint(
     force: bool = False,
     max_shard_size: int | None = None,
     hf_source_dir: Path | None = None,
+    tokenizer_dir: Path | None = None,
+    model_card: str | None = None,
     transaction: AtomicWrite | None = None,
 ) -> list[Path]:
     """Write a state dict atomically and return the paths written (shards first, index last).
@@ -308,7 +374,9 @@ def write_checkpoint(
     Format from ``out``: ``.safetensors`` (with ``metadata`` in its header), ``.pt/.pth/.bin/.ckpt``
     (a plain ``torch.save`` state dict; ``metadata`` goes to ``<out>.metadata.json`` or the shard
     index), or a directory when ``out`` has no suffix (or an unknown one with ``hf_source_dir``):
-    ``model.safetensors`` plus the config/tokenizer files of ``hf_source_dir``. Past ``max_shard_size``
+    ``model.safetensors`` plus the data-only side files of ``hf_source_dir`` (``copy_side_files``:
+    config, generation and processor configs, tokenizer; never code or a trainer's state) and a
+    ``README.md`` model card. Past ``max_shard_size``
     bytes the tensors are split into ``<stem>-0000i-of-0000N<suffix>`` shards with a
     ``<name>.index.json`` in the Hugging Face format.
 
@@ -318,7 +386,9 @@ def write_checkpoint(
         metadata: str -> str, stored with the weights (``format: pt`` is added for transformers).
         force: replace an existing output.
         max_shard_size: bytes per shard, or None for one file.
-        hf_source_dir: a Hugging Face model directory whose non-weight files are copied.
+        hf_source_dir: a Hugging Face model directory whose side files are copied into a folder output.
+        tokenizer_dir: where a folder output's tokenizer files come from instead (``--tokenizer``).
+        model_card: the text of a folder output's ``README.md``; a file output gets none.
         transaction: stage the files into this ``AtomicWrite`` and leave the commit to the caller (a
             fit commits its checkpoint, report and plot together); by default they are committed here.
 
@@ -332,10 +402,10 @@ def write_checkpoint(
         raise TypeError("metadata must be a dict of str -> str (JSON-encode anything else)")
     metadata = {"format": "pt", **metadata}
     check_output(out, force=force, hf_source_dir=hf_source_dir, max_shard_size=max_shard_size)
-    is_dir = _is_dir_output(out, hf_source_dir)
+    is_dir = is_dir_output(out, hf_source_dir)
     fmt = "safetensors" if is_dir or out.suffix.lower() == ".safetensors" else "torch"
     prepared = _prepare_tensors(tensors, clone_views=fmt != "safetensors")
-    shards = _plan_shards(prepared, max_shard_size)
+    shards = plan_shards(prepared, max_shard_size)
     base = Path("model.safetensors") if is_dir else Path(out.name)
     stem, suffix = base.stem, base.suffix
     names = [base.name] if len(shards) == 1 else [
@@ -352,10 +422,11 @@ def write_checkpoint(
     try:
         with contextlib.ExitStack() as stack:
             aw = transaction if transaction is not None else stack.enter_context(AtomicWrite())
-            _stage_checkpoint(aw, written, prepared, out, is_dir, fmt, names, shards, base, metadata, hf_source_dir)
+            _stage_checkpoint(aw, written, prepared, out, is_dir, fmt, names, shards, base, metadata, hf_source_dir,
+                              tokenizer_dir, model_card)
             # With --force, what the previous output had and this one lacks (its shards, a single
             # file now sharded or the reverse) goes too, or a loader could pick up stale weights.
-            previous = _previous_output_files(out, base.name) if force and not is_dir else []
+            previous = previous_output_files(out, base.name) if force and not is_dir else []
             for stale in set(previous) - {final for _, final in written}:
                 aw.obsolete(stale)
                 log.info("removing %s, part of the output this one replaces", stale)
@@ -370,7 +441,8 @@ def write_checkpoint(
 
 def _stage_checkpoint(aw: AtomicWrite, written: list[tuple[Path, Path]], prepared: dict[str, torch.Tensor],
                       out: Path, is_dir: bool, fmt: str, names: list[str], shards: list[list[str]], base: Path,
-                      metadata: dict[str, str], hf_source_dir: Path | None) -> None:
+                      metadata: dict[str, str], hf_source_dir: Path | None, tokenizer_dir: Path | None,
+                      model_card: str | None) -> None:
     tmp_dir = aw.directory(out) if is_dir else None
 
     def stage(final_name: str) -> Path:
@@ -393,9 +465,13 @@ def _stage_checkpoint(aw: AtomicWrite, written: list[tuple[Path, Path]], prepare
         stage(f"{base.name}.index.json").write_text(json.dumps(index, indent=2))
     elif fmt == "torch":
         stage(f"{base.name}.metadata.json").write_text(json.dumps(metadata, indent=2))
-    if tmp_dir is not None and hf_source_dir is not None:
-        copied = _copy_hf_files(Path(hf_source_dir), tmp_dir)
-        _set_config_dtype(tmp_dir / "config.json", prepared)
-        log.info("copied %s from %s", ", ".join(copied) or "nothing", hf_source_dir)
+    if tmp_dir is not None and (hf_source_dir is not None or tokenizer_dir is not None):
+        src = Path(hf_source_dir) if hf_source_dir is not None else None
+        copied = copy_side_files(src, tmp_dir, tokenizer=Path(tokenizer_dir) if tokenizer_dir is not None else None)
+        set_config_dtype(tmp_dir / "config.json", prepared)
+        log.info("copied %s from %s", ", ".join(copied) or "nothing",
+                 " and ".join(str(d) for d in dict.fromkeys((src, tokenizer_dir)) if d is not None))
+    if tmp_dir is not None and model_card is not None:
+        stage("README.md").write_text(model_card)
     for tmp, final in written:
         log.info("wrote %s (%d bytes, sha256 %s)", final, tmp.stat().st_size, sha256_file(tmp))

@@ -13,7 +13,7 @@ from typing import TypeVar
 import torch
 
 from ...errors import CheckpointError
-from ..hashing import sha256_file
+from ..hashing import FileHash
 
 __all__ = ["Entry", "Reader", "open_reader", "reader_suffixes", "register"]
 
@@ -41,12 +41,17 @@ class Reader:
         raise NotImplementedError
 
     def read(self, key: str) -> torch.Tensor:
-        """Tensor ``key``: CPU, stored dtype, a fresh copy that owns its memory."""
+        """Tensor ``key``: CPU, stored dtype, the caller's alone: changing it in place changes neither the
+        file nor any other read (a fresh copy, or a private copy-on-write map of the file's bytes)."""
         raise NotImplementedError
 
     def read_range(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Elements ``[start, stop)`` of the flattened tensor (formats without random access read it whole)."""
         return self.read(key).reshape(-1)[start:stop].clone()
+
+    def reads_ranges(self, key: str) -> bool:
+        """Whether ``read_range`` of ``key`` reads only that range (else it reads the whole tensor)."""
+        return False
 
     def position(self, key: str) -> tuple[int, int] | None:
         """(index into ``files``, byte offset) of ``key``'s data, or None when the format cannot say.
@@ -55,12 +60,12 @@ class Reader:
         """
         return None
 
-    def file_hashes(self) -> list[str]:
-        """Hex SHA-256 of each of ``files``, in that order.
+    def hash_files(self) -> list[FileHash]:
+        """The SHA-256 of each of ``files``, in that order, started on the hashing threads.
 
-        Formats that feed a ``StreamingHasher`` from their reads override this to finish those hashers.
+        Formats that keep a file open override this to hash that open file (``FileHash(path, fd)``).
         """
-        return [sha256_file(f) for f in self.files]
+        return [FileHash(f) for f in self.files]
 
     def close(self) -> None:
         pass

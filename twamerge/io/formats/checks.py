@@ -9,10 +9,14 @@ cannot be written).
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
+import struct
+import sys
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,7 @@ import torch
 from ...errors import CheckpointError, one_line
 from .safetensors import ST_DTYPES
 
-__all__ = ["SUPPORTED_DTYPES", "check_tensor", "check_zip_storages"]
+__all__ = ["SUPPORTED_DTYPES", "ZipStorages", "check_tensor", "check_zip_storages"]
 
 #: the dtypes a merge reads and writes (every one safetensors stores)
 SUPPORTED_DTYPES = frozenset(ST_DTYPES.values())
@@ -98,21 +102,62 @@ class _StorageIds(pickle.Unpickler):
 def _itemsize(storage_type: Any) -> int | None:
     """Bytes per element of a storage class the pickle names (``torch.FloatStorage``), or None."""
     if isinstance(storage_type, type) and issubclass(storage_type, _Stub) and storage_type.module == "torch":
-        name = storage_type.qualname
-        if name == "UntypedStorage":
-            return 1
-        if name.endswith("Storage") and name.isidentifier():
-            with warnings.catch_warnings():  # "TypedStorage is deprecated"
-                warnings.simplefilter("ignore")
-                cls = getattr(torch, name, None)
-                dtype = getattr(cls, "dtype", None) if isinstance(cls, type) else None
-            if isinstance(dtype, torch.dtype):
-                return dtype.itemsize
+        return _torch_storage_itemsize(storage_type.qualname)
     return None
 
 
-def check_zip_storages(path: Path) -> None:
-    """Refuse a torch zip whose storage records hold fewer bytes than the pickle declares for them.
+@functools.lru_cache(maxsize=64)
+def _torch_storage_itemsize(name: str) -> int | None:
+    # Cached: a checkpoint names the same few storage classes once per tensor.
+    if name == "UntypedStorage":
+        return 1
+    if name.endswith("Storage") and name.isidentifier():
+        with warnings.catch_warnings():  # "TypedStorage is deprecated"
+            warnings.simplefilter("ignore")
+            cls = getattr(torch, name, None)
+            dtype = getattr(cls, "dtype", None) if isinstance(cls, type) else None
+        if isinstance(dtype, torch.dtype):
+            return dtype.itemsize
+    return None
+
+
+@dataclass
+class ZipStorages:
+    """Where a torch zip keeps its storages' bytes, for reading them straight from the file.
+
+    Attributes:
+        order: the storage keys in the order the pickle first names them, which is the order
+            ``torch.load`` creates the storages in.
+        offsets: storage key -> offset in the file of its record's bytes (uncompressed records only).
+        native: the records hold the bytes as this machine orders them (else torch swaps them on load).
+    """
+
+    order: list[str]
+    offsets: dict[str, int]
+    native: bool
+
+
+def _record_offsets(path: Path, infos: dict[str, zipfile.ZipInfo], names: list[str]) -> dict[str, int]:
+    """Offset of each named record's bytes: past its local header, whose name and extra field lengths
+    may differ from the central directory's."""
+    offsets = {}
+    with open(path, "rb") as fh:
+        for name in names:
+            info = infos[name]
+            if info.compress_type != zipfile.ZIP_STORED:
+                continue
+            fh.seek(info.header_offset)
+            local = fh.read(30)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                continue
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            offsets[name] = info.header_offset + 30 + name_len + extra_len
+    return offsets
+
+
+def check_zip_storages(path: Path) -> ZipStorages:
+    """Refuse a torch zip whose storage records hold fewer bytes than the pickle declares for them;
+    return where the records are.
 
     ``torch.load(mmap=True)`` maps a storage at its record's offset with the size the pickle declares,
     so a short record would silently read the bytes of the zip entries that follow it.
@@ -129,14 +174,19 @@ def check_zip_storages(path: Path) -> None:
             prefix = pkl[: -len("data.pkl")]
             scanner = _StorageIds(z.read(pkl))
             scanner.load()
+            order_record = infos.get(f"{prefix}byteorder")
+            byteorder = z.read(order_record).decode(errors="replace") if order_record is not None else None
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged zip or pickle
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({one_line(e)[:200]})") from None
+    order: dict[str, None] = {}  # (ordered, without repeats)
     for pid in scanner.ids:
         if len(pid) < 5 or pid[0] != "storage":
             continue
         _, storage_type, key, _location, numel = pid[:5]
+        if isinstance(key, str):
+            order.setdefault(key)
         itemsize = _itemsize(storage_type)
         if itemsize is None or not isinstance(key, str) or isinstance(numel, bool) or not isinstance(numel, int):
             continue  # torch refuses what it does not know itself
@@ -149,3 +199,18 @@ def check_zip_storages(path: Path) -> None:
                 f"{path}: storage {key!r} holds {info.file_size} bytes but its tensors declare {need} bytes; "
                 "the file is truncated or corrupted"
             )
+    names = [f"{prefix}data/{key}" for key in order if f"{prefix}data/{key}" in infos]
+    try:
+        located = _record_offsets(path, infos, names)
+    except OSError:
+        located = {}
+    offsets = {name[len(prefix) + len("data/"):]: off for name, off in located.items()}
+    return ZipStorages(list(order), offsets, (byteorder or _default_byteorder()) == sys.byteorder)
+
+
+def _default_byteorder() -> str:
+    """The byte order ``torch.load`` assumes for a zip without a byteorder record (written before 1.12)."""
+    endianness = torch.serialization.get_default_load_endianness()
+    if endianness is None or endianness == torch.serialization.LoadEndianness.LITTLE:
+        return "little"
+    return "big" if endianness == torch.serialization.LoadEndianness.BIG else sys.byteorder

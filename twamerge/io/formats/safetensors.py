@@ -1,15 +1,14 @@
-"""safetensors files: the header is validated by the library, tensors are read with ``pread``.
+"""safetensors files: the header is validated by the library, each tensor is a private map of its bytes.
 
-Data are read into a fresh buffer per tensor instead of through a long-lived mmap: otherwise the
-resident size would grow to the sum of all K files as a merge touches every page of every
-candidate, even though only one tensor per candidate is live. Every read also feeds the file's
-``StreamingHasher``, so a merge that reads in file order hashes the file without reading it twice.
+Each read maps only that tensor's bytes (``mapped.read_tensor``) instead of holding one long-lived
+map of the whole file: otherwise the resident size would grow to the sum of all K files as a merge
+touches every page of every candidate, even though only one tensor per candidate is live. The
+file's SHA-256 is computed apart, on a hashing thread, from the descriptor kept open here.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import struct
 import sys
 from pathlib import Path
@@ -17,9 +16,10 @@ from pathlib import Path
 import torch
 
 from ...errors import CheckpointError, one_line
-from ..hashing import StreamingHasher
-from ..stats import stats
+from ..hashing import FileHash
+from ..stats import resolved_path, stats
 from .base import Entry, Reader, register
+from .mapped import read_tensor
 
 __all__ = ["ST_DTYPES", "SafetensorsReader"]
 
@@ -48,39 +48,50 @@ class SafetensorsReader(Reader):
     format = "safetensors"
 
     def __init__(self, path: Path, ema_key: str | None = None):
-        from safetensors import safe_open
-
+        if sys.byteorder != "little":
+            raise CheckpointError("reading safetensors on a big-endian machine is not supported")
         self.path = Path(path)
         self.files = [self.path]
+        self._counted = resolved_path(self.path)  # the read counter's key, resolved once
+        # Every read and the hash use the descriptor the header is read from: a path replaced meanwhile
+        # (a trainer saving by rename) does not mix two files.
+        try:
+            self._fh = open(path, "rb")
+        except OSError as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
+        try:
+            self._index = self._read_index()
+        except BaseException:
+            self._fh.close()
+            raise
+
+    def _read_index(self) -> dict[str, tuple[tuple[int, ...], torch.dtype, int, int]]:
+        """``{key: (shape, dtype, begin, end)}`` from the header; sets ``metadata`` and ``_base``."""
+        from safetensors import safe_open
+
+        path = self.path
         # The library validates the header (length, JSON, offsets within the file, overlaps) first.
         try:
             with safe_open(str(path), framework="pt") as f:
                 keys = list(f.keys())
                 self.metadata = f.metadata() or {}
-            with open(path, "rb") as fh:
-                raw_len = fh.read(8)
-                (n,) = struct.unpack("<Q", raw_len)
-                raw_header = fh.read(n)
-                header = json.loads(raw_header)
+            (n,) = struct.unpack("<Q", self._fh.read(8))
+            header = json.loads(self._fh.read(n))
         except Exception as e:  # noqa: BLE001 - any decode failure means the same thing to the user
             raise CheckpointError(
                 f"{path}: not a readable safetensors file ({one_line(e)}); it may be truncated or corrupted, "
                 "re-save or re-download it"
             ) from e
         self._base = 8 + n
-        self._index: dict[str, tuple[tuple[int, ...], torch.dtype, int, int]] = {}
+        index = {}
         for k in keys:
             info = header[k]
             dtype = ST_DTYPES.get(info["dtype"])
             if dtype is None:
                 raise CheckpointError(f"{path}: tensor {k!r} has dtype {info['dtype']} which torch cannot hold")
             begin, end = info["data_offsets"]
-            self._index[k] = (tuple(info["shape"]), dtype, begin, end)
-        if sys.byteorder != "little":
-            raise CheckpointError("reading safetensors on a big-endian machine is not supported")
-        self._hasher = StreamingHasher(self.path)
-        self._hasher.update(0, raw_len + raw_header)
-        self._fh = open(path, "rb")
+            index[k] = (tuple(info["shape"]), dtype, begin, end)
+        return index
 
     def entries(self) -> dict[str, Entry]:
         return {k: (v[0], v[1]) for k, v in self._index.items()}
@@ -88,31 +99,26 @@ class SafetensorsReader(Reader):
     def position(self, key: str) -> tuple[int, int]:
         return (0, self._base + self._index[key][2])
 
-    def _pread(self, key: str, nbytes: int, offset: int, what: str) -> torch.Tensor:
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes:
-            view = memoryview(buf.numpy())
-            got = os.preadv(self._fh.fileno(), [view], offset)
-            if got != nbytes:
-                raise CheckpointError(f"{self.path}: tensor {key!r} is truncated ({got} of {nbytes} bytes{what})")
-            stats.tensor(self.path, nbytes)
-            self._hasher.update(offset, view)
-        return buf
-
     def read(self, key: str) -> torch.Tensor:
         shape, dtype, begin, end = self._index[key]
-        buf = self._pread(key, end - begin, self._base + begin, "")
-        return buf.view(dtype).reshape(shape)
+        t = read_tensor(self._fh.fileno(), self._base + begin, shape, dtype, self.path, key)
+        stats.tensor(self._counted, end - begin, resolved=True)
+        return t
 
     def read_range(self, key: str, start: int, stop: int) -> torch.Tensor:
         shape, dtype, begin, end = self._index[key]
         size = dtype.itemsize
         stop = max(start, min(stop, (end - begin) // size))
-        buf = self._pread(key, (stop - start) * size, self._base + begin + start * size, f" at element {start}")
-        return buf.view(dtype)
+        t = read_tensor(self._fh.fileno(), self._base + begin + start * size, (stop - start,), dtype, self.path, key,
+                        f" at element {start}")
+        stats.tensor(self._counted, (stop - start) * size, resolved=True)
+        return t
 
-    def file_hashes(self) -> list[str]:
-        return [self._hasher.finish()]
+    def reads_ranges(self, key: str) -> bool:
+        return True
+
+    def hash_files(self) -> list[FileHash]:
+        return [FileHash(self.path, self._fh.fileno())]
 
     def close(self) -> None:
         self._fh.close()

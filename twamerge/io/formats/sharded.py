@@ -10,6 +10,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import torch
 
 from ...errors import CheckpointError, one_line
+from ..hashing import FileHash
 from ..jsonschema import Fields, load_json
 from .base import Entry, Reader, open_reader, register
 
@@ -112,10 +113,11 @@ class ShardedReader(Reader):
         inner = reader.position(key)
         return None if inner is None else (number, inner[1])
 
-    def file_hashes(self) -> list[str]:
-        from ..hashing import sha256_file
+    def reads_ranges(self, key: str) -> bool:
+        return self._where[key][1].reads_ranges(key)
 
-        return [sha256_file(self.path)] + [h for r in self._shards.values() for h in r.file_hashes()]
+    def hash_files(self) -> list[FileHash]:
+        return [FileHash(self.path)] + [h for r in self._shards.values() for h in r.hash_files()]
 
     def close(self) -> None:
         for r in self._shards.values():

@@ -6,8 +6,8 @@ the same device, and the speed-up of the fast implementation over the torch refe
 kernels on CUDA; on CPU the C loops for combine and project (gram and orth_quantize have only the
 reference there). The Triton interpreter is a correctness tool, far too slow to time.
 
-    python benchmarks/kernels.py                      # CPU-friendly defaults
-    python benchmarks/kernels.py --K 8 16 32 --D 1e6 1e7 1e8 --bits 1 2 4 8   # the issue's grid (GPU)
+    python benchmarks/kernel_ops.py                      # CPU-friendly defaults
+    python benchmarks/kernel_ops.py --K 8 16 32 --D 1e6 1e7 1e8 --bits 1 2 4 8   # the issue's grid (GPU)
 """
 
 from __future__ import annotations
