@@ -97,9 +97,11 @@ def main() -> None:
     print(f"digits MLP, {args.seeds} seeds x {args.epochs_trained} checkpoints (train lr {args.train_lr}), "
           f"{args.val_rows} --val rows; test accuracy and loss (mean ± sd over seeds); steps: mean fit steps")
     print("| setting | test accuracy | test loss | steps |\n|---|---|---|---|")
+    def sd(xs: list[float]) -> float:
+        return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
     for name, scores in results.items():
         accs, losses = [a for a, _ in scores], [v for _, v in scores]
-        sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
         n = f"{statistics.mean(steps[name]):.0f}" if name in steps else "-"
         print(f"| {name} | {statistics.mean(accs):.4f} ± {sd(accs):.4f} | {statistics.mean(losses):.4f} ± "
               f"{sd(losses):.4f} | {n} |")

@@ -10,19 +10,22 @@ tokens) and runs, each in a fresh process on one thread,
 
 for each variant (by default: the defaults, and ``--no-gradient-checkpointing``), then a plain
 training step of the same model on the largest batch the fit makes (``--batch-tokens`` tokens of the
-longest rows): ``model(**batch, labels=labels).loss.backward()``, with gradient checkpointing off
-and on. It prints, for each fit:
+longest rows): ``model(**batch, labels=labels).loss.backward()``, with the fit's gradient
+checkpointing setting. It prints, for each fit:
 
 - peak RSS against the target: the method's floor (flat weights and gradients 8 B, the float32 mean
   4 B, the basis (K-1) x bits/8 B plus a float32 scale and zero per group, per parameter) plus the
   peak of the plain step with the fit's checkpointing setting, less that step's own weights and
   gradients (8 B per parameter: the floor counts them), plus 10%;
-- the evaluate phase against the fit phase (``timings`` of the report);
-- the fit's time per step against the plain step.
+- the evaluate phase against the fit phase (``timings`` of the report, in CPU seconds);
+- the fit's time per step against the plain step (CPU seconds).
 
-    OMP_NUM_THREADS=1 python benchmarks/lm_memory.py                      # GPT-2 size, ~15 min on 1 core
+docs/performance.md, "Language models", has a run.
+
+    OMP_NUM_THREADS=1 python benchmarks/lm_memory.py     # GPT-2 size: ~25 CPU minutes, 18 GB of RAM (the
+                                                         # variant without checkpointing)
     OMP_NUM_THREADS=1 python benchmarks/lm_memory.py --layers 4 --hidden 256   # a quick check
-    python benchmarks/lm_memory.py --variants "" "--eval-batch-tokens 4096"    # other flag sets
+    python benchmarks/lm_memory.py --variants "" "--eval-batch-tokens 16384"   # other flag sets
 """
 
 from __future__ import annotations
@@ -38,9 +41,6 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Python puts this script's folder first on the path, where benchmarks/kernels.py would stand in for
-# Hugging Face's `kernels` package that transformers imports.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 
 # One `twamerge fit` through the CLI entry point in a fresh process, then its peak RSS. The report's
 # timings are taken in CPU seconds of the process: on a shared machine wall time counts the other jobs

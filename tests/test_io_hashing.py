@@ -14,8 +14,7 @@ from ckpt_fixtures import small_state_dict, write_variants
 from safetensors.torch import save_file
 
 from twamerge.errors import CheckpointError
-from twamerge.io import FileHash, count_reads, open_checkpoints, sha256_file
-from twamerge.io import hashing
+from twamerge.io import FileHash, count_reads, hashing, open_checkpoints, sha256_file
 
 
 def _plain_sha(path) -> str:

@@ -10,6 +10,7 @@ import typing
 
 import pytest
 import torch
+
 from twamerge import config
 from twamerge.errors import TwamergeError
 from twamerge.precision import autocast, resolve_precision

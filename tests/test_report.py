@@ -7,8 +7,15 @@ import json
 import pytest
 
 from twamerge.config import FitConfig
-from twamerge.report import (BasisSummary, DataSummary, MergeRecord, MethodResult, best_candidate, best_on_heldout,
-                             build_report)
+from twamerge.report import (
+    BasisSummary,
+    DataSummary,
+    MergeRecord,
+    MethodResult,
+    best_candidate,
+    best_on_heldout,
+    build_report,
+)
 
 
 def _score(metric: float, loss: float | None = None, n: int = 10) -> dict:

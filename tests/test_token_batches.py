@@ -83,7 +83,8 @@ def _models() -> dict:
     return {
         "gpt2-tied": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)),
-        "llama-tied": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=True)),
+        "llama-tied": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**common,
+                                                                                     tie_word_embeddings=True)),
         "llama-untied": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**common,
                                                                                        tie_word_embeddings=False)),
         "gemma2-softcap": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(

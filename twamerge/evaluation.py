@@ -123,9 +123,9 @@ class Scorer:
 
     BatchNorm statistics are re-estimated in batches of the fit's ``batch_size`` rows and ``batch_tokens``
     tokens (the batches the model trains with); scoring runs in batches of ``eval_batch_size`` rows and
-    ``eval_batch_tokens`` tokens (token budgets apply to token ids; None: rows only). Every rank loads the whole state (the
-    forward needs every weight) and recalibrates BatchNorm on the whole fit split, identically; scoring
-    is split across ranks and summed.
+    ``eval_batch_tokens`` tokens (token budgets apply to token ids; None: rows only). Every rank loads
+    the whole state (the forward needs every weight) and recalibrates BatchNorm on the whole fit split,
+    identically; scoring is split across ranks and summed.
     """
 
     def __init__(self, model: nn.Module, splits: Splits, batch_size: int, device: torch.device,

@@ -43,7 +43,6 @@ from .models import ModelKeys, build_model, enable_gradient_checkpointing, model
 from .options import dtype_name, parse_dtype
 from .precision import resolve_precision
 from .prepare import ModelContext, load_inputs
-from .shard_write import check_sharded_output, send_rows, write_sharded
 from .report import (
     BasisSummary,
     DataSummary,
@@ -56,6 +55,7 @@ from .report import (
     read_report,
     recalibrated_buffers,
 )
+from .shard_write import check_sharded_output, send_rows, write_sharded
 from .subspace import FlatLayout, Subspace, build_subspace, make_layout
 
 log = logging.getLogger(__name__)

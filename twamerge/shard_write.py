@@ -34,12 +34,12 @@ from .io import AtomicWrite
 from .io.formats.safetensors import ST_DTYPES
 from .io.hashing import remember_sha256, sha256_file
 from .io.writer import (
+    check_output,
+    copy_side_files,
     is_dir_output,
     plan_shards,
     previous_output_files,
     set_config_dtype,
-    check_output,
-    copy_side_files,
 )
 from .sharding import row_split
 
