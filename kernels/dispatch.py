@@ -1,4 +1,22 @@
-"""The one place that decides between the Triton kernels, the C kernels and the torch references.
+"""Subspace kernels: gram, orth_quantize, combine, project (installed as ``twamerge.kernels``; this module
+is their one public entry, ``twamerge.kernels.dispatch``).
+
+Each op has a torch reference (``reference.py``, the CPU path and test oracle) and a Triton kernel
+with the same signature (``triton_gram.py``, ``triton_orth_quantize.py``, ``triton_combine.py``,
+``triton_project.py``; named apart from the op functions so importing them never shadows those);
+``dispatch.py`` picks one. This package imports nothing from the rest of twamerge, and triton only
+lazily, so CPU-only installs work.
+
+dtype policy: candidate tensors may be float32, float16 or bfloat16; centring, the basis transform,
+the Gram matrix (float64 across tiles), combine and project all compute in float32 or better;
+``combine`` casts once, at the store, to the dtype of its ``out`` buffer. Quantized codes are uint8
+in the layout documented in ``layout.py``. Unsupported dtypes raise ``TypeError`` naming the dtype.
+
+``kernels/`` has no ``__init__.py`` on purpose: a process started in the checkout has the root first on
+``sys.path``, and a regular package of that name would hide Hugging Face's ``kernels`` (which transformers
+imports). A folder without one is at most a namespace portion, which loses to any installed package.
+
+The one place that decides between the Triton kernels, the C kernels and the torch references.
 
 Inputs to the decision: the explicit ``backend`` argument (from config or ``--backend``), else the
 ``TWAMERGE_BACKEND`` environment variable, whether triton imports, whether the C kernels build

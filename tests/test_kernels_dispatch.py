@@ -41,7 +41,7 @@ def test_kernels_come_from_this_checkout():
     import pathlib
 
     import twamerge
-    from twamerge import kernels
+    from twamerge.kernels import dispatch as kernels
 
     here = pathlib.Path(twamerge.__file__).resolve().parents[1]
     assert pathlib.Path(kernels.__file__).resolve().parent == here / "kernels", (

@@ -40,7 +40,7 @@ def test_wheel_ships_twamerge_kernels(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     (wheel,) = dist.glob("twamerge-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "twamerge/kernels/__init__.py" in names and "twamerge/py.typed" in names
+    assert "twamerge/kernels/dispatch.py" in names and "twamerge/py.typed" in names
     assert "twamerge/kernels/native.c" in names  # the C kernels' source, compiled on first use
     # A top-level ``kernels`` package would collide with the PyPI project of that name.
     assert not any(n.startswith("kernels/") for n in names)
@@ -50,13 +50,13 @@ def test_wheel_ships_twamerge_kernels(tmp_path):
     zipfile.ZipFile(wheel).extractall(site)
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
-        "import twamerge, twamerge.kernels, twamerge.cli;"
+        "import twamerge, twamerge.kernels.dispatch, twamerge.cli;"
         "from twamerge.kernels import native; ok, why = native.status(); assert ok, why;"
-        "print(twamerge.__file__); print(twamerge.kernels.__file__)"
+        "print(twamerge.__file__); print(twamerge.kernels.dispatch.__file__)"
     )
     env = {**os.environ, "TWAMERGE_CACHE_DIR": str(tmp_path / "cache")}
     res = subprocess.run([sys.executable, "-c", code, str(site)], capture_output=True, text=True, cwd=tmp_path,
                          env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     pkg, kern = (Path(p) for p in res.stdout.split())
-    assert pkg.is_relative_to(site) and kern == site / "twamerge" / "kernels" / "__init__.py"
+    assert pkg.is_relative_to(site) and kern == site / "twamerge" / "kernels" / "dispatch.py"

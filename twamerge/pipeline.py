@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__, distributed, kernels, sharding
+from . import __version__, distributed, sharding
 from .config import EVAL_BATCH_TOKENS, DataConfig, FitConfig, ModelConfig, OutputConfig, ReadConfig
 from .data import iter_batches, split_holdout
 from .distributed import Comm, SingleProcess, split_columns
@@ -37,6 +37,7 @@ from .io import AtomicWrite, CheckpointSet
 from .io.adapters import AdapterSet, check_merge_output, open_inputs, source_dirs, tokenizer_dir, write_output
 from .io.model_card import apply_command, fit_card
 from .io.writer import check_side_outputs
+from .kernels import dispatch
 from .merge import build_metadata, linear_merge
 from .methods import METHODS, MethodResult, best_candidate, by_init, fit_baselines
 from .models import ModelKeys, build_model, enable_gradient_checkpointing, model_folder
@@ -295,9 +296,9 @@ def check_backend(backend: str | None, device: torch.device, bits: int | None = 
     """Fail before any work when a forced backend cannot run here (``--backend triton`` on a CPU,
     ``--backend native`` for a float basis)."""
     try:
-        for op in kernels.OPS:
-            kernels.resolve(op, device, backend, bits=bits)
-    except kernels.BackendUnavailableError as exc:
+        for op in dispatch.OPS:
+            dispatch.resolve(op, device, backend, bits=bits)
+    except dispatch.BackendUnavailableError as exc:
         raise BackendUnavailableError(str(exc)) from None
 
 

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 
-from . import kernels
+from .kernels import dispatch
 from .distributed import Comm, SingleProcess, split_columns
 from .kernels.layout import FLOAT_BITS, INPUT_DTYPES, codes_shape, storage_dtype
 
@@ -244,14 +244,14 @@ class Subspace:
         """``out = mean + P~^T beta`` over the held columns (all of them unless ``col_range``); beta [B, R] float32."""
         if out.numel() == 0:
             return out
-        return kernels.combine(self.mean, self.codes, self.scales, self.zeros, beta, self.group_block,
+        return dispatch.combine(self.mean, self.codes, self.scales, self.zeros, beta, self.group_block,
                                self.bits, self.layout.group_size, out, backend=self.backend)
 
     def project(self, grad: torch.Tensor) -> torch.Tensor:
         """``P~ grad`` per block -> [B, R] float32 (over the held columns: a partial sum under ``col_range``)."""
         if grad.numel() == 0:
             return torch.zeros(self.layout.n_blocks, self.rows, dtype=torch.float32, device=grad.device)
-        return kernels.project(grad, self.codes, self.scales, self.zeros, self.group_block,
+        return dispatch.project(grad, self.codes, self.scales, self.zeros, self.group_block,
                                self.layout.n_blocks, self.bits, self.layout.group_size, backend=self.backend)
 
     def step_scale(self, coordinates: str) -> torch.Tensor:
@@ -506,7 +506,7 @@ class _Build:
             cuts = sorted({start, start + x.shape[1], *(c for piece in owned for c in piece)})
             for a, z in zip(cuts, cuts[1:]):
                 part = x[:, a - start: z - start]
-                gram, m = kernels.gram(part, backend=self.backend)
+                gram, m = dispatch.gram(part, backend=self.backend)
                 if (a, z) in owned:
                     gram = gram.cpu()
                     if self.check_finite and not bool(torch.isfinite(gram).all()):
@@ -705,7 +705,7 @@ class _BasisWriter:
                 window = self._staged(w0, w1, k, members, source)
             l0 = self.cols.local(w0)
             m = self.mean[l0: l0 + w1 - w0]
-            kernels.orth_quantize(window, m, t32, self.bits, g, self._columns(l0, l0 + w1 - w0),
+            dispatch.orth_quantize(window, m, t32, self.bits, g, self._columns(l0, l0 + w1 - w0),
                                   backend=self.backend)
 
     def _columns(self, w0: int, w1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
