@@ -22,6 +22,7 @@ from kernel_fixtures import (
     triton_ops,
     unpacked,
 )
+
 from twamerge.kernels import dispatch, reference
 from twamerge.kernels.dispatch import BackendUnavailableError
 

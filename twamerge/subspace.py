@@ -26,8 +26,8 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 
-from .kernels import dispatch
 from .distributed import Comm, SingleProcess, split_columns
+from .kernels import dispatch
 from .kernels.layout import FLOAT_BITS, INPUT_DTYPES, codes_shape, storage_dtype
 
 log = logging.getLogger(__name__)
