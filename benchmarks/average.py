@@ -14,8 +14,16 @@ Contenders:
 - ``twamerge average``: with the inputs' SHA-256 (the default: hashed on a worker thread beside the
   merge, waited for before the output's metadata is written);
 - ``twamerge average --no-hash``: ``hash_inputs=False``, no input hashes in the summary or metadata;
-- ``mergekit-pytorch`` (``merge_method: linear``), only when the ``mergekit-pytorch`` command is on
-  PATH. mergekit is not installed where this script was written, so that row has not been run here.
+- ``mergekit-yaml`` and ``mergekit-pytorch`` (``merge_method: linear``, float32, ``--no-copy-tokenizer
+  --no-write-model-card``), each only when its command is on PATH. mergekit needs its own environment
+  (it pins other versions of transformers' helpers), e.g.::
+
+      python -m venv /tmp/mkenv && /tmp/mkenv/bin/pip install torch==2.13.0 mergekit
+      PATH=/tmp/mkenv/bin:$PATH OMP_NUM_THREADS=1 python benchmarks/average.py
+
+  mergekit-yaml reads Hugging Face folders of an architecture it knows, so the candidates are written
+  as Llama folders (``config.json`` + ``model.safetensors``, sized by ``--mb``); every other contender
+  reads the same ``model.safetensors`` files. mergekit-yaml is given ``-j 1`` (one thread).
 
 "seconds" is the merge as timed inside the process (the loop and twamerge; imports excluded), "wall"
 the whole subprocess (Python and torch imports included, the only time mergekit can be given).
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -97,15 +106,44 @@ def _run(cmd: list[str], cpus: str, tmp: Path) -> dict[str, float]:
     return {"s": inner, "wall": wall, "rss_mb": usage.ru_maxrss / 1024}
 
 
-def _mergekit_cmd(paths: list[Path], tmp: Path) -> list[str] | None:
-    exe = shutil.which("mergekit-pytorch")
+def _mergekit_cmd(tool: str, models: list[Path], tmp: Path) -> list[str] | None:
+    """``mergekit-yaml`` (Hugging Face folders) or ``mergekit-pytorch`` (checkpoint files), uniform linear merge."""
+    exe = shutil.which(tool)
     if exe is None:
         return None
-    # YAML is a superset of JSON: a uniform linear merge of the raw checkpoint files.
+    # YAML is a superset of JSON.
     config = {"merge_method": "linear", "dtype": "float32", "parameters": {"normalize": True},
-              "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in paths]}
-    (tmp / "mergekit.yml").write_text(json.dumps(config))
-    return [exe, str(tmp / "mergekit.yml"), str(tmp / "mergekit-out")]
+              "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in models]}
+    (tmp / f"{tool}.yml").write_text(json.dumps(config))
+    cmd = [exe, str(tmp / f"{tool}.yml"), str(tmp / f"{tool}-out"), "--quiet", "--no-copy-tokenizer",
+           "--no-write-model-card"]
+    return cmd + ["-j", "1"] if tool == "mergekit-yaml" else cmd
+
+
+def _llama_config(mb: int) -> dict:
+    """A Llama config of about ``mb`` MB in float32: vocabulary 8192, hidden 512, as many layers as fit."""
+    hidden, inter, vocab = 512, 1408, 8192
+    per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
+    layers = max(1, (mb * 1024 * 1024 // 4 - 2 * vocab * hidden) // per_layer)
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+            "intermediate_size": inter, "num_hidden_layers": int(layers), "num_attention_heads": 8,
+            "num_key_value_heads": 8, "vocab_size": vocab, "max_position_embeddings": 512,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "float32"}
+
+
+def _llama_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes of LlamaForCausalLM's state dict (written out: no transformers import)."""
+    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,),
+                                          "lm_head.weight": (v, h)}
+    for n in range(config["num_hidden_layers"]):
+        pre = f"model.layers.{n}."
+        shapes.update({pre + "self_attn.q_proj.weight": (h, h), pre + "self_attn.k_proj.weight": (h, h),
+                       pre + "self_attn.v_proj.weight": (h, h), pre + "self_attn.o_proj.weight": (h, h),
+                       pre + "mlp.gate_proj.weight": (i, h), pre + "mlp.up_proj.weight": (i, h),
+                       pre + "mlp.down_proj.weight": (h, i), pre + "input_layernorm.weight": (h,),
+                       pre + "post_attention_layernorm.weight": (h,)})
+    return shapes
 
 
 def _best_interleaved(contenders: dict[str, tuple[list[str], str]], repeat: int, tmp: Path) -> dict[str, dict]:
@@ -135,15 +173,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         g = torch.Generator().manual_seed(0)
-        n_tensors = 16
-        per = args.mb * 1024 * 1024 // 4 // n_tensors
-        paths = []
+        config = _llama_config(args.mb)
+        shapes = _llama_shapes(config)
+        folders, paths = [], []
         for i in range(args.k):
-            sd = {f"layer{j}.weight": torch.randn(per, generator=g) for j in range(n_tensors)}
-            p = tmp_path / f"c{i}.{args.format}"
+            sd = {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
+            folder = tmp_path / f"c{i}"
+            folder.mkdir()
+            (folder / "config.json").write_text(json.dumps(config))
+            p = folder / f"model.{args.format}"
             save_file(sd, str(p)) if args.format == "safetensors" else torch.save(sd, p)
+            folders.append(folder)
             paths.append(p)
         files = list(map(str, paths))
+        n_params = sum(math.prod(shape) for shape in shapes.values())
 
         def ours(hashing: str, out: str) -> list[str]:
             return [py, "-c", _TWAMERGE, hashing, str(tmp_path / out), *files]
@@ -156,22 +199,24 @@ def main() -> None:
         if len(cores) > 1:
             contenders["twamerge, 2 cores"] = (ours("hash", "ours2.safetensors"), two)
             contenders["twamerge --no-hash, 2 cores"] = (ours("no-hash", "fast2.safetensors"), two)
-        mergekit = _mergekit_cmd(paths, tmp_path)
-        if mergekit is not None:
-            contenders["mergekit-pytorch"] = (mergekit, one)
+        mergekit = {"mergekit-pytorch": _mergekit_cmd("mergekit-pytorch", paths, tmp_path)}
+        if args.format == "safetensors":  # mergekit-yaml's folders hold model.safetensors
+            mergekit["mergekit-yaml"] = _mergekit_cmd("mergekit-yaml", folders, tmp_path)
+        contenders.update({name: (cmd, one) for name, cmd in mergekit.items() if cmd is not None})
         best = _best_interleaved(contenders, args.repeat, tmp_path)
         two_files = _best_interleaved({"2": ([py, "-c", _TWAMERGE, "hash", str(tmp_path / "two.safetensors"),
                                              *files[:2]], one)}, 1, tmp_path)["2"]
 
     base = best["load-and-sum loop"]
-    print(f"{args.k} checkpoints x {args.mb} MB ({args.format}), best of {args.repeat} interleaved rounds, "
-          f"one torch thread per process")
+    print(f"{args.k} checkpoints x {n_params * 4 / 2**20:.0f} MB ({args.format}, Llama layout, {n_params / 1e6:.1f}M "
+          f"parameters), best of {args.repeat} interleaved rounds, one torch thread per process")
     print(f"{'contender':<30}{'seconds':>9}{'x loop':>8}{'wall s':>9}{'x loop':>8}{'peak RSS MB':>13}")
     for name, r in best.items():
         print(f"{name:<30}{r['s']:>9.2f}{base['s'] / r['s']:>8.2f}{r['wall']:>9.2f}{base['wall'] / r['wall']:>8.2f}"
               f"{r['rss_mb']:>13.0f}")
-    if mergekit is None:
-        print("(mergekit-pytorch is not on PATH: no mergekit row)")
+    for name, cmd in mergekit.items():
+        if cmd is None:
+            print(f"({name} is not on PATH: no {name} row)")
     ours_r, fast = best["twamerge average"], best["twamerge --no-hash"]
     print(f"hashing the inputs costs twamerge {ours_r['s'] - fast['s']:+.2f} s on one core", end="")
     if "twamerge, 2 cores" in best:

@@ -59,11 +59,11 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     calls = []
     real = ck._save
 
-    def failing(tensors, path, fmt, metadata):
+    def failing(tensors, path, fmt, metadata, pieces):
         calls.append(path)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        real(tensors, path, fmt, metadata)
+        real(tensors, path, fmt, metadata, pieces)
 
     monkeypatch.setattr(ck, "_save", failing)
     with pytest.raises(KeyboardInterrupt):

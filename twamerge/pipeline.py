@@ -736,8 +736,7 @@ def write_stage(run: FitRun, results: FitResults) -> dict:
     with run.stage("write", timed=False):
         if not run.comm.is_main and run.sharded:
             # Rank 0 writes the checkpoint tensor by tensor, gathering each sharded one from every rank.
-            send_rows(run.flat.binding, results.merged.tensors, run.out.path, run.out.max_shard_size,
-                      _config_source(run.cs, run.model_cfg.spec))
+            send_rows(run.flat.binding, results.merged.tensors, run.out.max_shard_size)
         if run.comm.is_main:
             with AtomicWrite() as aw:
                 report = _stage_outputs(run, results, aw, per_rank)

@@ -8,7 +8,7 @@ safetensors bytes, shards, index, model folder, side files and card), which is w
 chosen over every rank writing shards of its own: those would be N files of row pieces that no loader
 takes as a model, and the output would depend on the number of ranks.
 
-Every rank walks the same tensors in the same order (:func:`_plan`); before each gathered tensor the
+Every rank walks the same tensors in the same order (:func:`send_rows`); before each gathered tensor the
 ranks agree on success (``Comm.check``), so a failure on rank 0 while writing (a full disk) stops every
 rank there, and one before the first tensor meets the others at that first agreement.
 
@@ -18,10 +18,6 @@ LoRA adapters are refused before any work (:func:`check_sharded_output`).
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -29,23 +25,10 @@ import torch
 import torch.distributed as dist
 
 from .distributed import wait_collective
-from .errors import OutputError, one_line
+from .errors import OutputError
 from .io import AtomicWrite
-from .io.formats.safetensors import ST_DTYPES
-from .io.hashing import remember_sha256, sha256_file
-from .io.writer import (
-    check_output,
-    copy_side_files,
-    is_dir_output,
-    plan_shards,
-    previous_output_files,
-    set_config_dtype,
-)
+from .io.writer import is_dir_output, plan_shards, write_checkpoint
 from .sharding import row_split
-
-log = logging.getLogger(__name__)
-
-_ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
 
 
 def check_sharded_output(cs, out: Path) -> None:
@@ -69,17 +52,6 @@ def _meta(binding, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
         shape = binding.layout.shapes[piece.index] if piece is not None and not piece.replicated else t.shape
         out[key] = torch.empty(shape, dtype=t.dtype, device="meta")
     return out
-
-
-def _plan(meta: dict[str, torch.Tensor], out: Path, max_shard_size: int | None,
-          source_dir: Path | None) -> tuple[bool, Path, list[tuple[str, list[str]]]]:
-    """``(is_dir, base, [(file name, its keys in write order)])``: what ``io.writer.write_checkpoint`` makes."""
-    is_dir = is_dir_output(out, source_dir)
-    shards = plan_shards(meta, max_shard_size)
-    base = Path("model.safetensors") if is_dir else Path(out.name)
-    names = [base.name] if len(shards) == 1 else [
-        f"{base.stem}-{i + 1:05d}-of-{len(shards):05d}{base.suffix}" for i in range(len(shards))]
-    return is_dir, base, [(name, sorted(keys)) for name, keys in zip(names, shards)]
 
 
 def _sharded(binding, key: str) -> bool:
@@ -112,12 +84,11 @@ def _gather(binding, key: str, rows: torch.Tensor) -> Iterator[torch.Tensor]:
             yield buffer[: sizes[r]]
 
 
-def send_rows(binding, tensors: Mapping[str, torch.Tensor], out: Path, max_shard_size: int | None,
-              source_dir: Path | None) -> None:
-    """The part of every rank but 0 in :func:`write_sharded`: send its rows of each tensor, in the write's order."""
-    _, _, files = _plan(_meta(binding, tensors), Path(out), max_shard_size, source_dir)
-    for _, keys in files:
-        for key in keys:
+def send_rows(binding, tensors: Mapping[str, torch.Tensor], max_shard_size: int | None) -> None:
+    """The part of every rank but 0 in :func:`write_sharded`: send its rows of each tensor, in the order
+    rank 0 writes them (``io.writer``: file by file of ``plan_shards``, sorted by name within a file)."""
+    for keys in plan_shards(_meta(binding, tensors), max_shard_size):
+        for key in sorted(keys):
             if _sharded(binding, key):
                 for _ in _gather(binding, key, tensors[key]):
                     pass
@@ -127,87 +98,13 @@ def write_sharded(binding, tensors: Mapping[str, torch.Tensor], out: Path, *, me
                   force: bool = False, max_shard_size: int | None = None, source_dir: Path | None = None,
                   tokenizer: Path | None = None, model_card: str | None = None,
                   transaction: AtomicWrite | None = None) -> list[Path]:
-    """Rank 0's part: write ``tensors`` (whole, or this rank's rows of a sharded parameter) as
-    ``io.writer.write_checkpoint`` writes them, gathering each sharded tensor's rows from every rank as
-    it is written. Returns the paths written (shards first, index last)."""
-    out = Path(out)
-    metadata = {"format": "pt", **metadata}
-    check_output(out, force=force, hf_source_dir=source_dir, max_shard_size=max_shard_size)
-    meta = _meta(binding, tensors)
-    is_dir, base, files = _plan(meta, out, max_shard_size, source_dir)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create folder {out.parent}: {one_line(e)}") from e
-    written: list[tuple[Path, Path]] = []
-    try:
-        with contextlib.ExitStack() as stack:
-            aw = transaction if transaction is not None else stack.enter_context(AtomicWrite())
-            tmp_dir = aw.directory(out) if is_dir else None
+    """Rank 0's part: write ``tensors`` (whole, or this rank's rows of a sharded parameter) with
+    ``io.writer.write_checkpoint``, gathering each sharded tensor's rows from every rank as it is
+    written. Returns the paths written (shards first, index last)."""
 
-            def stage(final_name: str) -> Path:
-                if tmp_dir is not None:
-                    written.append((tmp_dir / final_name, out / final_name))
-                else:
-                    written.append((aw.file(out.parent / final_name), out.parent / final_name))
-                return written[-1][0]
+    def pieces(key: str):
+        return _gather(binding, key, tensors[key]) if _sharded(binding, key) else [tensors[key]]
 
-            weight_map = {}
-            for name, keys in files:
-                _stream(binding, tensors, meta, keys, stage(name), metadata)
-                weight_map.update({k: name for k in keys})
-            if len(files) > 1:
-                total = sum(t.numel() * t.element_size() for t in meta.values())
-                index = {"metadata": {"total_size": total, **metadata},
-                         "weight_map": {k: weight_map[k] for k in meta}}
-                stage(f"{base.name}.index.json").write_text(json.dumps(index, indent=2))
-            if tmp_dir is not None and (source_dir is not None or tokenizer is not None):
-                copied = copy_side_files(source_dir, tmp_dir, tokenizer=tokenizer)
-                set_config_dtype(tmp_dir / "config.json", meta)
-                log.info("copied %s", ", ".join(copied) or "nothing")
-            if tmp_dir is not None and model_card is not None:
-                stage("README.md").write_text(model_card)
-            for tmp, final in written:
-                log.info("wrote %s (%d bytes, sha256 %s)", final, tmp.stat().st_size, sha256_file(tmp))
-            previous = previous_output_files(out, base.name) if force and not is_dir else []
-            for stale in set(previous) - {final for _, final in written}:
-                aw.obsolete(stale)
-                log.info("removing %s, part of the output this one replaces", stale)
-            if transaction is None:
-                aw.commit()
-    except OutputError:
-        raise
-    except OSError as e:  # a full disk, a file-size limit
-        raise OutputError(f"cannot write {out}: {one_line(e)[:300]}") from None
-    return [final for _, final in written]
-
-
-def _stream(binding, tensors: Mapping[str, torch.Tensor], meta: dict[str, torch.Tensor], keys: list[str],
-            path: Path, metadata: dict[str, str]) -> None:
-    """One safetensors file of ``keys`` (sorted), laid out as ``io.writer.save_safetensors`` lays it out,
-    each sharded tensor gathered as it is written."""
-    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
-    offset = 0
-    for key in keys:
-        t = meta[key]
-        if t.dtype not in _ST_NAMES:
-            raise TypeError(f"tensor {key!r} has dtype {t.dtype}, which safetensors cannot store")
-        n = t.numel() * t.element_size()
-        header[key] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    sha = hashlib.sha256()
-    with open(path, "wb") as f:
-        for part in (len(blob).to_bytes(8, "little"), blob):
-            f.write(part)
-            sha.update(part)
-        for key in keys:
-            parts = _gather(binding, key, tensors[key]) if _sharded(binding, key) else [tensors[key]]
-            for t in parts:
-                t = t.detach().to("cpu").contiguous()
-                if t.numel():
-                    data = memoryview(t.reshape(-1).view(torch.uint8).numpy() if t.dtype != torch.bool else t.numpy())
-                    f.write(data)
-                    sha.update(data)
-    remember_sha256(path, sha.hexdigest())
+    return write_checkpoint(_meta(binding, tensors), out, metadata=metadata, force=force,
+                            max_shard_size=max_shard_size, hf_source_dir=source_dir, tokenizer_dir=tokenizer,
+                            model_card=model_card, transaction=transaction, pieces=pieces)

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -55,6 +55,9 @@ SIDE_FILES = ("config.json", "generation_config.json", "preprocessor_config.json
 _WEIGHT_FILE_SUFFIXES = WRITE_SUFFIXES + (".h5", ".msgpack", ".onnx", ".ot", ".tflite", ".gguf")
 # Every dtype we read, we can write.
 _SAFETENSORS_DTYPES = {dtype: name for name, dtype in ST_DTYPES.items()}
+
+# A tensor's bytes in parts, in order (see save_safetensors): name -> its parts.
+Pieces = Callable[[str], Iterable[torch.Tensor]]
 
 
 def is_dir_output(out: Path, hf_source_dir: Path | None) -> bool:
@@ -207,7 +210,8 @@ def plan_shards(tensors: dict[str, torch.Tensor], max_shard_size: int | None) ->
     return shards
 
 
-def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str], *,
+                     pieces: Pieces | None = None) -> None:
     """Write the safetensors format byte-for-byte reproducibly.
 
     ``safetensors.torch.save_file`` keeps the metadata in a hash map whose order changes from call to
@@ -215,6 +219,11 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: 
     JSON with sorted keys (tensors by name, then ``__metadata__``), padded with spaces to 8 bytes, and
     the data follow in header order: the layout of the format's specification, written in a stable
     order, streamed tensor by tensor without a second copy.
+
+    ``pieces`` is for a tensor whose bytes arrive in parts (a sharded fit receives each tensor's rows
+    rank by rank into one reused buffer): name -> its parts, in order; ``tensors`` then give only
+    shapes and dtypes (meta tensors will do). Parts are hashed here as they are written, because
+    their buffer is refilled with the next part.
     """
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     offset = 0
@@ -237,21 +246,28 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: 
             f.write(part)
             BACKGROUND.submit(sha, part)
         for name in names:
-            t = tensors[name].detach().to("cpu").contiguous()
-            if t.numel():
+            for t in ([tensors[name]] if pieces is None else pieces(name)):
+                t = t.detach().to("cpu").contiguous()
+                if not t.numel():
+                    continue
                 data = memoryview(t.reshape(-1).view(torch.uint8).numpy() if t.dtype != torch.bool else t.numpy())
                 f.write(data)
-                # Hashed on the background thread while the next tensor is written; not copied: the tensors
-                # stay alive and unchanged until the wait below (a copy of the queue's 256 MB would add to the
-                # peak memory, which is reached here when the merge is large).
-                BACKGROUND.submit(sha, data, copy=False)
+                if pieces is None:
+                    # Hashed on the background thread while the next tensor is written; not copied: the
+                    # tensors stay alive and unchanged until the wait below (a copy of the queue's 256 MB
+                    # would add to the peak memory, which is reached here when the merge is large).
+                    BACKGROUND.submit(sha, data, copy=False)
+                else:
+                    BACKGROUND.wait()
+                    sha.update(data)
     BACKGROUND.wait()
     remember_sha256(path, sha.hexdigest())
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path, fmt: str, metadata: dict[str, str]) -> None:
+def _save(tensors: dict[str, torch.Tensor], path: Path, fmt: str, metadata: dict[str, str],
+          pieces: Pieces | None) -> None:
     if fmt == "safetensors":
-        save_safetensors(tensors, path, metadata)
+        save_safetensors(tensors, path, metadata, pieces=pieces)
     else:
         torch.save(tensors, path)
 
@@ -368,6 +384,7 @@ def write_checkpoint(
     tokenizer_dir: Path | None = None,
     model_card: str | None = None,
     transaction: AtomicWrite | None = None,
+    pieces: Pieces | None = None,
 ) -> list[Path]:
     """Write a state dict atomically and return the paths written (shards first, index last).
 
@@ -391,6 +408,8 @@ def write_checkpoint(
         model_card: the text of a folder output's ``README.md``; a file output gets none.
         transaction: stage the files into this ``AtomicWrite`` and leave the commit to the caller (a
             fit commits its checkpoint, report and plot together); by default they are committed here.
+        pieces: the tensors' bytes come from here, part by part (see :func:`save_safetensors`), and
+            ``tensors`` are meta tensors of the whole shapes; safetensors outputs only.
 
     Raises:
         OutputError: the output exists without ``force`` or cannot be written. Nothing partial is left.
@@ -404,7 +423,9 @@ def write_checkpoint(
     check_output(out, force=force, hf_source_dir=hf_source_dir, max_shard_size=max_shard_size)
     is_dir = is_dir_output(out, hf_source_dir)
     fmt = "safetensors" if is_dir or out.suffix.lower() == ".safetensors" else "torch"
-    prepared = _prepare_tensors(tensors, clone_views=fmt != "safetensors")
+    if pieces is not None and fmt != "safetensors":
+        raise OutputError(f"output {out}: tensors written part by part need a .safetensors file or a folder")
+    prepared = dict(tensors) if pieces is not None else _prepare_tensors(tensors, clone_views=fmt != "safetensors")
     shards = plan_shards(prepared, max_shard_size)
     base = Path("model.safetensors") if is_dir else Path(out.name)
     stem, suffix = base.stem, base.suffix
@@ -423,7 +444,7 @@ def write_checkpoint(
         with contextlib.ExitStack() as stack:
             aw = transaction if transaction is not None else stack.enter_context(AtomicWrite())
             _stage_checkpoint(aw, written, prepared, out, is_dir, fmt, names, shards, base, metadata, hf_source_dir,
-                              tokenizer_dir, model_card)
+                              tokenizer_dir, model_card, pieces)
             # With --force, what the previous output had and this one lacks (its shards, a single
             # file now sharded or the reverse) goes too, or a loader could pick up stale weights.
             previous = previous_output_files(out, base.name) if force and not is_dir else []
@@ -442,7 +463,7 @@ def write_checkpoint(
 def _stage_checkpoint(aw: AtomicWrite, written: list[tuple[Path, Path]], prepared: dict[str, torch.Tensor],
                       out: Path, is_dir: bool, fmt: str, names: list[str], shards: list[list[str]], base: Path,
                       metadata: dict[str, str], hf_source_dir: Path | None, tokenizer_dir: Path | None,
-                      model_card: str | None) -> None:
+                      model_card: str | None, pieces: Pieces | None) -> None:
     tmp_dir = aw.directory(out) if is_dir else None
 
     def stage(final_name: str) -> Path:
@@ -457,7 +478,7 @@ def _stage_checkpoint(aw: AtomicWrite, written: list[tuple[Path, Path]], prepare
     weight_map: dict[str, str] = {}
     for name, keys in zip(names, shards):
         part = {k: prepared[k] for k in keys}
-        _save(part, stage(name), fmt, metadata)
+        _save(part, stage(name), fmt, metadata, pieces)
         weight_map.update({k: name for k in keys})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in prepared.values())
