@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -111,3 +113,15 @@ def test_select_best_ties_go_to_twa_then_the_merges_then_the_lone_candidate():
     assert best_on_heldout(rows, True).name == "greedy"  # c1 is best held-out, but c0 is the fit split's pick
     assert best_on_heldout([*rows[:3], rows[4]], True).name == "c0"
     assert best_on_heldout([rows[0], rows[2], rows[4]], False).name == "twa"  # lower is better: TWA, then uniform
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_peak_memory_is_this_process_not_its_launcher():
+    """A process exec'd by a launcher that peaked at 400 MB (torchrun's ranks are started so) reports its
+    own peak: ``ru_maxrss`` would carry the launcher's over exec."""
+    child = "import json; from twamerge.report import peak_memory; print(json.dumps(peak_memory()))"
+    launcher = ("import os, sys; big = bytearray(400 * 2**20); big[::4096] = b'x' * len(big[::4096]); "
+                f"os.execv(sys.executable, [sys.executable, '-c', {child!r}])")
+    out = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, check=True)
+    peak = json.loads(out.stdout)["cpu_peak_rss_bytes"]
+    assert 0 < peak < 350 * 2**20

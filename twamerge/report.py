@@ -50,10 +50,26 @@ class Timer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def peak_memory() -> dict:
-    """Peak resident memory of this process (and of the CUDA allocator when used), in bytes."""
+def _vm_hwm_bytes() -> int:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # "VmHWM:  123456 kB"
+    except (OSError, ValueError, IndexError):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"cpu_peak_rss_bytes": rss if sys.platform == "darwin" else rss * 1024}
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def peak_memory() -> dict:
+    """Peak resident memory of this process (and of the CUDA allocator when used), in bytes.
+
+    On Linux the kernel's high-water mark of this address space (``VmHWM``): ``ru_maxrss`` survives
+    exec, so a rank started by torchrun (or any Python launcher) would report at least its launcher's
+    peak. Elsewhere ``ru_maxrss``.
+    """
+    out = {"cpu_peak_rss_bytes": _vm_hwm_bytes()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
     return out
