@@ -52,6 +52,7 @@ results: venv sysdata
 	$(PY) examples/early_training/run.py --out runs/early_training
 	$(PY) examples/finetune_soup/run.py --out runs/finetune_soup
 	$(PY) examples/lm_soup/run.py --out runs/lm_soup
+	$(PY) examples/lora_soup/run.py --out runs/lora_soup
 	$(PY) examples/make_results.py --runs runs --out docs/results.md
 
 clean:

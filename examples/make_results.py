@@ -6,6 +6,7 @@ results.json / table.md, never typed in.
     python examples/early_training/paper.py --out runs/early_training_paper
     nice -n 10 python examples/finetune_soup/run.py --out runs/finetune_soup
     nice -n 10 python examples/lm_soup/run.py --out runs/lm_soup
+    python examples/lora_soup/run.py --out runs/lora_soup
     python examples/make_results.py --runs runs --out docs/results.md
 """
 
@@ -33,6 +34,7 @@ SECTIONS = [
     ),
     ("finetune_soup", "finetune_soup", "Fine-tune soup: all-MiniLM-L6-v2 on fortune topics"),
     ("lm_soup", "lm_soup", "Language-model soup: a small Llama on fortunes text"),
+    ("lora_soup", "lora_soup", "LoRA soup: PEFT adapters of a small Llama, merged by `twamerge fit`"),
 ]
 
 # What each section is, for the page (also shown before the section has been run).
@@ -47,6 +49,20 @@ INTROS = {
         "--report runs/lm_soup/report.json\n\n"
         "Loss: mean next-token cross-entropy over the predicted tokens of the test split; lower perplexity is "
         "better.\n"
+    ),
+    "lora_soup": (
+        "A 2-layer Llama (hidden 64, the all-MiniLM-L6-v2 tokenizer) pre-trained briefly on the Debian fortunes "
+        "topics other than computers, politics, science and work; then five LoRA adapters trained with peft "
+        "(`get_peft_model`, rank 8 on every linear layer of the blocks, `save_pretrained`): one specialist per "
+        "topic and one generalist on all four. twamerge reads the adapter folders (their "
+        "`base_model_name_or_path` is the base's folder) and raw text; the main command is exactly what a user "
+        "types:\n\n"
+        "    twamerge fit runs/lora_soup/adapters/lora* --val runs/lora_soup/data/val.jsonl -o "
+        "runs/lora_soup/merged --report runs/lora_soup/report.json\n\n"
+        "It writes a PEFT adapter (the adapters' factors weighted per block and concatenated); `twamerge apply "
+        "... --merge-into-base` writes the same merge as a full model. Every adapter folder is scored twice on "
+        "the test quotes: by `twamerge eval` and by the example itself, loaded with "
+        "`PeftModel.from_pretrained(base, folder)`. Lower perplexity is better.\n"
     ),
 }
 
@@ -187,6 +203,55 @@ def plot_alphas(blocks: list[dict], labels: list[str], title: str, path: Path) -
     plt.close(fig)
 
 
+def lora_soup_notes(res: dict, img: Path, run_dir: Path) -> str:
+    """What the lora_soup table means, in words computed from its rows and the fit's report; the alphas of the
+    adapted tensors; the time of each part."""
+    # twamerge eval's perplexity (the smoke run has only the example's own for the full models).
+    ppl = {r["dir"]: r["own_test_ppl"] if r["test_ppl"] is None else r["test_ppl"] for r in res["rows"]}
+    rows = {d: {"test_ppl": p} for d, p in ppl.items()}
+    names = [s["name"] for s in res["settings"]]
+    twa = rows["merged"]["test_ppl"]
+    best_test = min(names, key=lambda n: rows[n]["test_ppl"])
+    others = {f"the best single adapter by validation perplexity, {res['best_single']}":
+              rows[res["best_single"]]["test_ppl"],
+              f"the best adapter on the test split (known only in hindsight), {best_test}": rows[best_test]["test_ppl"],
+              "the uniform soup": rows["uniform"]["test_ppl"],
+              "the greedy soup": next(ppl[r["dir"]] for r in res["rows"] if r["method"].startswith("greedy"))}
+    beats = [f"{k} ({v:.2f})" for k, v in others.items() if twa < v]
+    loses = [f"{k} ({v:.2f})" for k, v in others.items() if twa >= v]
+    text = f"\nTWA's test perplexity is {twa:.2f}"
+    text += ("; it is below " + "; ".join(beats)) if beats else ""
+    text += ("; it is **not** below " + "; ".join(loses)) if loses else ""
+    text += (f". The base without an adapter scores {rows['pretrained']['test_ppl']:.2f}. The merge written into "
+             f"the base (`apply --merge-into-base`) scores {rows['merged_full']['test_ppl']:.2f}, the merged adapter's "
+             "figure: the two outputs are the same model.\n")
+    report = run_dir / "report.json"
+    if report.exists():  # what the fit saw on its own held-out rows, where it chose what to write
+        fit = json.loads(report.read_text())
+        held = {m["name"]: m["heldout"]["metric"] for m in fit["methods"] if m.get("heldout")}
+        cands = {n: held[n] for n in names if n in held}
+        best = min(cands, key=cands.get)
+        text += (f"\nOn the {fit['heldout_rows']} rows of `--val` that the fit held out: TWA {held['twa']:.2f}, "
+                 f"the best adapter ({best}) {cands[best]:.2f}, uniform {held['uniform']:.2f}, greedy "
+                 f"{held['greedy']:.2f}.")
+        text += "".join(f" The fit warned: \"{w}\"." for w in fit.get("warnings") or []) + "\n"
+    adapted = [b for b in res.get("alphas") or [] if any(".lora" not in k and "_proj" in k for k in b["keys"])]
+    if adapted:
+        plot_alphas(adapted, names, "lora_soup: learned alphas per adapted weight", img / "lora_soup_alphas.png")
+        text += "\n![alphas](img/lora_soup_alphas.png)\n"
+    ws = res["wall_s"]
+    pre = res["pretrain"]
+    if res.get("load_avg"):
+        text += (f"\nLoad average of the {res['machine']['cores_visible']}-core machine (1 minute) at the start, "
+                 f"after the training and at the end of the run: "
+                 + ", ".join(f"{x:.1f}" for x in res["load_avg"]) + ".\n")
+    text += (f"\nPre-training: {minutes(ws['pretrain'])} ({pre['steps']} steps, {pre['epochs']} epochs of "
+             f"{pre['tokens']} tokens, loss {pre['loss_first']:.2f} to {pre['loss_last']:.2f}); adapters: "
+             f"{minutes(sum(ws['adapters'].values()))} for {len(ws['adapters'])}; the example's own scoring: "
+             f"{minutes(ws['own_eval'] + ws.get('own_eval_merged', 0.0))}; twamerge: {minutes(ws['twamerge'])}.\n")
+    return text
+
+
 def never_worse_section(page: Path) -> str:
     """The summary of ``benchmarks/never_worse.py`` (its generated page, ``docs/never_worse.md``), carried here:
     its comparison table of fit options against picking, and a link to the per-pool figures."""
@@ -227,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"(`python examples/{kind}/run.py --out {args.runs / run_dir}` writes it)._\n"
             )
             continue
-        if kind == "lm_soup" and res.get("stage") != "merged":
+        if kind in ("lm_soup", "lora_soup") and res.get("stage") != "merged":
             parts.append(
                 f"\n_Not merged yet: `{args.runs / run_dir}/results.json` stops after the training "
                 f"(`--no-twamerge`, or a failed twamerge command)._\n"
@@ -341,6 +406,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"\nPre-training: {pre_txt}; fine-tuning: {minutes(sum(ws['finetune'].values()))} for "
                 f"{len(ws['finetune'])} runs; twamerge: {minutes(ws['twamerge'])}.\n"
             )
+        elif kind == "lora_soup":
+            parts.append(lora_soup_notes(res, img, args.runs / run_dir))
         parts.append("\n" + command_table(res))
     parts.append(never_worse_section(args.out.parent / "never_worse.md"))
     if machine:

@@ -332,3 +332,93 @@ def test_conv1d_embedding_and_whole_tensors(tmp_path):
         expected = plain[key] + sum(w * (e[key] - plain[key]) for w, e in zip(weights, each))
         assert float((mine[key] - expected).abs().max()) < TOL, key
         assert float((full[key] - expected).abs().max()) < TOL, key
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def test_a_merge_into_the_base_records_the_base_sha256(loras, tmp_path):
+    """The base is part of what a merge into it is made of: its SHA-256 is in the fit's report, in the metadata and
+    the model card of every --merge-into-base output (fit, apply, average), and apply refuses another base."""
+    import transformers
+
+    base, adapters, val = loras
+    base_sha = _sha(base / "model.safetensors")
+    report = tmp_path / "r.json"
+    r = _run("fit", *adapters, "--val", val, "-o", tmp_path / "lora", "--report", report, "--epochs", "0",
+             "--no-greedy", "-q")
+    assert r.exit_code == 0, r.output
+    assert json.loads(report.read_text())["adapters"]["base_sha256"] == base_sha
+    # The adapter output holds no base weights: no base in its metadata (apply's adapter needs no base either).
+    assert "twamerge.base" not in _metadata(tmp_path / "lora" / "adapter_model.safetensors")
+
+    full = tmp_path / "full"
+    r = _run("apply", report, *adapters, "-o", full, "--merge-into-base", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["base"] == {"path": str(base), "sha256": base_sha}
+    assert json.loads(_metadata(full / "model.safetensors")["twamerge.base"]) == {"path": str(base),
+                                                                                  "sha256": base_sha}
+    assert f"(weights SHA-256 `{base_sha}`)" in (full / "README.md").read_text()
+
+    # fit --merge-into-base records it too, and apply of its report writes the same bytes again.
+    fit_full, report2 = tmp_path / "fit_full", tmp_path / "r2.json"
+    r = _run("fit", *adapters, "--val", val, "-o", fit_full, "--report", report2, "--epochs", "0", "--no-greedy",
+             "--merge-into-base", "-q")
+    assert r.exit_code == 0, r.output
+    assert json.loads(_metadata(fit_full / "model.safetensors")["twamerge.base"])["sha256"] == base_sha
+    before = {p.name: p.read_bytes() for p in fit_full.iterdir()}
+    r = _run("apply", report2, *adapters, "-o", fit_full, "--merge-into-base", "--force", "-q")
+    assert r.exit_code == 0, r.output
+    assert {p.name: p.read_bytes() for p in fit_full.iterdir()} == before
+
+    # Another base (same shapes, other weights): apply refuses it, naming both hashes' starts.
+    other = transformers.LlamaForCausalLM.from_pretrained(str(base), local_files_only=True)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    other.save_pretrained(str(tmp_path / "other"))
+    other_sha = _sha(tmp_path / "other" / "model.safetensors")
+    for rep in (report, report2):
+        e = _cli_error("apply", rep, *adapters, "-o", tmp_path / "o", "--merge-into-base", "--model",
+                       tmp_path / "other")
+        assert f"SHA-256 {other_sha[:12]}... differs from the fit's base ({base_sha[:12]}..." in e, e
+    bad = json.loads(report.read_text())
+    bad["adapters"]["base_sha256"] = "not a hash"
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    assert "not 64 hex digits" in _cli_error("apply", tmp_path / "bad.json", *adapters, "-o", tmp_path / "o",
+                                             "--merge-into-base")
+    assert not (tmp_path / "o").exists()
+
+    # average --merge-into-base: the summary and the metadata; --no-hash leaves every hash out.
+    avg = tmp_path / "avg"
+    r = _run("average", *adapters, "-o", avg, "--merge-into-base", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["base"]["sha256"] == base_sha
+    assert json.loads(_metadata(avg / "model.safetensors")["twamerge.base"])["sha256"] == base_sha
+    assert base_sha in (avg / "README.md").read_text()
+    r = _run("average", *adapters, "-o", tmp_path / "nohash", "--merge-into-base", "--no-hash", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["base"] is None
+    assert "twamerge.base" not in _metadata(tmp_path / "nohash" / "model.safetensors")
+
+
+def test_eval_scores_adapters_of_different_ranks_in_one_command(loras, tmp_path):
+    """A merged adapter (rank K r) is scored beside its candidates (rank r): eval needs one base, not one rank."""
+    base, adapters, val = loras
+    out = tmp_path / "avg"
+    assert _run("average", *adapters, "-o", out, "-q").exit_code == 0
+    r = _run("eval", adapters[0], out, "--val", val, "--json")
+    assert r.exit_code == 0, r.output
+    both = json.loads(r.stdout)["checkpoints"]
+    alone = json.loads(_run("eval", out, "--val", val, "--json").stdout)["checkpoints"]
+    assert [c["path"] for c in both] == [str(adapters[0]), str(out)]
+    assert both[1]["loss"] == pytest.approx(alone[0]["loss"], rel=1e-6) and both[0]["loss"] != both[1]["loss"]
+    # Merging them is still refused: a merge of adapters needs one rank.
+    assert "different ranks (r=4 and r=12)" in _cli_error("average", adapters[0], out, "-o", tmp_path / "o")

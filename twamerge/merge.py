@@ -275,6 +275,11 @@ def average_checkpoints(
         extra: dict[str, Any] = {"weights": w}
         if ema is not None:
             extra["ema_decay"] = float(ema)
+        # A merge into the base is made of the base too: its SHA-256 goes with the candidates' (unless --no-hash).
+        base = cs.base_source() if adapters is not None and out.merge_into_base and hash_inputs else None
+        if base is not None:
+            extra["base"] = base
+            adapters["base_sha256"] = base["sha256"]
         card = average_card(
             {"method": method, "weights": w, "ema_decay": ema, "inputs": sources, "version": __version__},
             library_name="peft" if adapters is not None and not out.merge_into_base else
@@ -305,6 +310,7 @@ def average_checkpoints(
             "integer_mismatches": mismatched,
             "batchnorm_statistics_averaged": len(bn_stats),
             "adapters": adapters,
+            "base": base,
             "dtype": dtype_name(out_dtype) if out_dtype else "as input",
             "outputs": [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in written],
             "seconds": round(time.perf_counter() - t0, 3),

@@ -18,6 +18,7 @@ inputs' SHA-256 are computed on worker threads from the moment the candidates ar
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -753,10 +754,14 @@ def _stage_outputs(run: FitRun, results: FitResults, aw: AtomicWrite, per_rank: 
     cfg, cs, out, splits, subspace = run.cfg, run.cs, run.out, run.splits, run.subspace
     merged, twa, written, trained = results.merged, results.twa, results.written, results.trained
     sources = cs.sources()
+    # Adapters: the base's SHA-256 (hashed beside the fit since open_stage) goes to the report, and to the
+    # output's metadata when the output is the base with the merge added.
+    base = cs.base_source() if isinstance(cs, AdapterSet) else None
     metadata = build_metadata(written.row.kind, [{"path": s["path"], "sha256": s["sha256"]} for s in sources],
                               blocks=cfg.blocks, bits=cfg.bits, alphas=merged.alphas.tolist(),
                               heldout=written.row.heldout, metric_name=splits.task.metric_name,
-                              higher_is_better=splits.task.higher_is_better)
+                              higher_is_better=splits.task.higher_is_better,
+                              **({"base": base} if base is not None and out.merge_into_base else {}))
     tokenizer = tokenizer_dir(cs, run.model_cfg.spec, run.val.tokenizer)
     facts = {"version": __version__, "settings": {"blocks": cfg.blocks, "bits": cfg.bits}, "candidates": sources,
              "methods": [r.to_dict() for r in [*results.baselines, twa.row]], "metric_name": splits.task.metric_name,
@@ -805,7 +810,7 @@ def _stage_outputs(run: FitRun, results: FitResults, aw: AtomicWrite, per_rank: 
     )
     report["fit"].update(runs=trained.runs, floor=results.floor)
     if isinstance(cs, AdapterSet):
-        report["adapters"] = cs.describe()
+        report["adapters"] = {**cs.describe(), "base_sha256": base["sha256"]}
     report["warnings"] = loss_warnings(report)
     if run.sources is not None:
         report["setting_sources"] = run.sources
@@ -827,6 +832,8 @@ def model_card(cs: CheckpointSet, facts: dict, out: OutputConfig, report_path: s
     known before the write (``fit``): both write the same card for the same report path and output."""
     adapters = cs.describe() if isinstance(cs, AdapterSet) else None
     blocks = None
+    if adapters is not None and out.merge_into_base:
+        adapters["base_sha256"] = cs.base_source()["sha256"]  # the card names the base the folder is made of
     if adapters is not None:
         key_block = facts["merge"]["key_block"]
         blocks = sorted({key_block[k] for k in [*cs.adapted, *cs.whole] if k in key_block})
@@ -876,8 +883,9 @@ def evaluate_checkpoints(
         (``n``: the task's items, e.g. tokens for a language model).
     """
     dev = select_device(device)
+    # Each adapter is scored on its own: merged adapters (rank K r) beside their candidates are fine.
     cs = open_inputs(checkpoints, ema_key=read.ema_key, keys=read.keys, allow_nonfinite=read.allow_nonfinite,
-                     min_count=1, model=model.spec)
+                     min_count=1, model=model.spec, same_rank=False)
     try:
         folder = _model_folder(cs) if model.spec is None else None
         net = build_model(model.spec, model.args, hf_dir=folder, trust_remote_code=model.trust_remote_code).to(dev)
@@ -934,15 +942,44 @@ def apply_report(report_path: str | Path, checkpoints: Sequence[str | Path],
                 raise TwamergeError(f"{cs.paths[i]}: SHA-256 {g[:12]}... differs from the fit's candidate {i + 1} "
                                     f"({report['candidates'][i]['path']}, {e[:12]}...); pass the same files in the "
                                     "same order")
+        metadata = merge["metadata"]
+        base = cs.base_source() if isinstance(cs, AdapterSet) and out.merge_into_base else None
+        if base is not None:
+            metadata = _check_base(report, report_path, base, metadata)
         if merged is not None:
             merged.update(recalibrated_buffers(report_path, merge.get("recalibrated_buffers", ""), merged))
         tokenizer = (report.get("model") or {}).get("tokenizer")
         tokenizer = Path(tokenizer) if isinstance(tokenizer, str) and Path(tokenizer).is_dir() else None
-        written = write_output(cs, out.path, tensors=merged, weights_of=weights_of, metadata=merge["metadata"],
+        written = write_output(cs, out.path, tensors=merged, weights_of=weights_of, metadata=metadata,
                                out_dtype=out_dtype, merge_into_base=out.merge_into_base, force=out.force,
                                max_shard_size=out.max_shard_size, tokenizer=tokenizer,
                                model_card=model_card(cs, report, out, str(report_path)),
                                source_dir=_config_source(cs, model))
     finally:
         cs.close()
-    return {"outputs": [str(p) for p in written], "report": str(report_path), "candidates": len(expected)}
+    return {"outputs": [str(p) for p in written], "report": str(report_path), "candidates": len(expected),
+            **({"base": base} if base is not None else {})}
+
+
+def _check_base(report: dict, report_path: str | Path, base: dict[str, str], metadata: dict[str, str]
+                ) -> dict[str, str]:
+    """The metadata of a merge into the base that ``apply`` writes: the fit's, with the base's path and SHA-256
+    (``twamerge.base``) unless the fit's output already records them. The base must be the one the fit used
+    (its SHA-256 in the report) when the report has it: another base gives other weights."""
+    adapters = report.get("adapters")
+    recorded = adapters.get("base_sha256") if isinstance(adapters, dict) else None
+    if "twamerge.base" in metadata:
+        try:
+            recorded = json.loads(metadata["twamerge.base"])["sha256"]
+        except (TypeError, ValueError, KeyError):
+            raise TwamergeError(f"{report_path}: merge.metadata's twamerge.base is not the JSON of the base's path "
+                                "and sha256") from None
+    if recorded is not None and not (isinstance(recorded, str) and len(recorded) == 64
+                                     and set(recorded) <= set("0123456789abcdef")):
+        raise TwamergeError(f"{report_path}: the base's SHA-256 in the report is not 64 hex digits: {recorded!r:.80}")
+    if recorded is not None and recorded != base["sha256"]:
+        raise TwamergeError(f"{base['path']}: the base model's SHA-256 {base['sha256'][:12]}... differs from the "
+                            f"fit's base ({recorded[:12]}..., {report_path}); pass the base the fit used (--model)")
+    if "twamerge.base" in metadata:
+        return metadata  # the fit's own bytes: the same output, byte for byte
+    return {**metadata, "twamerge.base": json.dumps(base)}

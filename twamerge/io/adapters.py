@@ -339,6 +339,21 @@ class AdapterSet(CheckpointSet):
                 out[key] = first.file.entries[raw]
         return out
 
+    def start_hashing(self) -> None:
+        """The candidates' SHA-256 and, when the base is open, the base's, on the hashing threads."""
+        super().start_hashing()
+        if self._base is not None:
+            self._base.start_hashing()
+
+    def base_source(self) -> dict[str, str] | None:
+        """``{"path", "sha256"}`` of the base model's weights (for a sharded base, the hash of its shards'
+        ``name:sha`` lines, as for a candidate), or None when the base is not open. A merge into the base
+        records it: the written weights are the base's as much as the adapters'."""
+        if self._base is None:
+            return None
+        self._base.start_hashing()  # a no-op when start_hashing() started it beside the reads
+        return {"path": str(self.base_dir), "sha256": self._base.sha256()}
+
     def base_dtype(self, key: str) -> torch.dtype:
         """The dtype the base stores ``key`` in (what a merged full model is written in)."""
         return self._base.entries[key][1] if self._base is not None else self.dtype(key)
@@ -409,8 +424,11 @@ class AdapterSet(CheckpointSet):
 # -- opening ---------------------------------------------------------------------------------------
 
 
-def check_agree(adapters: list[Adapter]) -> None:
+def check_agree(adapters: list[Adapter], *, same_rank: bool = True) -> None:
     """Adapters merge only when they adapt the same modules of the same base at the same rank.
+
+    ``same_rank=False`` (``eval``, which scores each adapter on its own and writes nothing) lets the
+    ranks differ: the candidates and their merges (rank ``K r``) are then scored in one command.
 
     Raises:
         CheckpointMismatchError: one line naming the two adapters and what differs.
@@ -429,7 +447,7 @@ def check_agree(adapters: list[Adapter]) -> None:
             raise CheckpointMismatchError(
                 f"{pair} adapt different modules: only {owner.path} adapts {owner.modules[name].module} (target "
                 f"modules {_targets(first)} and {_targets(other)}); adapters must target the same modules")
-        if first.r != other.r:
+        if same_rank and first.r != other.r:
             raise CheckpointMismatchError(f"{pair} have different ranks (r={first.r} and r={other.r}); adapters must "
                                           "have the same rank")
         for key, m in first.modules.items():
@@ -487,13 +505,13 @@ def find_base(adapters: list[Adapter], model: str | None) -> Path:
 
 
 def open_adapters(paths: Sequence[Path], *, model: str | None = None, need_base: bool,
-                  allow_nonfinite: bool = False) -> AdapterSet:
+                  allow_nonfinite: bool = False, same_rank: bool = True) -> AdapterSet:
     """Open LoRA adapter folders, check they agree, and (when ``need_base``) find their base."""
     adapters: list[Adapter] = []
     try:
         for p in paths:
             adapters.append(Adapter(p))
-        check_agree(adapters)
+        check_agree(adapters, same_rank=same_rank)
         # Without need of it, the base is not opened: the adapters' own tensors are the whole merge.
         base = find_base(adapters, model) if need_base else None
         aset = AdapterSet(adapters, base, allow_nonfinite)
@@ -529,12 +547,13 @@ def adapter_paths(paths: Sequence[str | Path]) -> list[Path] | None:
 
 def open_inputs(paths: Sequence[str | Path], *, ema_key: str | None = None, keys: str = "strict",
                 allow_nonfinite: bool = False, min_count: int = 2, model: str | None = None,
-                need_base: bool = True) -> CheckpointSet:
+                need_base: bool = True, same_rank: bool = True) -> CheckpointSet:
     """``open_checkpoints``, or an :class:`AdapterSet` when the paths are LoRA adapter folders.
 
     Args:
         model: ``--model``: for adapters, the base model's folder (default: their base_model_name_or_path).
         need_base: whether adapters need their base (a fit, a merge into the base) or may go without.
+        same_rank: whether adapters must have one rank (a merge); False for ``eval``.
         The others as for :func:`~twamerge.io.open_checkpoints`.
 
     Raises:
@@ -552,7 +571,8 @@ def open_inputs(paths: Sequence[str | Path], *, ema_key: str | None = None, keys
         raise InvalidArgumentError(f"--key {ema_key}: LoRA adapters have no entries to choose from")
     if keys != "strict":
         raise InvalidArgumentError(f"--keys {keys}: LoRA adapters merge only when they adapt the same modules")
-    return open_adapters(found, model=model, need_base=need_base, allow_nonfinite=allow_nonfinite)
+    return open_adapters(found, model=model, need_base=need_base, allow_nonfinite=allow_nonfinite,
+                         same_rank=same_rank)
 
 
 # -- what an output is made of ----------------------------------------------------------------------

@@ -91,8 +91,11 @@ def _output_lines(adapter: Mapping | None, merge_into_base: bool) -> list[str]:
     if adapter is None:
         return []
     if merge_into_base:
-        return [f"The candidates are LoRA adapters of `{_cell(adapter.get('base_model'))}`; this folder is the base "
-                "model with the merged update added to its weights (`--merge-into-base`).", ""]
+        sha = adapter.get("base_sha256")
+        return [f"The candidates are LoRA adapters of `{_cell(adapter.get('base_model'))}`"
+                + (f" (weights SHA-256 `{sha}`)" if sha else "")
+                + "; this folder is the base model with the merged update added to its weights (`--merge-into-base`).",
+                ""]
     return [f"The candidates are LoRA adapters of `{_cell(adapter.get('base_model'))}` (rank {adapter.get('rank')}, "
             f"{adapter.get('modules')} modules). This folder is a PEFT LoRA adapter whose effect is the merge exactly: "
             "the weighted factors of the adapters concatenated (rank = the sum of their ranks, scaling 1), so "
@@ -109,7 +112,8 @@ def fit_card(report: Mapping[str, Any], *, library_name: str | None, base_model:
     ``written.name``, ``settings`` (``blocks``, ``bits``) and ``merge.block_alphas``.
 
     Args:
-        adapter: ``AdapterSet.describe()`` when the candidates are LoRA adapters.
+        adapter: ``AdapterSet.describe()`` when the candidates are LoRA adapters (with ``base_sha256``, the
+            base's weights, for a merge into the base).
         alpha_blocks: the blocks the alphas summary covers (an adapter fit: those of adapted tensors);
             default all.
         reproduce: the ``twamerge apply`` command (:func:`apply_command`); None when the fit wrote no
