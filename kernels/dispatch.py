@@ -22,18 +22,16 @@ Inputs to the decision: the explicit ``backend`` argument (from config or ``--ba
 ``TWAMERGE_BACKEND`` environment variable, whether triton imports, whether the C kernels build
 (``native.py``), and where the tensor lives (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
-* ``auto``: Triton for CUDA tensors when triton imports; on CPU the C kernels for combine and
-  project (the two ops of every fit step) when they build, the torch reference otherwise. The
-  choice and its reason are logged once per op.
+* ``auto``: Triton for CUDA tensors when triton imports; on CPU the C kernels (all four ops) when
+  they build, the torch reference otherwise. The choice and its reason are logged once per op.
 * ``triton``: Triton or :class:`BackendUnavailableError` (never a quiet fallback). CPU tensors are
   accepted only under ``TRITON_INTERPRET=1``.
-* ``native``: the C kernels for combine and project or :class:`BackendUnavailableError`; gram and
-  orth_quantize have no C kernel and run the reference.
+* ``native``: the C kernels or :class:`BackendUnavailableError`.
 * ``torch``: always the reference.
 
 Sizes and dtypes matter too: each Triton kernel has limits (:func:`triton_limit`; e.g. the gram
 kernel holds all K candidates of a tile in registers) and the C kernels take packed codes and
-float32 or bfloat16 vectors (``native.unsupported``). Past a limit, ``auto`` runs the reference
+float32 or bfloat16 inputs (``native.unsupported``). Past a limit, ``auto`` runs the reference
 (logged once per op with the reason) and a forced backend raises :class:`BackendUnavailableError`
 naming it.
 """
@@ -48,12 +46,13 @@ from typing import Callable
 import torch
 
 from . import native, reference
+from .layout import stacked
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "native", "torch")
 OPS = ("gram", "orth_quantize", "combine", "project")
-NATIVE_OPS = ("combine", "project")
+NATIVE_OPS = OPS
 
 
 class BackendUnavailableError(RuntimeError):
@@ -129,8 +128,8 @@ def resolve(op: str, device: torch.device, backend: str | None = None, *, k: int
             group_size: int | None = None, bits: int | None = None, dtype: torch.dtype | None = None) -> str:
     """Return ``"triton"``, ``"native"`` or ``"torch"`` for running ``op`` on ``device``.
 
-    Sizes as in :func:`triton_limit`; ``bits`` and ``dtype`` (of combine's ``out`` or project's
-    ``grad``) as in ``native.unsupported``.
+    Sizes as in :func:`triton_limit`; ``bits`` and ``dtype`` (of gram's and orth_quantize's ``x``, combine's
+    ``out`` or project's ``grad``) as in ``native.unsupported``.
     """
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
@@ -211,15 +210,22 @@ def _impl(op: str, device: torch.device, backend: str | None, **sizes) -> Callab
     return getattr(module, f"{op}_triton")
 
 
-def gram(x, *, backend: str | None = None):
-    """Dispatching :func:`reference.gram_torch`."""
-    return _impl("gram", x.device, backend, k=x.shape[0])(x)
+def gram(x, start: int = 0, period: int = 0, run: int = reference.GRAM_RUN, *, backend: str | None = None):
+    """Dispatching :func:`reference.gram_torch`. ``x`` may be a :class:`layout.Rows` (the C kernel reads its
+    rows in place; other backends stack them). The Triton kernel takes runs of its own, relative to ``x``'s
+    first column (``start``, ``period`` and ``run`` are the CPU backends')."""
+    choice = resolve("gram", x.device, backend, k=x.shape[0], dtype=x.dtype)
+    if choice == "native":
+        return native.gram_native(x, start, period, run)
+    if choice == "torch":
+        return reference.gram_torch(stacked(x), start, period, run)
+    return importlib.import_module(f"{__package__}.triton_gram").gram_triton(stacked(x))
 
 
 def orth_quantize(x, mean, transform, bits, group_size, out=None, *, backend: str | None = None):
-    """Dispatching :func:`reference.orth_quantize_torch`."""
-    impl = _impl("orth_quantize", x.device, backend, k=x.shape[0], group_size=group_size)
-    return impl(x, mean, transform, bits, group_size, out)
+    """Dispatching :func:`reference.orth_quantize_torch`; ``x`` may be a :class:`layout.Rows`, as for :func:`gram`."""
+    impl = _impl("orth_quantize", x.device, backend, k=x.shape[0], group_size=group_size, bits=bits, dtype=x.dtype)
+    return impl(x if impl is native.orth_quantize_native else stacked(x), mean, transform, bits, group_size, out)
 
 
 def combine(mean, codes, scales, zeros, beta, group_block, bits, group_size, out=None, *, backend: str | None = None):

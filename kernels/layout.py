@@ -109,6 +109,8 @@ def check_group_block(group_block: torch.Tensor, cols: int, group_size: int) -> 
 def check_rows_contiguous(name: str, t: torch.Tensor) -> None:
     """A 2-D [K, n] input whose rows are contiguous (column stride 1); the rows may lie apart (a column
     slice of a wider tensor)."""
+    if isinstance(t, Rows):
+        return  # each row was checked when the Rows was made
     if t.dim() == 2 and t.shape[1] > 1 and t.stride(1) != 1:
         raise ValueError(f"{name} with shape {tuple(t.shape)} is not contiguous along its rows; call .contiguous() first")
 
@@ -117,6 +119,54 @@ def check_same_device(anchor_name: str, anchor: torch.Tensor, **others: torch.Te
     for name, t in others.items():
         if t is not None and t.device != anchor.device:
             raise ValueError(f"{name} is on {t.device} but {anchor_name} is on {anchor.device}; move them to one device")
+
+
+class Rows:
+    """K equal-length 1-D tensors taken as the rows of a ``[K, n]`` input of ``gram`` / ``orth_quantize``
+    without stacking them: the candidates' tensors where they lie (memory maps of their files). The C
+    kernels read the rows in place through K pointers; every other backend gets ``stack()``.
+
+    ``rows[:, a:b]`` slices the columns (views); ``rows[k]`` is row ``k``.
+    """
+
+    def __init__(self, rows):
+        self.rows = [r.reshape(-1) for r in rows]
+        if not self.rows:
+            raise ValueError("Rows needs at least one row")
+        first = self.rows[0]
+        for r in self.rows:
+            if r.shape != first.shape or r.dtype != first.dtype or r.device != first.device:
+                raise ValueError(f"rows differ: {tuple(r.shape)} {r.dtype} {r.device} against "
+                                 f"{tuple(first.shape)} {first.dtype} {first.device}")
+            check_contiguous("a row", r)
+        self.dtype, self.device = first.dtype, first.device
+        self.shape = torch.Size((len(self.rows), first.shape[0]))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def dim(self) -> int:
+        return 2
+
+    def __getitem__(self, key):
+        if isinstance(key, int):
+            return self.rows[key]
+        if isinstance(key, tuple) and len(key) == 2 and key[0] == slice(None) and isinstance(key[1], slice):
+            return Rows([r[key[1]] for r in self.rows])
+        raise TypeError(f"Rows takes rows[k] or rows[:, a:b]; got {key!r}")
+
+    def stack(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows as one ``[K, n]`` tensor (a copy; into ``out`` when given)."""
+        if out is None:
+            return torch.stack(self.rows)
+        for o, r in zip(out, self.rows):
+            o.copy_(r)
+        return out
+
+
+def stacked(x):
+    """``x`` as a tensor: :meth:`Rows.stack` of a :class:`Rows`, else ``x`` itself."""
+    return x.stack() if isinstance(x, Rows) else x
 
 
 # One argument check per op, shared by the torch reference and the Triton launcher: both raise the

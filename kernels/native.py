@@ -1,18 +1,27 @@
-"""combine and project as fused C loops on CPU (``native.c``), compiled on first use.
+"""The four subspace ops as fused C loops on CPU (``native.c``), compiled on first use.
 
-The torch references convert each chunk of codes to float32, scale it, sum it over rows and add
-the mean in separate passes; at 100M parameters that made a fit step 2.5x a plain forward and
-backward. The C loops decode each basis byte in registers and read it once per op.
+combine and project (every fit step): the torch references convert each chunk of codes to float32, scale it,
+sum it over rows and add the mean in separate passes; at 100M parameters that made a fit step 2.5x a plain
+forward and backward. The C loops decode each basis byte in registers and read it once per op.
+
+gram and orth_quantize (the subspace build): the torch references make several passes over cache-sized chunks
+of a stacked ``[K, n]`` copy of the candidates. The C loops take the K candidates' rows where they lie (a
+``[K, n]`` tensor whose rows may lie apart, or a :class:`layout.Rows` of the tensors as the reader mapped them:
+no stacking copy) and do each run of columns, or each quantization group, in L1. ``gram`` uses the same runs
+as the reference (fixed by the parameter: see ``reference.gram_torch``) and sums each in another fixed order;
+``orth_quantize`` performs the reference's float32 operations in its order, so its codes, scales and offsets
+are the reference's bit for bit.
 
 Like Triton, which builds its launcher with the system C compiler, the shared library is compiled
 at first use with ``$CC`` (default ``cc``) for this CPU (``-march=native``) and cached under
 ``$TWAMERGE_CACHE_DIR`` (default ``~/.cache/twamerge``), keyed by the source, the compiler, its
-flags and the CPU. It is then checked against the torch reference on a small basis; if there is no
+flags and the CPU. It is then checked against the torch reference on small inputs; if there is no
 compiler, the build fails or the check disagrees, :func:`status` says why and dispatch runs the
-torch reference. Signatures, shapes and dtypes are those of ``combine_torch`` / ``project_torch``;
-only packed bases (1, 2, 4, 8 bits), a float32 mean and float32 or bfloat16 ``out`` / ``grad`` are
-taken (:func:`unsupported`). Work is split over ``torch.get_num_threads()`` threads by ranges of
-groups; ctypes releases the GIL during each call, and the result does not depend on the split.
+torch reference. Signatures, shapes and dtypes are those of the ``<op>_torch`` references;
+only packed bases (1, 2, 4, 8 bits), float32 or bfloat16 candidates, a float32 mean and float32 or bfloat16
+``out`` / ``grad`` are taken (:func:`unsupported`). Work is split over ``torch.get_num_threads()`` threads by
+ranges of groups (gram: of segments of runs); ctypes releases the GIL during each call, and the result does
+not depend on the split.
 """
 
 from __future__ import annotations
@@ -29,8 +38,19 @@ from pathlib import Path
 
 import torch
 
-from .layout import FLOAT_BITS, check_combine_args, check_project_args
-from .reference import reduce_groups
+from .layout import (
+    FLOAT_BITS,
+    Rows,
+    check_combine_args,
+    check_gram_args,
+    check_orth_quantize_args,
+    check_orth_quantize_out,
+    check_project_args,
+    codes_shape,
+    stacked,
+    storage_dtype,
+)
+from .reference import GRAM_RUN, centred_gram, gram_breaks, gram_torch, reduce_groups
 
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-std=gnu11", "-shared", "-fPIC")
@@ -118,14 +138,18 @@ def _build() -> ctypes.CDLL:
                                     _int, _ptr, _int]
         lib.twa_project.argtypes = [_ptr, _int, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _int,
                                     _ptr, _i64]
+        lib.twa_gram.argtypes = [_ptr, _int, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr]
+        lib.twa_orth_quantize.argtypes = [_ptr, _int, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _ptr, _i64,
+                                          _ptr, _i64, _ptr, _i64]
         lib.twa_combine.restype = lib.twa_project.restype = _int
+        lib.twa_gram.restype = lib.twa_orth_quantize.restype = _int
         return lib
     raise RuntimeError(f"{cc} could not compile {SOURCE.name}: {errors[-1] if errors else 'unknown error'}")
 
 
 def _self_check() -> str | None:
-    """Compare both ops with the torch reference on a small basis of every bit width; the problem or None."""
-    from .reference import combine_torch, project_torch, quantize_torch
+    """Compare every op with the torch reference on small inputs of every bit width; the problem or None."""
+    from .reference import combine_torch, orth_quantize_torch, project_torch, quantize_torch
 
     gen = torch.Generator().manual_seed(0)
     rows, cols, group = 3, 512, 64
@@ -144,6 +168,24 @@ def _self_check() -> str | None:
         got = project_native(grad, *args, group_block, 2, bits, group)
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
             return f"project disagrees with the torch reference at bits={bits}"
+    # gram: the same runs as the reference, summed in another order (float32 rounding of the partials); a row
+    # split at a run boundary gives the same partials.
+    x = basis[:, :300] * 0.01 + torch.randn(300, generator=gen)
+    want_g, want_m = gram_torch(x, 5, 37, 16)
+    got_g, got_m = gram_native(x, 5, 37, 16)
+    if not torch.allclose(got_g, want_g, rtol=1e-5, atol=1e-5 * float(want_g.abs().max())) or not torch.allclose(
+            got_m, want_m, rtol=1e-6, atol=1e-6):
+        return "gram disagrees with the torch reference"
+    parts = gram_native(Rows(list(x[:, :27])), 5, 37, 16)[0] + gram_native(x[:, 27:], 32, 37, 16)[0]
+    if not torch.allclose(parts, got_g, rtol=1e-12, atol=1e-12 * float(got_g.abs().max())):
+        return "gram depends on where its columns are cut"
+    # orth_quantize: the same float32 operations in the same order as the reference: identical codes.
+    transform = torch.randn(2, rows, generator=gen) * 3
+    for bits in (1, 2, 4, 8):
+        want = orth_quantize_torch(basis, mean, transform, bits, group)
+        got = orth_quantize_native(basis, mean, transform, bits, group)
+        if not all(torch.equal(a, b) for a, b in zip(want, got)):
+            return f"orth_quantize disagrees with the torch reference at bits={bits}"
     return None
 
 
@@ -164,12 +206,16 @@ def status() -> tuple[bool, str]:
     return _status
 
 
+# The tensor whose dtype ``unsupported`` checks, per op.
+_DTYPE_OF = {"gram": "x", "orth_quantize": "x", "combine": "out", "project": "grad"}
+
+
 def unsupported(op: str, *, bits: int | None = None, dtype: torch.dtype | None = None) -> str | None:
     """Why the C kernel of ``op`` cannot take these arguments, or None when it can."""
     if bits is not None and bits in FLOAT_BITS:
         return f"the C {op} kernel takes packed codes (1, 2, 4, 8 bits); bits={bits}"
     if dtype is not None and dtype not in (torch.float32, torch.bfloat16):
-        return f"the C {op} kernel takes float32 or bfloat16 {'out' if op == 'combine' else 'grad'}; got {dtype}"
+        return f"the C {op} kernel takes float32 or bfloat16 {_DTYPE_OF[op]}; got {dtype}"
     return None
 
 
@@ -251,3 +297,82 @@ def project_native(grad, codes, scales, zeros, group_block, n_blocks, bits, grou
             grad.data_ptr(), bf16, codes.data_ptr(), codes.stride(0), scales.data_ptr(), scales.stride(0),
             zeros.data_ptr(), zeros.stride(0), rows, g0, g1, group_size, bits, partial.data_ptr(), partial.stride(0)))
     return reduce_groups(partial, group_block, n_blocks)
+
+
+# Columns of one float64 partial sum of the Gram matrix, in runs (twa_gram): threads take whole segments, and
+# the segments' sums are added in order, so the result does not depend on the number of threads.
+SEGMENT_RUNS = 512
+
+
+def _row_pointers(x) -> ctypes.Array:
+    """The K row addresses of a [K, n] tensor (rows may lie apart) or a :class:`Rows`."""
+    if isinstance(x, Rows):
+        ptrs = [r.data_ptr() for r in x.rows]
+    else:
+        ptrs = [x.data_ptr() + i * x.stride(0) * x.element_size() for i in range(x.shape[0])]
+    return (ctypes.c_void_p * len(ptrs))(*ptrs)
+
+
+def _check_input(op: str, x) -> int:
+    why = unsupported(op, dtype=x.dtype)
+    if why:
+        raise ValueError(why)
+    if x.device.type != "cpu":
+        raise ValueError(f"the C {op} kernel takes CPU tensors; got {x.device}")
+    return int(x.dtype == torch.bfloat16)
+
+
+def gram_native(x, start: int = 0, period: int = 0, run: int = GRAM_RUN):
+    """:func:`reference.gram_torch` in one pass over the K rows (a [K, n] tensor or a :class:`Rows`): each
+    run's differences, mean and float32 pair products computed in L1, the partials added in float64 (the
+    same runs as the reference, summed in another fixed order)."""
+    k, n = check_gram_args(x)
+    start, period, run = gram_breaks(start, period, run)
+    bf16 = _check_input("gram", x)
+    if k <= 1 or n == 0:
+        return gram_torch(stacked(x), start, period, run)
+    lib = _library()
+    rows = k - 1
+    seg = run * SEGMENT_RUNS
+    first = start // seg
+    n_segs = (start + n - 1) // seg - first + 1
+    slots = torch.zeros(n_segs, rows, rows, dtype=torch.float64)
+    mean = torch.empty(n, dtype=torch.float32)
+    ptrs = _row_pointers(x)
+
+    def args(s0: int, s1: int):
+        c0 = max(0, (first + s0) * seg - start)
+        c1 = min(n, (first + s1) * seg - start)
+        return (ptrs, bf16, k, c0, c1, start, period, run, seg, slots.data_ptr() + s0 * rows * rows * 8,
+                mean.data_ptr())
+
+    parts = max(1, min(torch.get_num_threads(), n_segs))
+    bounds = [n_segs * i // parts for i in range(parts + 1)]
+    _run(lib.twa_gram, [(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i] < bounds[i + 1]], args)
+    upper = slots.sum(dim=0).triu()
+    return centred_gram(upper + upper.triu(1).T, k), mean
+
+
+def orth_quantize_native(x, mean, transform, bits, group_size, out=None):
+    """:func:`reference.orth_quantize_torch` one group at a time: the K rows (a [K, n] tensor or a
+    :class:`Rows`) centred, multiplied by ``transform`` and quantized while the group is in L1."""
+    k, n, rows = check_orth_quantize_args(x, mean, transform, bits, group_size)
+    out = check_orth_quantize_out(out, rows, n, bits, group_size, x.device)
+    why = unsupported("orth_quantize", bits=bits, dtype=x.dtype)
+    if why:
+        raise ValueError(why)
+    bf16 = _check_input("orth_quantize", x)
+    if out is not None:
+        codes, scales, zeros = out
+    else:
+        codes = torch.empty(codes_shape(rows, n, bits), dtype=storage_dtype(bits))
+        scales = torch.empty(rows, n // group_size, dtype=torch.float32)
+        zeros = torch.empty(rows, n // group_size, dtype=torch.float32)
+    if rows == 0 or n == 0:
+        return codes, scales, zeros
+    lib = _library()
+    ptrs = _row_pointers(x)
+    _run(lib.twa_orth_quantize, _split(n // group_size), lambda g0, g1: (
+        ptrs, bf16, k, mean.data_ptr(), transform.data_ptr(), rows, g0, g1, group_size, bits, codes.data_ptr(),
+        codes.stride(0), scales.data_ptr(), scales.stride(0), zeros.data_ptr(), zeros.stride(0)))
+    return codes, scales, zeros

@@ -7,6 +7,8 @@ copy of a packed basis is ever made. See ``layout.py`` for the storage format.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .layout import (
@@ -148,43 +150,121 @@ def _slice_basis(codes, scales, zeros, bits, group_size, c0, c1):
     return codes[:, b0:b1], scales[:, g0:g1], zeros[:, g0:g1]
 
 
-# Columns per float32 partial product of the Gram matrix; partials are added in float64. A whole
-# chunk in one float32 matmul loses about 1e-6 of the Gram matrix (BLAS sums the 64K-long inner
-# dimension in float32); runs of this length keep it near 1e-8 at the same speed.
-GRAM_RUN = 1024
+# Columns per float32 partial product of the Gram matrix (at most); partials are added in float64. A whole
+# chunk in one float32 matmul loses about 1e-6 of the Gram matrix (BLAS sums the long inner dimension in
+# float32); runs of at most this length keep it near 1e-8.
+GRAM_RUN = 128
 
 
-def _gram_f32_partials(d: torch.Tensor) -> torch.Tensor:
-    """``d d^T`` for a float32 [R, w] chunk: float32 products over runs of ``GRAM_RUN`` columns, summed in float64."""
+def gram_breaks(start: int, period: int, run: int):
+    """The run structure of :func:`gram_torch`, checked: ``(start, period, run)`` as ints."""
+    if run < 1 or period < 0 or start < 0:
+        raise ValueError(f"gram runs need run >= 1, period >= 0 and start >= 0; got run={run}, period={period}, "
+                         f"start={start}")
+    return int(start), int(period), int(run)
+
+
+def _run_ids(c0: int, c1: int, period: int, run: int, device) -> torch.Tensor:
+    """Index of the run of every column ``c`` in ``[c0, c1)`` (parameter coordinates), counted from ``c0``'s
+    run: a run ends before every multiple of ``run`` and every multiple of ``period``."""
+    c = torch.arange(c0, c1, dtype=torch.int64, device=device)
+    lcm = run * period // math.gcd(run, period)
+    ids = c // run + c // period - c // lcm
+    return ids - ids[0]
+
+
+# Rows at least this many runs long are done row by row with batched products (few rows per chunk); shorter
+# rows through the padded grid below, in a fixed number of operations per chunk.
+_ROW_BY_ROW = 8
+
+
+def _aligned_partials(d: torch.Tensor, c0: int, run: int) -> torch.Tensor:
+    """Float32 partials of ``d`` [R, w] (first column: element ``c0``) over the runs between multiples of ``run``:
+    whole runs as one batched product, a partial run where the chunk starts or ends between two multiples
+    (a row's ends) as a product of its own; summed in float64."""
     rows, w = d.shape
-    whole = w // GRAM_RUN * GRAM_RUN
     out = torch.zeros(rows, rows, dtype=torch.float64, device=d.device)
+    head = min(w, (-c0) % run)
+    whole = (w - head) // run * run
     if whole:
-        runs = d[:, :whole].view(rows, whole // GRAM_RUN, GRAM_RUN).transpose(0, 1)  # [n_runs, R, RUN]
+        runs = d[:, head:head + whole].reshape(rows, whole // run, run).transpose(0, 1)  # [n_runs, R, run]
         out += torch.bmm(runs, runs.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
-    if whole < w:
-        tail = d[:, whole:]
-        out += tail @ tail.T
+    for a, z in ((0, head), (head + whole, w)):
+        if a < z:
+            part = d[:, a:z].unsqueeze(0)
+            out += torch.bmm(part, part.transpose(1, 2))[0].double()
     return out
 
 
-def gram_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _gram_f32_partials(d: torch.Tensor, c0: int, period: int, run: int) -> torch.Tensor:
+    """``d d^T`` for a float32 [R, w] chunk whose first column is column ``c0`` of its parameter: float32
+    partial products over the runs between breaks (every multiple of ``run``, and of ``period`` when
+    given), summed in float64. Which arithmetic computes a run's partial depends on ``period``, ``run`` and
+    the run's own length only, never on where the run lies in the chunk, so a parameter cut only at breaks
+    gives the same partials in any pieces."""
+    rows, w = d.shape
+    if period == 0 or period % run == 0:
+        return _aligned_partials(d, c0, run)  # breaks at multiples of ``run`` only
+    if period >= _ROW_BY_ROW * run:
+        # Long rows: within a row the breaks are the multiples of ``run``; a few rows per chunk.
+        out = torch.zeros(rows, rows, dtype=torch.float64, device=d.device)
+        c = c0
+        while c < c0 + w:
+            end = min(c0 + w, (c // period + 1) * period)
+            out += _aligned_partials(d[:, c - c0:end - c0], c, run)
+            c = end
+        return out
+    out = torch.zeros(rows, rows, dtype=torch.float64, device=d.device)
+    # Breaks at rows too (a period that is not a multiple of ``run``): each pair's products laid in a grid
+    # of zero-padded slots, one per run, as wide as the longest run can be, and summed over each slot: the
+    # same reduction for every run.
+    width = min(run, period)
+    ids = _run_ids(c0, c0 + w, period, run, d.device)
+    cols = torch.arange(w, device=d.device)
+    starts = torch.ones(w, dtype=torch.bool, device=d.device)
+    starts[1:] = ids[1:] != ids[:-1]
+    first = torch.cummax(torch.where(starts, cols, 0), dim=0).values
+    slot = ids * width + (cols - first)
+    n_runs = int(ids[-1]) + 1
+    ia, ib = torch.triu_indices(rows, rows, device=d.device)
+    grid = torch.zeros(len(ia), n_runs * width, dtype=torch.float32, device=d.device)
+    grid[:, slot] = d[ia] * d[ib]
+    upper = grid.view(len(ia), n_runs, width).sum(dim=2).double().sum(dim=1)
+    out[ia, ib] = upper
+    out[ib, ia] = upper
+    return out
+
+
+def gram_torch(x: torch.Tensor, start: int = 0, period: int = 0, run: int = GRAM_RUN
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gram matrix of the centred rows of a chunk: ``G = (x - m)(x - m)^T`` with ``m = mean_k x[k]``.
 
     Computed without a float64 copy of ``x``: per cache-sized chunk, the differences from the first
     candidate ``E = x[1:] - x[0]`` (exact in float32 for nearby checkpoints, which is where precision
-    matters) give float32 partials ``E E^T`` over runs of ``GRAM_RUN`` columns added into a float64
-    sum (measured on nearly parallel fine-tunes: 1e-8 of the float64 Gram); then ``G = C G_0 C`` with the
-    centring matrix ``C = I - 11^T / K`` on the K x K matrix, in float64. Any NaN/Inf in ``x`` makes
-    ``G`` non-finite (callers may check ``G`` instead of scanning ``x``).
+    matters) give float32 partials ``E E^T`` over runs of columns added into a float64 sum (measured on
+    nearly parallel fine-tunes: 1e-8 of the float64 Gram); then ``G = C G_0 C`` with the centring matrix
+    ``C = I - 11^T / K`` on the K x K matrix, in float64. Any NaN/Inf in ``x`` makes ``G`` non-finite
+    (callers may check ``G`` instead of scanning ``x``).
+
+    The runs are fixed by the parameter, not by the call: column ``j`` of ``x`` is element ``start + j`` of its
+    (flattened) parameter, and a run ends before every element index that is a multiple of ``run`` or of
+    ``period`` (a row length: 0 for none). A parameter cut into pieces only at such points (whole rows, or
+    whole quantization groups when ``run`` divides the group size and the parameter starts on a group, as
+    in a sharded model's layout and every one-tensor block) gives every piece the same float32 partials as
+    the whole parameter, so Gram matrices summed over pieces (ranks holding row ranges) equal one process's
+    up to the order of float64 additions.
 
     Args:
         x: [K, n] float32/float16/bfloat16, one row per candidate.
+        start: index in its parameter of ``x``'s first column.
+        period: the parameter's row length (elements), or 0.
+        run: the longest run of columns in one float32 partial.
 
     Returns:
         (G [K, K] float64, m [n] float32).
     """
     k, n = check_gram_args(x)
+    start, period, run = gram_breaks(start, period, run)
     gram = torch.zeros(k, k, dtype=torch.float64, device=x.device)
     mean = torch.empty(n, dtype=torch.float32, device=x.device)
     if k == 0:
@@ -193,20 +273,31 @@ def gram_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean.copy_(x[0])
         gram += (x[0].float() * 0).sum()  # 0, or NaN when x holds NaN/Inf
         return gram, mean
-    step = chunk_cols(k, 1)
+    # Chunks end at multiples of a whole number of runs (in the parameter's coordinates): breaks.
+    grid = period % run and period < _ROW_BY_ROW * run  # _gram_f32_partials's grid: K (K - 1) / 2 rows
+    step = max(run, chunk_cols(k * (k - 1) // 2 if grid else k, 1) // run * run)
     diff = torch.empty(k - 1, min(n, step), dtype=torch.float32, device=x.device)
     g0 = torch.zeros(k - 1, k - 1, dtype=torch.float64, device=x.device)
-    for c0 in range(0, n, step):
-        c1 = min(n, c0 + step)
-        xc = x[:, c0:c1]
+    c0 = start
+    while c0 < start + n:
+        c1 = min(start + n, (c0 // step + 1) * step)
+        xc = x[:, c0 - start:c1 - start]
         x0 = xc[0] if x.dtype == torch.float32 else xc[0].float()
         d = torch.sub(xc[1:], x0, out=diff[:, : c1 - c0])
-        g0 += _gram_f32_partials(d)
-        torch.add(x0, d.sum(dim=0), alpha=1.0 / k, out=mean[c0:c1])
-    centre = torch.eye(k, dtype=torch.float64, device=x.device) - 1.0 / k
+        g0 += _gram_f32_partials(d, c0, period, run)
+        torch.add(x0, d.sum(dim=0), alpha=1.0 / k, out=mean[c0 - start:c1 - start])
+        c0 = c1
+    return centred_gram(g0, k), mean
+
+
+def centred_gram(g0: torch.Tensor, k: int) -> torch.Tensor:
+    """``G = C G_0 C`` (``C = I - 11^T / K``) from the float64 Gram ``G_0`` [K-1, K-1] of the differences from
+    the first candidate; symmetric. Shared by every backend."""
+    gram = torch.zeros(k, k, dtype=torch.float64, device=g0.device)
+    centre = torch.eye(k, dtype=torch.float64, device=g0.device) - 1.0 / k
     gram[1:, 1:] = g0
     gram = centre @ gram @ centre
-    return (gram + gram.T) / 2, mean
+    return (gram + gram.T) / 2
 
 
 def orth_quantize_torch(
@@ -241,10 +332,16 @@ def orth_quantize_torch(
     step = min(n, chunk_cols(max(k, rows), group_size))
     centred = torch.empty(k, step, dtype=torch.float32, device=x.device)
     basis = torch.empty(rows, step, dtype=torch.float32, device=x.device)
+    term = torch.empty(rows, step, dtype=torch.float32, device=x.device)
+    t = transform.unsqueeze(2)  # [R, K, 1]
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
         xc = torch.sub(x[:, c0:c1], mean[c0:c1], out=centred[:, : c1 - c0])
-        p = torch.matmul(transform, xc, out=basis[:, : c1 - c0])
+        # P = T xc as K products and sums, k ascending, each rounded to float32 on its own (not a matmul, whose
+        # order BLAS chooses): every backend can then compute the same bits, and so the same codes.
+        p = torch.mul(t[:, 0], xc[0], out=basis[:, : c1 - c0])
+        for i in range(1, k):
+            p += torch.mul(t[:, i], xc[i], out=term[:, : c1 - c0])
         quantize_into(p, bits, group_size, *_slice_basis(codes, scales, zeros, bits, group_size, c0, c1))
     return codes, scales, zeros
 

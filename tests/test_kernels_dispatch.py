@@ -81,8 +81,8 @@ def test_bf16_on_gpu():
 
 
 def test_dispatch_auto_on_cpu_uses_torch_or_the_c_kernels(monkeypatch):
-    """Never Triton for CPU tensors under auto: the C kernels for combine and project when they build
-    (tests/test_native.py), the reference for everything else."""
+    """Never Triton for CPU tensors under auto: the C kernels when they build (tests/test_native.py), else the
+    reference."""
     monkeypatch.delenv("TWAMERGE_BACKEND", raising=False)
     c_built = dispatch.native.status()[0]
     for op in dispatch.OPS:
@@ -91,7 +91,8 @@ def test_dispatch_auto_on_cpu_uses_torch_or_the_c_kernels(monkeypatch):
     x = torch.randn(3, 16)
     g, m = dispatch.gram(x)
     g_ref, m_ref = reference.gram_torch(x)
-    assert torch.equal(g, g_ref) and torch.equal(m, m_ref)
+    # The C loop sums the same float32 runs in another order: equal to float32 rounding; the mean bit for bit.
+    assert torch.allclose(g, g_ref, rtol=1e-6, atol=1e-6 * float(g_ref.abs().max())) and torch.equal(m, m_ref)
 
 
 def test_dispatch_forced_triton_without_interpreter_raises(monkeypatch):

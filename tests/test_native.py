@@ -1,5 +1,6 @@
-"""The C kernels for combine and project (kernels/native.c): parity with the torch references,
-independence from the thread split, their argument limits, the build and cache, and dispatch."""
+"""The C kernels (kernels/native.c): parity with the torch references (orth_quantize's codes bit for bit),
+independence from the thread split and, for gram, from where a parameter is cut; the K candidates read in place
+(``Rows``); their argument limits, the build and cache, and dispatch."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import PoisonedTorch, assert_close
+
 from twamerge.kernels import dispatch, native, reference
 from twamerge.kernels.dispatch import BackendUnavailableError
-from twamerge.kernels.layout import PACKED_BITS
+from twamerge.kernels.layout import PACKED_BITS, Rows
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -109,8 +111,12 @@ def test_dispatch_auto_runs_the_c_kernels_on_cpu(monkeypatch):
     cpu = torch.device("cpu")
     assert dispatch.resolve("combine", cpu, "auto", bits=16, dtype=torch.float32) == "torch"
     assert dispatch.resolve("project", cpu, "auto", bits=8, dtype=torch.float16) == "torch"
-    assert dispatch.resolve("gram", cpu, "auto") == "torch"
-    assert dispatch.resolve("gram", cpu, "native") == "torch"  # no C gram: the reference
+    assert dispatch.resolve("gram", cpu, "auto", dtype=torch.float32) == "native"
+    assert dispatch.resolve("orth_quantize", cpu, "auto", bits=8, dtype=torch.bfloat16) == "native"
+    assert dispatch.resolve("gram", cpu, "auto", dtype=torch.float16) == "torch"
+    assert dispatch.resolve("orth_quantize", cpu, "auto", bits=32, dtype=torch.float32) == "torch"
+    with pytest.raises(BackendUnavailableError, match="float16 x"):
+        dispatch.gram(torch.zeros(2, 16, dtype=torch.float16), backend="native")
     with pytest.raises(BackendUnavailableError, match="bits=16"):
         dispatch.resolve("combine", cpu, "native", bits=16, dtype=torch.float32)
     with pytest.raises(BackendUnavailableError, match="float16"):
@@ -173,3 +179,128 @@ def test_a_forked_child_runs_the_threaded_kernels_too(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "0"
+
+
+def _candidates(k: int, n: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    """K nearby candidates (fine-tunes of one base): the case the Gram's float32 runs are there for."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=gen)
+    return (base + 1e-3 * torch.randn(k, n, generator=gen)).to(dtype)
+
+
+# (K, n, start, period, run): row lengths that are multiples of the run, are not, are shorter; a start mid-row.
+GRAM_CASES = [(8, 5000, 0, 0, 128), (8, 9000, 0, 2055, 128), (5, 700, 3, 1, 128), (3, 4100, 64, 2048, 128),
+              (2, 999, 0, 27, 8), (9, 70000, 0, 130, 128)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("k,n,start,period,run", GRAM_CASES)
+def test_gram_matches_reference(k, n, start, period, run, dtype):
+    """The same runs as the reference, each summed in another fixed order: the Gram within float32 rounding of
+    the runs' partials, the mean bit for bit (the same float32 operations)."""
+    x = _candidates(k, n, k + n, dtype)
+    want_g, want_m = reference.gram_torch(x, start, period, run)
+    got_g, got_m = native.gram_native(x, start, period, run)
+    assert got_g.dtype == torch.float64 and got_m.dtype == torch.float32
+    assert float((got_g - want_g).abs().max()) <= 1e-6 * float(want_g.norm())
+    assert torch.equal(got_m, want_m)
+    exact = x.double() - x.double().mean(dim=0)
+    assert float((got_g - exact @ exact.T).abs().max()) <= 1e-6 * float(want_g.norm())
+    # The K rows where they lie (a Rows: one pointer each) give the same bits as the stacked tensor.
+    rows_g, rows_m = native.gram_native(Rows([r.clone() for r in x]), start, period, run)
+    assert torch.equal(rows_g, got_g) and torch.equal(rows_m, got_m)
+
+
+@pytest.mark.parametrize("impl", ["native", "torch"])
+@pytest.mark.parametrize("period", [0, 2048, 2055, 130, 1])  # the reference's three ways: aligned, by row, grid
+def test_gram_of_pieces_cut_between_runs_sums_to_the_whole(impl, period):
+    """Issue 21: a parameter cut at row or run boundaries (where ranks and chunks cut it) gives each piece the
+    float32 partials of the whole, so the pieces' Gram matrices add up to the whole one's up to float64 rounding
+    (1e-15), not float32 (1e-9, what runs counted from each piece's start gave)."""
+    gram = native.gram_native if impl == "native" else reference.gram_torch
+    n, run = 3 * 2055 * 8 + 200, 128
+    x = _candidates(8, n, period)
+    whole = gram(x, 0, period, run)[0]
+    gen = torch.Generator().manual_seed(period)
+    breaks = [c for c in range(1, n) if c % run == 0 or (period and c % period == 0)]
+    cuts = [0, *sorted(breaks[i] for i in torch.randperm(len(breaks), generator=gen)[:5].tolist()), n]
+    pieces = sum(gram(x[:, a:z], a, period, run)[0] for a, z in zip(cuts, cuts[1:]))
+    scale = float(whole.norm())
+    assert float((pieces - whole).abs().max()) <= 1e-14 * scale
+    # Cut elsewhere, the runs change: the float32 rounding of the partials shows (the test can fail).
+    odd = [0, 1001, 5003, n]
+    moved = sum(gram(x[:, a:z], a, period, run)[0] for a, z in zip(odd, odd[1:]))
+    if period != 1:  # runs of one column are cut nowhere else
+        assert float((moved - whole).abs().max()) > 1e-14 * scale
+
+
+def test_gram_does_not_depend_on_the_thread_split():
+    x = _candidates(6, 300_000, 2)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(native.gram_native(x, 17, 1000, 128))
+    finally:
+        torch.set_num_threads(before)
+    for g, m in results[1:]:
+        assert torch.equal(g, results[0][0]) and torch.equal(m, results[0][1])
+
+
+def test_gram_is_not_finite_when_an_input_is_not():
+    for bad in (float("nan"), float("inf")):
+        for row in range(3):
+            x = _candidates(3, 1000, row)
+            x[row, 613] = bad
+            assert not bool(torch.isfinite(native.gram_native(x, 0, 100, 128)[0]).all()), (bad, row)
+
+
+# (K, R, group_size, n_groups)
+OQ_CASES = [(8, 7, 128, 40), (3, 2, 8, 63), (5, 4, 24, 11), (2, 1, 4096, 2), (17, 16, 32, 5)]
+
+
+@pytest.mark.parametrize("bits", PACKED_BITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("k,r,gs,ng", OQ_CASES)
+def test_orth_quantize_codes_equal_the_reference(k, r, gs, ng, dtype, bits):
+    """Random (not dyadic) data: the reference forms each basis value by the same float32 products and sums
+    in the same order as the C loop (no matmul, no fused multiply-add), so codes, scales and zeros are equal
+    bit for bit, ties included; written into column slices of a wider basis, from a stacked tensor or in place."""
+    gen = torch.Generator().manual_seed(k * 100 + ng + bits)
+    x = _candidates(k, gs * ng, k + gs, dtype)
+    mean = x.float().mean(dim=0)
+    transform = torch.randn(r, k, generator=gen) * 300  # an orthonormalising transform of 1e-3 differences
+    want = reference.orth_quantize_torch(x, mean, transform, bits, gs)
+    wide = [torch.full((r, 3 * t.shape[1]), 7, dtype=t.dtype) for t in want]
+    out = tuple(w[:, t.shape[1]: 2 * t.shape[1]] for w, t in zip(wide, want))
+    for source in (x, Rows([row.clone() for row in x])):
+        got = native.orth_quantize_native(source, mean, transform, bits, gs, out)
+        for name, a, b in zip(("codes", "scales", "zeros"), want, got):
+            assert torch.equal(a, b), f"{name} differ at {(a != b).nonzero()[:5].tolist()}"
+    for w, t in zip(wide, want):  # nothing written outside the slice
+        assert bool((w[:, : t.shape[1]] == 7).all() and (w[:, 2 * t.shape[1]:] == 7).all())
+
+
+def test_orth_quantize_does_not_depend_on_the_thread_split():
+    x = _candidates(8, 128 * 700, 5)
+    mean, transform = x.mean(dim=0), torch.randn(7, 8) * 300
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert len(native._split(700)) == threads
+            results.append(native.orth_quantize_native(x, mean, transform, 4, 128))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_rows_must_agree():
+    with pytest.raises(ValueError, match="rows differ"):
+        Rows([torch.zeros(8), torch.zeros(9)])
+    with pytest.raises(ValueError, match="rows differ"):
+        Rows([torch.zeros(8), torch.zeros(8, dtype=torch.bfloat16)])
+    rows = Rows([torch.arange(8.0), torch.arange(8.0) + 10])
+    assert rows.shape == (2, 8) and torch.equal(rows[:, 2:5].stack(), torch.tensor([[2.0, 3, 4], [12, 13, 14]]))

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 from helpers import assert_close
+
 from twamerge.kernels import reference
 from twamerge.kernels.reference import dequantize_torch
-
 from twamerge.subspace import StackedCandidates, build_subspace, make_layout
 
 
@@ -243,3 +243,47 @@ def test_a_scratch_buffer_holds_the_reads_and_changes_nothing(blocks, cache_byte
         assert not bool(scratch.isnan().all())  # written
         for f in ("mean", "codes", "scales", "zeros", "transform", "spread"):
             assert torch.equal(getattr(plain, f), getattr(sub, f)), (room, f)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("blocks, cache_bytes", [("layer", None), ("size:40", None), ("size:40", 0)])
+def test_candidates_read_in_place_give_the_stacked_basis(tmp_path, monkeypatch, dtype, blocks, cache_bytes):
+    """From checkpoint files the C kernels read each candidate's tensor where the reader put it (memory maps:
+    ``Rows``, no [K, n] stack); the subspace is bit for bit the one built from the stacked tensors with the same
+    kernels, in one read or two."""
+    from safetensors.torch import save_file
+
+    import twamerge
+    from twamerge import subspace
+    from twamerge.kernels import layout as kernel_layout
+
+    stacks = {n: s.to(dtype) for n, s in _candidates(shapes=((7, 3), (11,), (4, 4, 2), (30,), (5, 5))).items()}
+    paths = []
+    for i in range(5):
+        paths.append(str(tmp_path / f"c{i}.safetensors"))
+        save_file({n: s[i].contiguous() for n, s in stacks.items()}, paths[-1])
+    made = []
+    real_rows = kernel_layout.Rows.__init__
+    monkeypatch.setattr(subspace.Rows, "__init__", lambda self, rows: made.append(1) or real_rows(self, rows))
+    kw = {} if cache_bytes is None else {"cache_bytes": cache_bytes}
+    with twamerge.open_checkpoints(paths) as cs:
+        layout = make_layout(cs.keys, [cs.shape(n) for n in cs.keys], blocks, 8)
+        in_place = build_subspace(cs, layout, bits=4, backend="native", **kw)
+        assert made  # the kernels were given the candidates' own tensors
+        monkeypatch.setattr(subspace._Build, "_in_place", lambda self, dtype: False)
+        made.clear()
+        stacked = build_subspace(cs, layout, bits=4, backend="native", scratch=torch.empty(layout.n_cols), **kw)
+        assert not made
+    for f in ("mean", "codes", "scales", "zeros", "transform", "spread"):
+        assert torch.equal(getattr(in_place, f), getattr(stacked, f)), f
+
+
+def test_the_torch_and_c_builds_agree():
+    """The two CPU backends: the same mean, the same Gram runs summed in another order (float32 rounding), so
+    transforms within 1e-5 and codes at most one step apart."""
+    stacks = _candidates(shapes=((7, 300), (11,), (40, 40)))
+    layout = make_layout(list(stacks), [s.shape[1:] for s in stacks.values()], "layer", 8)
+    subs = [build_subspace(StackedCandidates(stacks), layout, bits=8, backend=b) for b in ("torch", "native")]
+    assert torch.equal(subs[0].mean, subs[1].mean)
+    assert_close("transform", subs[0].transform, subs[1].transform, atol=1e-5 * float(subs[0].transform.abs().max()))
+    assert int((subs[0].codes.int() - subs[1].codes.int()).abs().max()) <= 1

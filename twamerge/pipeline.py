@@ -422,9 +422,9 @@ def subspace_stage(run: FitRun) -> Subspace:
     """Mean and Gram, then the quantized orthonormal basis (this rank's columns), streaming over the candidates.
 
     The build checks the candidates for NaN/Inf itself, from each tensor's Gram matrix (a non-finite
-    value makes it non-finite), unless ``--allow-nonfinite`` asked not to. It stacks each tensor's K copies
-    in the gradient buffer, idle until training (which clears it every step): no K copies of the largest
-    tensor above the fit's own memory.
+    value makes it non-finite), unless ``--allow-nonfinite`` asked not to. The C loops on CPU read each
+    tensor's K copies where the reader mapped them; other backends stack them in the gradient buffer, idle
+    until training (which clears it every step): no K copies of the largest tensor above the fit's own memory.
     """
     cfg, cs = run.cfg, run.cs
     return build_subspace(cs, run.flat.layout, bits=cfg.bits, comm=run.comm, rank_rtol=cfg.rank_rtol,

@@ -28,7 +28,8 @@ import torch
 
 from .distributed import Comm, SingleProcess, split_columns
 from .kernels import dispatch
-from .kernels.layout import FLOAT_BITS, INPUT_DTYPES, codes_shape, storage_dtype
+from .kernels.layout import FLOAT_BITS, INPUT_DTYPES, Rows, codes_shape, stacked, storage_dtype
+from .kernels.reference import GRAM_RUN
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +413,9 @@ def build_subspace(
             the Gram terms of ``columns.owned`` only.
         scratch: a buffer the caller does not need during the build (the fit's gradient buffer), whose
             contents the build overwrites: each tensor's K copies are stacked into it instead of a fresh
-            ``[K, n]`` tensor per read (see :class:`_Scratch`), when ``candidates`` take ``out=``.
+            ``[K, n]`` tensor per read (see :class:`_Scratch`), when ``candidates`` take ``out=``. Unused
+            where the C kernels read the candidates in place (a ``CheckpointSet`` of float32 or bfloat16
+            tensors on CPU: each candidate's tensor as the reader maps it, K pointers, no stack).
     """
     build = _Build(candidates, layout, comm or SingleProcess(), torch.device(device), bits=bits, backend=backend,
                    rank_rtol=rank_rtol, check_finite=check_finite, columns=columns, scratch=scratch)
@@ -458,7 +461,10 @@ class _Build:
         self.spreads = [0.0] * layout.n_blocks
         self.basis = _BasisWriter(layout, self.codes, self.scales, self.zeros, self.mean, bits, columns,
                                   lambda i: layout.offsets[i] + self.loaded(i)[0], backend)
-        self._last: dict[int, torch.Tensor] = {}  # the tensor read last in the second pass
+        self._last: dict[int, torch.Tensor | Rows] = {}  # the tensor read last in the second pass
+        self._rows_ok: dict[torch.dtype, bool] = {}
+        # Longest float32 run of the Gram's partial products: it divides the group size, so runs never cross a group.
+        self.gram_run = math.gcd(GRAM_RUN, layout.group_size)
 
     def loaded(self, i: int) -> tuple[int, int]:
         """The part ``[lo, hi)`` of tensor ``i`` (flattened) in this rank's stored columns; empty when lo >= hi.
@@ -472,13 +478,31 @@ class _Build:
             raise AssertionError(f"tensor {self.layout.names[i]} meets {len(parts)} spans of this rank's columns")
         return (parts[0][0] - o0, parts[0][1] - o0) if parts else (0, 0)
 
-    def load(self, i: int) -> torch.Tensor:
-        """This rank's columns of tensor ``i`` in every candidate, [K, n] on the device."""
+    def load(self, i: int) -> torch.Tensor | Rows:
+        """This rank's columns of tensor ``i`` in every candidate, [K, n] on the device: the K tensors as the
+        reader returns them (memory maps of the files) when the C kernels read them in place, else stacked."""
         lo, hi = self.loaded(i)
         name = self.layout.names[i]
-        out = self.scratch.take(self.k, hi - lo, _dtype_of(self.candidates, name))
+        dtype = _dtype_of(self.candidates, name)
+        if self._in_place(dtype):
+            whole = (lo, hi) == (0, self.layout.numel(i))
+            get = self.candidates.get if whole else self.candidates.get_slice
+            return Rows([get(j, name, check=False) if whole else get(j, name, lo, hi, check=False)
+                         for j in range(self.k)])
+        out = self.scratch.take(self.k, hi - lo, dtype)
         x = self.candidates.stack_slice(name, lo, hi, **({} if out is None else {"out": out}))
         return _as_compute(x).reshape(self.k, -1).to(self.device)
+
+    def _in_place(self, dtype: torch.dtype) -> bool:
+        """Whether tensors of ``dtype`` go to the kernels unstacked: a reader that hands out each candidate's
+        tensor (``CheckpointSet.get``) and the C kernels for both passes."""
+        if dtype not in self._rows_ok:
+            self._rows_ok[dtype] = (
+                self.device.type == "cpu" and callable(getattr(self.candidates, "get", None))
+                and callable(getattr(self.candidates, "get_slice", None))
+                and all(dispatch.resolve(op, self.device, self.backend, k=self.k, group_size=self.layout.group_size,
+                                         bits=self.bits, dtype=dtype) == "native" for op in ("gram", "orth_quantize")))
+        return self._rows_ok[dtype]
 
     def block_bytes(self, b: int) -> int:
         """Bytes of block ``b``'s columns on this rank, all candidates, as they are computed on."""
@@ -506,7 +530,10 @@ class _Build:
             cuts = sorted({start, start + x.shape[1], *(c for piece in owned for c in piece)})
             for a, z in zip(cuts, cuts[1:]):
                 part = x[:, a - start: z - start]
-                gram, m = dispatch.gram(part, backend=self.backend)
+                # The Gram's float32 runs are fixed by the parameter (its element a - offset, its rows, whole
+                # groups), and ranks cut it only at row or group boundaries, so N ranks' partials are one process's.
+                gram, m = dispatch.gram(part, a - self.layout.offsets[i], self.row_length(i), self.gram_run,
+                                        backend=self.backend)
                 if (a, z) in owned:
                     gram = gram.cpu()
                     if self.check_finite and not bool(torch.isfinite(gram).all()):
@@ -517,6 +544,11 @@ class _Build:
             if keep:
                 held[i] = x
         return held
+
+    def row_length(self, i: int) -> int:
+        """Elements per row (along dim 0, where a sharded model's ranks cut) of tensor ``i``."""
+        shape = self.layout.shapes[i]
+        return max(1, math.prod(shape[1:])) if shape and shape[0] else 1
 
     def finish(self, b: int) -> None:
         """Block ``b``'s rank, spread and transform from its (complete) Gram matrix."""
@@ -561,7 +593,7 @@ class _Build:
             self.basis.write_block(b, self.transform[b], self._read_again)
         self._last.clear()
 
-    def _read_again(self, i: int) -> torch.Tensor:
+    def _read_again(self, i: int) -> torch.Tensor | Rows:
         if i not in self._last:
             self._last.clear()
             self.scratch.reset()
@@ -653,7 +685,8 @@ def _locate_nonfinite(candidates: CandidateColumns, name: str, x: torch.Tensor, 
                 f"{where}: tensor {name!r} holds {n_nan} NaN and {n_inf} Inf values; "
                 "drop that checkpoint or pass --allow-nonfinite to merge anyway"
             )
-    centred = x.double() - x.double().mean(dim=0)
+    x = stacked(x).double()
+    centred = x - x.mean(dim=0)
     return (centred @ centred.T).cpu()
 
 
@@ -727,5 +760,9 @@ class _BasisWriter:
             if lo >= hi:
                 continue
             base = self.first(i)
-            window[:, lo - w0: hi - w0] = source(i)[:, lo - base: hi - base]
+            part = source(i)[:, lo - base: hi - base]
+            if isinstance(part, Rows):
+                part.stack(out=window[:, lo - w0: hi - w0])
+            else:
+                window[:, lo - w0: hi - w0] = part
         return window
