@@ -349,7 +349,7 @@ def test_signal_during_a_write_leaves_nothing(tmp_path, sig):
         import os, signal, sys, time
         signal.signal(signal.{sig}, signal.SIG_DFL)
         import twamerge.io.writer as w
-        def save(tensors, path, metadata):
+        def save(tensors, path, metadata, pieces=None):
             with open(path, "wb") as f:
                 f.write(b"partial")
             os.kill(os.getpid(), signal.{sig})
