@@ -29,6 +29,13 @@ of the default fit, never the test split):
                    fit rows) scores best on the held-out rows (ties: lower held-out loss, then TWA)
     select_refit   the same choice, with the refitted TWA written when TWA is chosen
     select_any     as select, but every candidate competes on the held-out rows (not only the best on the fit rows)
+    greedy_span    the defaults fitted in the span of the greedy soup's ingredients only (their files are the
+                   candidates of a second fit, which starts at their average: the greedy soup); the greedy soup
+                   itself where it has one ingredient
+    blocks_rows    data-size-aware blocks: at least ROWS_PER_COEF fit rows per fitted coefficient; B = fit rows //
+                   (ROWS_PER_COEF x (K - 1)) blocks: layer where B reaches the number of tensors (then the
+                   default fit itself), global where B <= 1, else size:N with N = parameters / B
+    select_span    as select, with the greedy-span fit as a further contender (its held-out score)
 
 Run (pools: a few minutes; the study: about an hour and a half on 2 shared CPU cores, most of it the
 MiniLM soup, whose fits take about 3 minutes each; each process uses one thread, so two can run side by side).
@@ -40,6 +47,12 @@ study of still-improving runs (docs/never_worse.md, its last section):
         mnist_mlp_epochs,lm_trainer
     python benchmarks/never_worse.py --pools runs/pools --out runs/never_worse22 --options twa,old,no_stop,min300 \
         --md docs/never_worse.md --section "Issue 22: the step budget and the fit floor"
+
+and its second study (the 17 pools of the whole study below and the still-improving ones at several seeds, the
+greedy span and the data-size-aware blocks; its section lists the exact commands) with
+``--options twa,old,greedy_span,blocks_rows --section "Issue 22: the study again"``. Pools can be run in
+separate processes (``--pools`` one pool each, the same ``--out``), then once more over all of them, which fits
+nothing and writes the page.
 
 The whole study:
 
@@ -89,13 +102,22 @@ OPTIONS: dict[str, tuple[dict, bool]] = {
     "lr0.02": ({"lr": 0.02}, False),
     "lr0.1": ({"lr": 0.1}, False),
     "refit": ({}, True),
+    # Fitted after the default fit, from what its report says (the greedy soup's ingredients; the fit rows, the
+    # number of tensors and parameters): see run_pool.
+    "greedy_span": ({}, False),
+    "blocks_rows": ({}, False),
 }
+DERIVED_FITS = {"greedy_span", "blocks_rows"}
+# blocks_rows: fit rows per coefficient, chosen before the study (a common rule of thumb for a regression's
+# observations per parameter), not tuned on it.
+ROWS_PER_COEF = 10
 TUNED_LRS = {"lr0.02": 0.02, "twa": 0.05, "lr0.1": 0.1}
 SHOWN = ["twa", "old", "no_stop", "min300", "init_greedy", "init_greedy_wd0.1", "init_greedy_wd0.3", "init_greedy_wd",
-         "wd", "restarts3", "global", "refit", "tuned_refit", "select", "select_refit", "select_any"]
+         "wd", "restarts3", "global", "refit", "tuned_refit", "select", "select_refit", "select_any", "greedy_span",
+         "blocks_rows", "select_span"]
 # What each derived pick needs fitted.
 PICKS_NEED = {"select": {"twa"}, "select_any": {"twa"}, "select_refit": {"twa", "refit"},
-              "tuned_refit": {"twa", "lr0.02", "lr0.1", "refit"}}
+              "tuned_refit": {"twa", "lr0.02", "lr0.1", "refit"}, "select_span": {"twa", "greedy_span"}}
 
 
 # The output folder of examples/finetune_soup/run.py is a pool too (the MiniLM fine-tunes as Hugging Face folders,
@@ -159,26 +181,31 @@ def run_pool(root: Path, out: Path, threads: int, previous: dict | None = None,
 
     outputs: dict[str, Path] = {}
 
-    def do_fit(name: str, changes: dict, all_rows: bool) -> None:
+    def do_fit(name: str, changes: dict, all_rows: bool, files: list[str] | None = None) -> None:
         cfg = replace(FitConfig(), **changes, **({"holdout": 0.0} if all_rows else {}))
-        if (all_rows or changes.get("init") is None) and name != "twa":
-            # Baselines are only needed where they are the start point (init) or the evidence (twa).
+        if (all_rows or changes.get("init") is None) and name not in ("twa", "greedy_span"):
+            # Baselines are only needed where they are the start point (init) or the evidence (twa; the greedy
+            # span's held-out score, which select_span compares, is its twa row).
             cfg = replace(cfg, greedy=False, eval_candidates=False)
         dst = output_path(work, name, hf)
         t0 = time.perf_counter()
-        report = fit(ckpts, val=DataConfig(val), model=model, output=OutputConfig(dst), cfg=cfg)
+        report = fit(files or ckpts, val=DataConfig(val), model=model, output=OutputConfig(dst), cfg=cfg)
         res["seconds"][name] = time.perf_counter() - t0
         res["fits"][name] = {"methods": report["methods"], "alphas": report["merge"]["block_alphas"],
                              "steps": report["fit"]["steps"], "runs": report["fit"].get("runs"),
-                             "floor": report["fit"].get("floor")}
+                             "floor": report["fit"].get("floor"), "blocks": cfg.blocks,
+                             "fit_rows": report["data"]["fit_rows"], "n_params": report["subspace"]["n_params"],
+                             "n_blocks": len(report["blocks"]), "k": len(files or ckpts)}
         outputs[name] = dst
         print(f"  {spec['name']}: {name} in {res['seconds'][name]:.0f}s", file=sys.stderr, flush=True)
 
     # The data-aware baselines as written files (BatchNorm re-estimated on the fit rows, like the report's).
     chosen = {n: OPTIONS[n] for n in (options or OPTIONS)}
     written = {**chosen, "greedy": ({"init": "greedy", "epochs": 0}, False), "uniform": ({"epochs": 0}, False)}
+    if DERIVED_FITS & set(chosen) and "twa" not in res["fits"]:
+        written = {"twa": OPTIONS["twa"], **written}  # what they are derived from
     for name, (changes, all_rows) in written.items():
-        if name in res["test"]:
+        if name in res["test"] or name in DERIVED_FITS:
             continue
         if name == "no_stop" and "twa" in outputs and not any(r["stop"] for r in res["fits"]["twa"]["runs"] or []):
             # The early stop changes a fit only from the step where it stops: the default fit did not stop, so the
@@ -187,6 +214,8 @@ def run_pool(root: Path, out: Path, threads: int, previous: dict | None = None,
             outputs[name] = outputs["twa"]
             continue
         do_fit(name, changes, all_rows)
+    for name in [n for n in chosen if n in DERIVED_FITS and n not in res["test"]]:
+        derived_fit(name, res, ckpts, outputs, do_fit)
     tuned = None
     if PICKS_NEED["tuned_refit"] <= set(res["fits"]):
         tuned = max(TUNED_LRS, key=lambda n: _key(_row(res["fits"][n]["methods"], "twa")["heldout"], higher))
@@ -212,6 +241,47 @@ def run_pool(root: Path, out: Path, threads: int, previous: dict | None = None,
     return res
 
 
+def derived_fit(name: str, res: dict, ckpts: list[str], outputs: dict, do_fit) -> None:
+    """Fit ``greedy_span`` or ``blocks_rows`` from the default fit's report (``res["fits"]["twa"]``); where the
+    option amounts to a merge already written (one greedy ingredient; the layer blocks), reuse it, not refit."""
+    twa = res["fits"]["twa"]
+    if name == "greedy_span":
+        ingredients = _row(twa["methods"], "greedy")["ingredients"]
+        by_name = {n: c for c in ckpts for n in (Path(c).name, Path(c).stem)}
+        files = [by_name[i] for i in ingredients]
+        if len(files) > 1:
+            do_fit(name, {}, False, files)
+            res["fits"][name]["ingredients"] = ingredients
+        else:  # one ingredient: the span is that point, the greedy soup
+            res["fits"][name] = {"same_as": "greedy", "ingredients": ingredients}
+            _reuse(name, "greedy", res, outputs)
+        return
+    blocks = rows_blocks(twa["fit_rows"], res["k"], twa["n_blocks"], twa["n_params"])
+    if blocks == twa["blocks"]:
+        res["fits"][name] = {**twa, "same_as": "twa"}
+        _reuse(name, "twa", res, outputs)
+    else:
+        do_fit(name, {"blocks": blocks}, False)
+
+
+def _reuse(name: str, source: str, res: dict, outputs: dict) -> None:
+    """Option ``name`` is the merge ``source`` already made: its file now, or its stored test scores."""
+    res["seconds"][name] = 0.0
+    if source in outputs:
+        outputs[name] = outputs[source]
+    else:
+        res["test"][name], res["test_loss"][name] = res["test"][source], res["test_loss"][source]
+
+
+def rows_blocks(fit_rows: int, k: int, n_tensors: int, n_params: int) -> str:
+    """The ``--blocks`` value of the data-size-aware rule (``blocks_rows``): at most one fitted coefficient
+    (K - 1 per block: the weights sum to one) per ROWS_PER_COEF fit rows."""
+    n = fit_rows // (ROWS_PER_COEF * max(1, k - 1))
+    if n >= n_tensors:
+        return "layer"
+    return "global" if n <= 1 else f"size:{-(-n_params // n)}"
+
+
 def add_picks(res: dict) -> None:
     """The held-out picks, from the default fit's report only (no fit, no test score is used to choose).
 
@@ -221,19 +291,38 @@ def add_picks(res: dict) -> None:
     """
     higher, test = res["higher_is_better"], res["test"]
     last = max(res["candidates"], key=lambda c: _natural(c["name"]))
-    res["last"] = {"name": last["name"], "test": last["test"]}
+    res["last"] = {"name": last["name"], "test": last["test"], "test_loss": last["test_loss"]}
     if "twa" not in res["fits"]:
         return
-    cand_test = {c["name"]: c["test"] for c in res["candidates"]}
+    cands = {c["name"]: c for c in res["candidates"]}
+    loss = res["test_loss"]
+
+    def pick(name: str, chosen: MethodResult | str) -> None:
+        """Option ``name`` is what ``chosen`` (a method row, or an option's name) wrote: its test scores."""
+        kind = chosen if isinstance(chosen, str) else chosen.kind
+        if kind == "candidate":
+            res[f"{name}_choice"] = f"candidate {chosen.name}"
+            test[name], loss[name] = cands[chosen.name]["test"], cands[chosen.name]["test_loss"]
+        else:
+            res[f"{name}_choice"], test[name], loss[name] = kind, test[kind], loss[kind]
+
     rows = [MethodResult(r["name"], r["kind"], r["fit"], r["heldout"]) for r in res["fits"]["twa"]["methods"]]
     others = [r for r in rows if r.kind != "candidate"]
     for name, contenders in (("select", rows),
                              ("select_any", [*others, best_candidate(rows, "heldout", higher)])):
         chosen = best_on_heldout(contenders, higher)
-        res[f"{name}_choice"] = chosen.kind if chosen.kind != "candidate" else f"candidate {chosen.name}"
-        test[name] = cand_test[chosen.name] if chosen.kind == "candidate" else test[chosen.kind]
+        pick(name, chosen)
         if name == "select" and "refit" in test:
             test["select_refit"] = test["refit"] if chosen.kind == "twa" else test[name]
+    span = res["fits"].get("greedy_span")
+    if span is not None and "greedy_span" in test:
+        # select's choice, or the greedy-span fit where its held-out score (its own twa row; the greedy row where
+        # it is the greedy soup) is strictly better: the same rule as --select best, one contender more.
+        score = _row(span["methods"], "twa")["heldout"] if "methods" in span else \
+            _row(res["fits"]["twa"]["methods"], "greedy")["heldout"]
+        chosen = best_on_heldout(rows, higher)
+        better = score is not None and chosen.heldout is not None and _key(score, higher) > _key(chosen.heldout, higher)
+        pick("select_span", "greedy_span" if better else chosen)
 
 
 def _natural(name: str) -> list:
@@ -277,20 +366,32 @@ def render_section(results: list[dict], title: str, command: str, options: list[
     options = _keep_option_lines(_docstring_block("    twa ").splitlines(), shown)
     lines = [f"## {title}", "",
              f"Generated by `python benchmarks/never_worse.py ... --section` from the result files of the pools "
-             f"below and nothing else (one seed each: {len(results)} pools); the tables above are an earlier study "
+             f"below and nothing else ({len(results)} pools); the tables above are earlier studies "
              "and are left as they were. Same rules: every figure is on a test split no step of any merge has "
              "seen; **last** is the run's last checkpoint. Seconds are wall time on a shared CPU whose load varied "
              "during the study: the steps say what each fit cost. The options:", "",
-             *options, "", "Commands (the pools, then the study):", "", f"    {pools_command(results)}",
+             *options, "", "Commands (the pools, then the study):", "", *(f"    {c}" for c in pools_commands(results)),
              f"    {command}", ""]
     return "\n".join(lines + _tables(results, "###", shown)) + "\n"
 
 
-def pools_command(results: list[dict]) -> str:
-    """The ``benchmarks/pools.py`` command that builds the pools of ``results`` (named ``<kind>_s<seed>``)."""
-    kinds = list(dict.fromkeys(re.sub(r"_s\d+$", "", r["name"]) for r in results))
-    seeds = sorted({int(m.group(1)) for r in results if (m := re.search(r"_s(\d+)$", r["name"]))})
-    return f"python benchmarks/pools.py --seeds {','.join(map(str, seeds))} --only {','.join(kinds)}"
+def pools_commands(results: list[dict]) -> list[str]:
+    """The commands that build the pools of ``results``: ``benchmarks/pools.py`` for those named
+    ``<kind>_s<seed>`` (one command per set of seeds), examples/finetune_soup for the MiniLM soup."""
+    seeds: dict[str, list[int]] = {}
+    for r in results:
+        if m := re.search(r"^(.*)_s(\d+)$", r["name"]):
+            seeds.setdefault(m.group(1), []).append(int(m.group(2)))
+    by_seeds: dict[str, list[str]] = {}
+    for kind, ss in seeds.items():
+        by_seeds.setdefault(f"--seeds {','.join(map(str, sorted(ss)))} ", []).append(kind)
+    other = [r["name"] for r in results if r["name"] != FINETUNE_SOUP["name"] and not re.search(r"_s\d+$", r["name"])]
+    if other:  # a pool named without a seed
+        by_seeds[""] = other
+    lines = [f"python benchmarks/pools.py {ss}--only {','.join(kinds)}" for ss, kinds in by_seeds.items()]
+    if any(r["name"] == FINETUNE_SOUP["name"] for r in results):
+        lines.append("python examples/finetune_soup/run.py --out runs/finetune_soup --variants layer:8")
+    return lines
 
 
 def _keep_option_lines(lines: list[str], shown: list[str]) -> list[str]:
@@ -337,6 +438,7 @@ def _tables(results: list[dict], level: str, shown: list[str] | None = None) -> 
                          [r for r in results if r["metric"] != "accuracy"])):
         if group:
             lines += _summary(group, shown, unit, improving)
+    lines += _loss_vs_last([r for r in results if r.get("improving") and r["metric"] == "accuracy"], shown)
     kinds: dict[str, list[dict]] = {}
     for r in results:
         kinds.setdefault(re.sub(r"_s\d+$", "", r["name"]), []).append(r)
@@ -352,7 +454,17 @@ def _tables(results: list[dict], level: str, shown: list[str] | None = None) -> 
                      + ", ".join(f"{r['name']}: {r['select_choice']}" for r in results))
     if "tuned_refit" in shown:
         notes.append("lr chosen for `tuned_refit`: " + ", ".join(f"{r['name']}: {r['tuned_lr']}" for r in results))
-    lines += ["", "; ".join(notes) + "." if notes else ""]
+    if "select_span" in shown:
+        notes.append("Held-out choices of `select_span`: "
+                     + ", ".join(f"{r['name']}: {r['select_span_choice']}" for r in results))
+    if "greedy_span" in shown:
+        notes.append("Greedy ingredients (the greedy span's K): "
+                     + ", ".join(f"{r['name']}: {len(r['fits']['greedy_span']['ingredients'])}" for r in results))
+    if "blocks_rows" in shown:
+        notes.append("`--blocks` of `blocks_rows` (fit rows, blocks): " + ", ".join(
+            f"{r['name']}: {r['fits']['blocks_rows']['blocks']} ({r['fits']['twa']['fit_rows']}, "
+            f"{r['fits']['blocks_rows']['n_blocks']})" for r in results))
+    lines += ["", ". ".join(notes) + "." if notes else ""]
     lines += ["", "Seconds per fit: " + "; ".join(
         f"{r['name']}: " + ", ".join(f"{n} {r['seconds'][n]:.0f}" for n in shown if n in r["seconds"])
         for r in results) + "."]
@@ -362,6 +474,21 @@ def _tables(results: list[dict], level: str, shown: list[str] | None = None) -> 
             f"{r['name']}: " + ", ".join(_steps_text(n, r["fits"][n]) for n in shown if "steps" in r["fits"].get(n, {}))
             for r in steps) + "."]
     return lines
+
+
+def _loss_vs_last(results: list[dict], shown: list[str]) -> list[str]:
+    """Test loss against the last checkpoint's on the still-improving accuracy pools (on a perplexity pool the
+    perplexity table says it): what the fit minimises, where the accuracy and the loss can disagree."""
+    if not results:
+        return []
+    lines = ["Test loss against the last checkpoint's on the still-improving accuracy pools, in percent of its "
+             "loss (positive: a lower loss, better); what the fit minimises, where accuracy may disagree.", "",
+             "| option | " + " | ".join(r["name"] for r in results) + " |", "|---|" + "---:|" * len(results)]
+    for n in ["greedy", "uniform", *shown]:
+        cells = [f"{100 * (r['last']['test_loss'] - r['test_loss'][n]) / r['last']['test_loss']:+.1f}"
+                 if n in r["test_loss"] else "-" for r in results]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _steps_text(name: str, fit: dict) -> str:

@@ -490,7 +490,7 @@ def build_pool(pool: Pool, out: Path, force: bool, threads: int) -> dict | None:
     info = {"name": pool.name, **pool.builder(folder, pool.seed)}
     info["description"] += f" Trained with {threads} torch thread(s)."
     (folder / "pool.json").write_text(json.dumps(info, indent=2) + "\n")
-    log(pool.name, f"done: {len(list((folder / 'ckpts').glob('*.safetensors')))} candidates, "
+    log(pool.name, f"done: {len(list((folder / 'ckpts').iterdir()))} candidates, "
                    f"{info['train_seconds']:.1f} s of training")
     return info
 

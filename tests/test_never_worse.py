@@ -32,6 +32,15 @@ def test_every_option_is_scored_and_a_rerun_fits_nothing(tmp_path, monkeypatch):
     res = json.loads((out / "digits_tiny.json").read_text())
     assert set(nw.SHOWN) <= set(res["test"]) and all(0 <= v <= 1 for v in res["test"].values())
     assert res["k"] == 4 and res["test_rows"] == 447
+    # The greedy-span fit's candidates are the default fit's greedy ingredients (or it is the greedy soup itself).
+    greedy = next(r for r in res["fits"]["twa"]["methods"] if r["kind"] == "greedy")
+    span = res["fits"]["greedy_span"]
+    assert span["ingredients"] == greedy["ingredients"]
+    if "same_as" in span:
+        assert span["same_as"] == "greedy" and len(greedy["ingredients"]) == 1
+    else:
+        assert span["k"] == len(greedy["ingredients"]) >= 2
+    assert res["select_span_choice"] in ("greedy_span", res["select_choice"])
     # The study's select is what `fit --select best` writes on the same pool (same seed, so the same split).
     from twamerge import DataConfig, FitConfig, ModelConfig, fit
 
@@ -58,4 +67,21 @@ def test_every_option_is_scored_and_a_rerun_fits_nothing(tmp_path, monkeypatch):
     section = again[len(page):]
     assert "## Step budget" in section and "| twa | old | select | select_any |" in section
     assert "init_greedy" not in section  # fitted for the page above, not asked for here
-    assert "python benchmarks/pools.py --seeds" in section and "--options twa,old" in section
+    assert "python benchmarks/pools.py --only digits_tiny" in section and "--options twa,old" in section
+
+
+def test_data_size_aware_blocks_rule():
+    nw = _module()
+    # 10 fit rows per fitted coefficient, K - 1 coefficients per block.
+    assert nw.rows_blocks(359, 20, 6, 26_000) == "global"  # 359 // 190 = 1 block
+    assert nw.rows_blocks(800, 5, 4, 100_000) == "layer"  # 20 blocks >= 4 tensors
+    assert nw.rows_blocks(96, 2, 20, 1_000) == "size:112"  # 9 blocks of at least 1000 / 9 parameters
+
+
+def test_pools_commands_group_kinds_by_seeds():
+    nw = _module()
+    names = ["digits_s0", "digits_s1", "lm_trainer_s1", "fmnist_cnn16_s1", "fmnist_cnn16_s0", "minilm_soup"]
+    assert nw.pools_commands([{"name": n} for n in names]) == [
+        "python benchmarks/pools.py --seeds 0,1 --only digits,fmnist_cnn16",
+        "python benchmarks/pools.py --seeds 1 --only lm_trainer",
+        "python examples/finetune_soup/run.py --out runs/finetune_soup --variants layer:8"]
