@@ -17,7 +17,8 @@ checkpointing setting. It prints, for each fit:
   4 B, the basis (K-1) x bits/8 B plus a float32 scale and zero per group, per parameter) plus the
   peak of the plain step with the fit's checkpointing setting, less that step's own weights and
   gradients (8 B per parameter: the floor counts them), plus 10%;
-- the evaluate phase against the fit phase (``timings`` of the report, in CPU seconds);
+- the evaluate phase against the fit phase (``timings`` of the report, in CPU seconds, and the same phases
+  in wall-clock seconds);
 - the fit's time per step against the plain step (CPU seconds).
 
 docs/performance.md, "Language models", has a run.
@@ -26,6 +27,7 @@ docs/performance.md, "Language models", has a run.
                                                          # variant without checkpointing)
     OMP_NUM_THREADS=1 python benchmarks/lm_memory.py --layers 4 --hidden 256   # a quick check
     python benchmarks/lm_memory.py --variants "" "--eval-batch-tokens 16384"   # other flag sets
+    OMP_NUM_THREADS=1 python benchmarks/lm_memory.py --variants "" --scoring   # and the scoring path alone
 """
 
 from __future__ import annotations
@@ -52,10 +54,25 @@ _FIT = textwrap.dedent(
     cpu_clock = types.SimpleNamespace(perf_counter=time.process_time)
     for name in ("twamerge.report", "twamerge.fit"):  # modules (twamerge.fit the attribute is a function)
         importlib.import_module(name).time = cpu_clock
+    import contextlib, json, twamerge.report
+    wall = {}  # the same phases in wall-clock seconds, beside the report's CPU seconds
+    cpu_phase = twamerge.report.Timer.phase
+
+    @contextlib.contextmanager
+    def both(self, name):
+        start = time.perf_counter()
+        try:
+            with cpu_phase(self, name):
+                yield
+        finally:
+            wall[name] = wall.get(name, 0.0) + time.perf_counter() - start
+
+    twamerge.report.Timer.phase = both
     from twamerge.cli import app
     try:
         app(sys.argv[1:], standalone_mode=False)
     finally:
+        print("WALL", json.dumps(wall), file=sys.stderr)
         print("RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)
     """
 )
@@ -86,6 +103,45 @@ _PLAIN = textwrap.dedent(
     seconds = time.process_time() - start
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"rss": rss, "seconds": seconds, "rows": len(rows), "tokens": len(rows) * longest}))
+    """
+)
+
+# The scoring path against a plain inference pass: twamerge's evaluate() (hidden states, chunked loss) and
+# model(**batch, labels=labels) in inference mode over the same token batches, interleaved, the fastest of 3.
+_SCORE = textwrap.dedent(
+    """
+    import json, sys, time, torch, transformers
+    torch.set_num_threads(1)
+    from twamerge.data import TensorData, iter_batches
+    from twamerge.distributed import SingleProcess
+    from twamerge.evaluation import evaluate
+    from twamerge.tasks import CausalLM
+    folder, val, budget, max_length = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    ids = [torch.tensor(tok(json.loads(line)["text"], truncation=True, max_length=max_length)["input_ids"])
+           for line in open(val)]
+    data = TensorData({"input_ids": ids, "attention_mask": [torch.ones_like(i) for i in ids]},
+                      ("input_ids", "attention_mask"), None, "t", {"input_ids": 0, "attention_mask": 0})
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    model.config.use_cache = False
+    index, cpu = torch.arange(len(ids)), torch.device("cpu")
+
+    def ours():
+        evaluate(model, data, index, CausalLM(), 256, cpu, SingleProcess(), tokens=budget)
+
+    def plain():
+        with torch.inference_mode():
+            for batch in iter_batches(data, index, 256, tokens=budget):
+                model(**batch.inputs, labels=CausalLM.labels(batch)).loss.item()
+
+    best = {"ours": [1e9, 1e9], "plain": [1e9, 1e9]}
+    for _ in range(3):
+        for name, fn in (("ours", ours), ("plain", plain)):
+            wall, cpu_s = time.perf_counter(), time.process_time()
+            fn()
+            took = [time.process_time() - cpu_s, time.perf_counter() - wall]
+            best[name] = [min(a, b) for a, b in zip(best[name], took)]
+    print(json.dumps(best))
     """
 )
 
@@ -150,8 +206,9 @@ def run_fit(dirs: list[Path], val: Path, out: Path, report: Path, args: argparse
     if proc.returncode != 0:
         sys.exit(f"twamerge {' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     rss = int(re.findall(r"^RSS (\d+)$", proc.stderr, re.M)[-1])
+    wall = json.loads(re.findall(r"^WALL (.*)$", proc.stderr, re.M)[-1])
     rep = json.loads(report.read_text())
-    return {"rss": rss, "timings": rep["timings"], "seconds_per_step": rep["fit"].get("seconds_per_step"),
+    return {"rss": rss, "timings": rep["timings"], "wall": wall, "seconds_per_step": rep["fit"].get("seconds_per_step"),
             "steps": len(rep["fit"].get("curve", [])), "settings": rep["settings"]}
 
 
@@ -174,8 +231,10 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["", "--no-gradient-checkpointing"],
                     help="flag sets to run the fit with, one string each ('' : the defaults)")
     ap.add_argument("--tmp", default=None, help="folder for the candidates (default: a temporary one)")
+    ap.add_argument("--scoring", action="store_true",
+                    help="also time the scoring path against a plain inference pass over the same token batches")
     args = ap.parse_args()
-    from twamerge.config import FitConfig
+    from twamerge.config import EVAL_BATCH_TOKENS, FitConfig
 
     work = Path(tempfile.mkdtemp(prefix="lm_memory_", dir=args.tmp))
     try:
@@ -189,9 +248,9 @@ def main() -> None:
               f"{n_params / 1e6:.1f}M parameters; K = {args.k}, {args.bits} bits, {args.rows} rows up to "
               f"{args.max_length} tokens; one thread")
         print(f"method's floor: {floor / 1e9:.2f} GB ({floor / n_params:.1f} B per parameter)\n")
-        print("| fit flags | peak RSS | target | evaluate phase | fit phase | steps | s/step | plain step | "
-              "s/step / plain |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| fit flags | peak RSS | target | evaluate phase | fit phase | evaluate / fit (CPU; wall) | steps | "
+              "s/step | plain step | s/step / plain |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for flags in args.variants:
             split = flags.split()
             fit = run_fit(dirs, val, work / "merged", work / "report.json", args, split)
@@ -205,10 +264,22 @@ def main() -> None:
             target = 1.1 * (floor + step["rss"] - weights_and_grads)
             t = fit["timings"]
             sps = fit["seconds_per_step"]
+            w = fit["wall"]
+            ratios = f"{t.get('evaluate', 0) / t['fit']:.2f}; {w.get('evaluate', 0) / w['fit']:.2f}"
             print(f"| `{flags or '(defaults)'}` | {fit['rss'] / 1e9:.2f} GB | {target / 1e9:.2f} GB | "
-                  f"{t.get('evaluate', 0):.1f} s | {t.get('fit', 0):.1f} s | {fit['steps']} | "
+                  f"{t.get('evaluate', 0):.1f} s | {t.get('fit', 0):.1f} s | {ratios} | {fit['steps']} | "
                   f"{sps:.2f} s | {step['seconds']:.2f} s ({step['rows']} x {step['tokens'] // step['rows']} "
                   f"tokens, checkpointing {'on' if checkpointing else 'off'}) | {sps / step['seconds']:.2f} |")
+        if args.scoring:
+            proc = subprocess.run([sys.executable, "-c", _SCORE, str(dirs[0]), str(val), str(EVAL_BATCH_TOKENS),
+                                   str(args.max_length)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"the scoring comparison failed:\n{proc.stderr[-3000:]}")
+            best = json.loads(proc.stdout.strip().splitlines()[-1])
+            (oc, ow), (pc, pw) = best["ours"], best["plain"]
+            print(f"\nscoring all {args.rows} rows in batches of {EVAL_BATCH_TOKENS} tokens, the fastest of 3: "
+                  f"evaluate() {oc:.1f} CPU s ({ow:.1f} s wall), model(**batch, labels=labels) in inference mode "
+                  f"{pc:.1f} CPU s ({pw:.1f} s wall): {oc / pc:.2f}x CPU, {ow / pw:.2f}x wall")
         print("\nplain steps (model(**batch, labels=labels).loss.backward(), the fit's largest token batch):")
         for (tokens, rows, ckpt), step in plain.items():
             print(f"  checkpointing {'on' if ckpt else 'off'}: peak RSS {step['rss'] / 1e9:.2f} GB, "

@@ -448,3 +448,89 @@ def test_sharded_fit_refuses_a_torch_output_before_any_work(run, tmp_path):
     with pytest.raises(OutputError, match=r"--shard-model on\) writes .safetensors"):
         _one(sc, tmp_path / "merged.pt", shard_model="on")
     assert not (tmp_path / "merged.pt").exists()
+
+
+def _sharded_chunked_loss_worker(rank: int, root: str) -> None:
+    """A GPT-2 sharded with FSDP2 over 2 ranks: each rank's chunked loss on its own rows (a different number of
+    chunks on each), the gradients summed by FSDP, against the unsharded model's ``labels=`` loss on all rows."""
+    import transformers
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import twamerge.tasks as tasks
+    from twamerge.data import Batch
+    from twamerge.models import HiddenStates
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{Path(root) / 'rendezvous_chunked'}", rank=rank,
+                            world_size=2)
+    result: dict = {}
+    try:
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+        reference = transformers.GPT2LMHeadModel(config).eval()
+        model = transformers.GPT2LMHeadModel(config).eval()
+        model.load_state_dict(reference.state_dict())
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(3, 97, (4, 16), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 9:] = 0
+        mask[2, 4:] = 0  # rank 1's rows score fewer positions than rank 0's
+        labels = ids.masked_fill(mask == 0, -100)
+        reference(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        mesh = init_device_mesh("cpu", (2,))
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        for module in model.modules():  # gradients summed over the ranks, as ShardedBinding sets them
+            if hasattr(module, "set_force_sum_reduction_for_comms"):
+                module.set_force_sum_reduction_for_comms(True)
+                module.set_gradient_divide_factor(1.0)
+        tasks.chunk_positions = lambda n: 4  # several chunks, and not the same number on both ranks
+        seen: list[int] = []
+        model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+        task = tasks.CausalLM()
+        rows = slice(2 * rank, 2 * rank + 2)
+        shard = Batch({"input_ids": ids[rows], "attention_mask": mask[rows]}, None)
+        out = task.forward(model, shard.inputs)
+        result["split"] = isinstance(out, HiddenStates)
+        seen.clear()
+        total, n = task.loss(out, shard)
+        items = int((labels[:, 1:] != -100).sum())
+        (total / items).backward()
+        summed = torch.tensor([float(total.detach()), n], dtype=torch.float64)
+        dist.all_reduce(summed)
+        result["loss"] = float(summed[0] / summed[1])
+        result["chunks"] = seen
+        worst = 0.0
+        for name, p in model.named_parameters():
+            want = reference.get_parameter(name).grad
+            worst = max(worst, float((p.grad.full_tensor() - want).abs().max() / want.abs().max().clamp_min(1e-12)))
+        result["grad_error"] = worst
+        with torch.no_grad():  # scoring: the same loss, no gradient
+            result["scored"] = task.sums(task.forward(model, shard.inputs), shard)[0]
+        result["reference"] = float(reference(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        dist.destroy_process_group()
+    (Path(root) / f"chunked{rank}.json").write_text(json.dumps(result))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def test_a_sharded_causal_lm_takes_the_chunked_loss_inside_its_fsdp_forward(tmp_path):
+    """--shard-model: the head's weight is a shard outside the root's forward, so body and chunked loss run inside
+    one (``register_fsdp_forward_method``), forward and backward; loss and gradients equal transformers'."""
+    pytest.importorskip("transformers")
+    mp.spawn(_sharded_chunked_loss_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"chunked{r}.json").read_text()) for r in range(2)]
+    for rank in ranks:
+        assert "error" not in rank, rank.get("error")
+        assert rank["split"]  # not the fallback to the forward's full logits
+        assert rank["chunks"] and max(rank["chunks"]) <= 4  # the head saw one chunk at a time ...
+        assert rank["loss"] == pytest.approx(rank["reference"], rel=1e-6)
+        assert rank["grad_error"] < 1e-4  # ... and the gradients came through FSDP's reduce-scatter
+    assert len(ranks[0]["chunks"]) != len(ranks[1]["chunks"])  # different numbers of chunks on the ranks
+    assert ranks[0]["scored"] != ranks[1]["scored"]

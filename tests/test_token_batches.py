@@ -233,3 +233,176 @@ def test_gradient_checkpointing_is_optional_where_the_model_cannot_do_it():
     model = _models()["llama-tied"]()
     assert enable_gradient_checkpointing(model, "x", required=False) is True
     assert any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+# -- token classification and masked LMs: the same chunked loss through the model's own head ---------------------
+
+LABELS = 300  # a large label set, so that several chunks of 5 positions each hold real logits
+
+
+def _token_models() -> dict:
+    bert = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                max_position_embeddings=64)
+    llama = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=64)
+    return {
+        "bert": lambda: transformers.BertForTokenClassification(transformers.BertConfig(**bert, num_labels=LABELS)),
+        "roberta": lambda: transformers.RobertaForTokenClassification(transformers.RobertaConfig(
+            **bert, num_labels=LABELS, pad_token_id=0)),
+        "distilbert": lambda: transformers.DistilBertForTokenClassification(transformers.DistilBertConfig(
+            vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64,
+            num_labels=LABELS)),
+        "gpt2": lambda: transformers.GPT2ForTokenClassification(transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, num_labels=LABELS)),
+        "llama": lambda: transformers.LlamaForTokenClassification(transformers.LlamaConfig(**llama,
+                                                                                           num_labels=LABELS)),
+        "bert-masked-lm": lambda: transformers.BertForMaskedLM(transformers.BertConfig(**bert)),
+    }
+
+
+def _token_batch(n_outputs: int, seed=0):
+    """``_batch``'s inputs with labels at about half the attended positions, -100 elsewhere."""
+    from twamerge.data import Batch
+
+    inputs = _batch(seed=seed).inputs
+    g = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, n_outputs, inputs["input_ids"].shape, generator=g)
+    scored = (torch.rand(labels.shape, generator=g) < 0.5) & (inputs["attention_mask"] == 1)
+    return Batch(inputs, labels.masked_fill(~scored, -100))
+
+
+@pytest.mark.parametrize("name", list(_token_models()))
+def test_the_chunked_token_loss_equals_transformers_labels_loss_and_its_gradient(name, monkeypatch):
+    from twamerge.tasks import MaskedLM, TokenClassification
+
+    torch.manual_seed(0)
+    model = _token_models()[name]().eval()
+    masked = name.endswith("masked-lm")
+    batch = _token_batch(VOCAB if masked else LABELS)
+    own = model(**batch.inputs, labels=batch.target)
+    own.loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    monkeypatch.setattr("twamerge.tasks.chunk_positions", lambda n: 5)
+    task = MaskedLM() if masked else TokenClassification()
+    out = task.forward(model, batch.inputs)
+    assert isinstance(out, HiddenStates)  # the body's hidden states: no logits were made
+    keep = batch.target != -100
+    total, n = task.loss(out, batch)
+    (total / n).backward()
+    assert n == int(keep.sum()) == task.count(batch)
+    assert total.item() / n == pytest.approx(own.loss.item(), rel=1e-6)
+    # Rounding against the largest gradient: some are zero but for it (a key bias cancels in the softmax).
+    scale = max(float(g.abs().max()) for g in expected.values())
+    for key, grad in expected.items():
+        got = model.get_parameter(key).grad
+        assert torch.allclose(got, grad, rtol=1e-4, atol=1e-6 * scale), key
+    # The metric from the chunks: accuracy over the labelled positions (a masked LM: the loss).
+    with torch.no_grad():
+        loss_sum, numerator, items = task.sums(task.forward(model, batch.inputs), batch)
+        correct = int((own.logits.argmax(-1)[keep] == batch.target[keep]).sum())
+    assert items == n and loss_sum / n == pytest.approx(own.loss.item(), rel=1e-6)
+    assert numerator == (loss_sum if masked else correct)
+
+
+def test_a_token_classifier_in_training_mode_replays_its_dropout_in_the_backward(monkeypatch):
+    """In the fit the head's dropout is on: each chunk's recomputation in the backward pass draws the same mask as
+    its forward, so the gradient is that of the loss the forward computed (the same loss without recomputation,
+    from the same random state)."""
+    from twamerge.tasks import TokenClassification
+
+    model = _token_models()["bert"]().train()
+    model.config.hidden_dropout_prob = model.dropout.p = 0.5  # the head's dropout, strong enough to matter
+    batch = _token_batch(LABELS)
+    monkeypatch.setattr("twamerge.tasks.chunk_positions", lambda n: 5)
+    task = TokenClassification()
+    task.forward(model.eval(), batch.inputs)  # the split is decided (in eval mode) before the seeded passes
+    model.train()
+    torch.manual_seed(3)
+    total, n = task.loss(task.forward(model, batch.inputs), batch)
+    total.backward()
+    chunked = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    torch.manual_seed(3)  # the same draws in the same order: the body's, then the head's chunk by chunk
+    hidden = model.bert(**batch.inputs).last_hidden_state
+    keep = batch.target != -100
+    h, y = hidden[keep], batch.target[keep]
+    plain = sum(torch.nn.functional.cross_entropy(model.classifier(model.dropout(h[i:i + 5])), y[i:i + 5],
+                                                  reduction="sum") for i in range(0, len(y), 5))
+    plain.backward()
+    assert total.item() == pytest.approx(plain.item(), rel=1e-6)
+    with torch.no_grad():  # dropout was on: the eval-mode loss differs
+        assert abs(task.loss(task.forward(model.eval(), batch.inputs), batch)[0].item() - total.item()) > 1e-3
+    for key, grad in chunked.items():
+        assert torch.allclose(model.get_parameter(key).grad, grad, rtol=1e-4, atol=1e-7), key
+
+
+class _DoubledTokenLogits(transformers.BertForTokenClassification):
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+
+def test_a_token_classifier_whose_head_cannot_be_split_falls_back_to_its_forward_with_a_log_line(caplog):
+    from twamerge.tasks import TokenClassification
+
+    torch.manual_seed(0)
+    model = _DoubledTokenLogits(transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                                        num_attention_heads=4, intermediate_size=64,
+                                                        num_labels=7)).eval()
+    batch = _token_batch(7)
+    task = TokenClassification()
+    with caplog.at_level(logging.INFO, logger="twamerge.tasks"):
+        out = task.forward(model, batch.inputs)
+        task.forward(model, batch.inputs)
+    assert not isinstance(out, HiddenStates)
+    assert len([r for r in caplog.records if "does not give the logits" in r.getMessage()]) == len(caplog.records) == 1
+    total, n = task.loss(out, batch)
+    with torch.no_grad():  # the cross-entropy of the doubled logits the forward returns
+        doubled = model(**batch.inputs).logits
+    expected = torch.nn.functional.cross_entropy(doubled.reshape(-1, 7), batch.target.reshape(-1))
+    assert total.item() / n == pytest.approx(float(expected), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gpt2-tied", "bert-token-classification"])
+def test_the_entropy_loss_of_a_language_model_is_chunked_and_equals_the_full_logits_one(name, monkeypatch):
+    from twamerge.tasks import CausalLM, Entropy, TokenClassification
+
+    torch.manual_seed(0)
+    if name == "gpt2-tied":
+        model, base = _models()[name]().eval(), CausalLM()
+    else:
+        model, base = _token_models()["bert"]().eval(), TokenClassification()
+    batch = _batch()
+    mask = batch.inputs["attention_mask"].bool()
+    logp = model(**batch.inputs).logits.float().log_softmax(-1)
+    full = -(logp.exp() * logp).sum(-1)[mask].sum()
+    full.backward()
+    expected = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    monkeypatch.setattr("twamerge.tasks.chunk_positions", lambda n: 4)
+    task = Entropy(base)
+    out = task.forward(model, batch.inputs)
+    assert isinstance(out, HiddenStates)
+    total, n = task.loss(out, batch)
+    total.backward()
+    assert n == int(mask.sum()) == task.count(batch)
+    assert total.item() == pytest.approx(full.item(), rel=1e-6)
+    scale = max(float(g.abs().max()) for g in expected.values())
+    for key, grad in expected.items():
+        got = model.get_parameter(key).grad
+        assert torch.allclose(got, grad, rtol=1e-4, atol=1e-6 * scale), key
+
+
+def test_a_custom_loss_takes_the_full_logits_and_says_so_once(caplog):
+    from twamerge.tasks import CausalLM, CustomLoss
+
+    model = _models()["gpt2-tied"]().eval()
+    task = CustomLoss(lambda output, label: output.logits.float().mean(), CausalLM())
+    batch = _batch()
+    with caplog.at_level(logging.INFO, logger="twamerge.tasks"):
+        out = task.forward(model, batch.inputs)
+        task.forward(model, batch.inputs)
+    assert out.logits.shape == (*batch.inputs["input_ids"].shape, VOCAB)
+    assert len([r for r in caplog.records if "full [batch, tokens, outputs] logits" in r.getMessage()]) == 1

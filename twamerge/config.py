@@ -129,7 +129,7 @@ def _loss_help() -> str:
 
     return (f"auto (the task's own loss; the tasks are {', '.join(TASK_NAMES)}, see --task), ce (cross-entropy), "
             "mse, entropy (no labels: the mean prediction entropy, as AdaMerging), or module:function(output, label) "
-            "-> mean.")
+            "-> mean (it gets the model's whole output: full-vocabulary logits for a language model).")
 
 
 _DEVICE = option("--device", "auto (CUDA when available), cpu, cuda or cuda:N.", metavar="<auto|cpu|cuda|cuda:N>")

@@ -97,11 +97,19 @@ def evaluate(model: nn.Module, data: TensorData, index: torch.Tensor, task: Task
         try:
             sums = _sums(model, data, index[lo:hi], task, batch_size, device, amp, tokens)
             with autocast(device, amp):
-                balance_forwards(model, data, index, batch_size, tokens, comm, lambda x: task.forward(model, x), device)
+                balance_forwards(model, data, index, batch_size, tokens, comm, lambda x: _forward(task, model, x), device)
         except (Exception, KeyboardInterrupt) as exc:
             error = exc
         total = comm.sum(torch.tensor(sums, dtype=torch.float64), error)
     return task.finish(float(total[0]), float(total[1]), int(round(float(total[2]))))
+
+
+def _forward(task: Task, model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+    """A forward pass whose result is dropped (``balance_forwards``): a sharded model's hidden states, which the
+    task leaves to its loss (``models.HiddenStates.apply``), are computed here, so the rank runs the forward."""
+    out = task.forward(model, inputs)
+    if isinstance(out, HiddenStates) and out.states is None:
+        out.apply(lambda states: None)
 
 
 def _sums(model: nn.Module, data: TensorData, index: torch.Tensor, task: Task, batch_size: int,

@@ -11,12 +11,14 @@ Specs:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
 import json
 import logging
 import sys
+import types
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,15 +267,17 @@ def output_tensor(output: Any) -> torch.Tensor:
 
 
 class OutputHead:
-    """A language model as its body (inputs -> final hidden states) and its output head (hidden states ->
-    logits), so that a loss can send the hidden states through the head a chunk of tokens at a time
-    instead of holding ``[B, T, vocabulary]`` logits (``tasks.CausalLM``).
+    """A model as its body (inputs -> final hidden states) and its output head (hidden states -> logits),
+    so that a loss can send the hidden states through the head a chunk of tokens at a time instead of
+    holding ``[B, T, outputs]`` logits (``tasks.CausalLM``, ``tasks.TokenClassification``).
 
-    The head is the model's own output layer (``get_output_embeddings()``: tied to the input
-    embeddings where the model ties them), followed by what the model's forward does to its logits as
-    its config says: a scale (``logit_scale``, Cohere), a divisor (``logits_scaling``, Granite), a
-    soft cap ``c * tanh(logits / c)`` (``final_logit_softcapping``, Gemma 2 and 3). :func:`output_head`
-    checks the split against the model's own forward before it is used.
+    The head is either the model's own output layer (``get_output_embeddings()``: a language model's,
+    tied to the input embeddings where the model ties them), or the model's other children in the order
+    they were registered (``dropout, classifier`` of a token classifier; ``cls`` of BERT's masked-LM
+    head), followed by what the model's forward does to its logits as its config says: a scale
+    (``logit_scale``, Cohere), a divisor (``logits_scaling``, Granite), a soft cap ``c * tanh(logits / c)``
+    (``final_logit_softcapping``, Gemma 2 and 3). :func:`output_head` checks the split against the
+    model's own forward before it is used.
     """
 
     def __init__(self, body: nn.Module, head: nn.Module, config: Any = None):
@@ -282,10 +286,15 @@ class OutputHead:
         self.scale = getattr(text, "logit_scale", None)
         self.divisor = getattr(text, "logits_scaling", None)
         self.softcap = getattr(text, "final_logit_softcapping", None)
+        self.width: int | None = None  # the logits' width as the check saw it
+        # A model sharded with FSDP (--shard-model): body and head run inside one of its forwards (:meth:`within`).
+        self.sharded: nn.Module | None = None
 
     @property
     def n_outputs(self) -> int:
-        """The width of the logits (the vocabulary)."""
+        """The width of the logits (the vocabulary, or the classes)."""
+        if self.width is not None:
+            return self.width
         weight = getattr(self.head, "weight", None)
         return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else -1
 
@@ -306,14 +315,62 @@ class OutputHead:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
+    def within(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` where the head may be called: for a sharded model, inside a forward of its FSDP root."""
+        return fn() if self.sharded is None else getattr(self.sharded, _WITHIN)(fn)
+
 
 @dataclass
 class HiddenStates:
     """A model output that stops before the logits: the final hidden states and the head that makes them
-    logits (what ``tasks.CausalLM.forward`` returns when the model splits; its loss applies the head)."""
+    logits (what ``tasks.CausalLM.forward`` returns when the model splits; its loss applies the head).
 
-    states: torch.Tensor  # [B, T, H]
+    A model sharded with FSDP gathers its root's parameters (embeddings, output layer) only during a
+    forward of the root, and frees them after it: its hidden states are not computed ahead (``states``
+    is None) but in :meth:`apply`, where body and head run inside one such forward.
+    """
+
+    states: torch.Tensor | None  # [B, T, H]; None for a sharded model
     head: OutputHead
+    inputs: dict[str, torch.Tensor] | None = None  # a sharded model's inputs
+    autocast: tuple[str, torch.dtype] | None = None  # the autocast its body runs under (device type, dtype)
+
+    def apply(self, fn: Callable[[torch.Tensor], Any]) -> Any:
+        """``fn(hidden states)``, where ``fn`` may call the head (a sharded model: inside its root's forward)."""
+        if self.states is not None:
+            return fn(self.states)
+
+        def run() -> Any:
+            with torch.autocast(*self.autocast) if self.autocast else contextlib.nullcontext():
+                states = self.head.hidden(self.inputs)
+            return fn(states)
+
+        return self.head.within(run)
+
+
+def current_autocast(inputs: dict[str, torch.Tensor]) -> tuple[str, torch.dtype] | None:
+    """The autocast the caller runs under for the device of ``inputs`` (device type, dtype), or None."""
+    first = next((v for v in inputs.values() if isinstance(v, torch.Tensor)), None)
+    kind = first.device.type if first is not None else "cpu"
+    return (kind, torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else None
+
+
+# The method of a sharded model that runs a function as a forward of its FSDP root (``register_fsdp_forward_method``:
+# the root's parameters gathered before, freed after, and its backward hooks on what the function returns).
+_WITHIN = "_twamerge_within"
+
+
+def _run_as_forward(model: nn.Module, fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
+def _forward_method(model: nn.Module) -> None:
+    """Give the FSDP-sharded ``model`` the method :data:`_WITHIN` (once)."""
+    if _WITHIN not in model.__dict__:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        object.__setattr__(model, _WITHIN, types.MethodType(_run_as_forward, model))
+        register_fsdp_forward_method(model, _WITHIN)
 
 
 # How many positions the check of a split compares (one row): enough to catch a head the model's
@@ -321,26 +378,54 @@ class HiddenStates:
 _CHECK_POSITIONS = 64
 
 
+def _head_candidates(model: nn.Module, body: nn.Module) -> list[OutputHead]:
+    """The splits :func:`output_head` tries, in order: the output layer (with the config's logit
+    post-processing), then the children other than the body in registration order (with it, then without:
+    a token classifier of an architecture whose causal LM scales its logits does not scale its own)."""
+    config = getattr(model, "config", None)
+    found: list[OutputHead] = []
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if isinstance(head, nn.Module):
+        found.append(OutputHead(body, head, config))
+    # A loss module among the children (DistilBERT's mlm_loss_fct) is not part of the head.
+    rest = [m for m in model.children() if m is not body and not isinstance(m, nn.modules.loss._Loss)]
+    if rest and not (len(rest) == 1 and rest[0] is head):
+        chain = rest[0] if len(rest) == 1 else nn.Sequential(*rest)
+        found += [OutputHead(body, chain, config), OutputHead(body, chain, None)]
+    return found
+
+
 @torch.no_grad()
 def output_head(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[OutputHead | None, str]:
     """The model split into body and head (:class:`OutputHead`), or None and the reason why not.
 
-    The split is a transformers model's ``base_model`` and ``get_output_embeddings()``; it is used
-    only when its logits equal those of the model's own forward on the first row of ``inputs`` (at
-    most 64 positions, in eval mode, under the caller's autocast), so a model that does something to
-    its logits that the split does not know falls back to its forward instead of being scored wrong. A
-    model sharded over the ranks (FSDP, ``--shard-model``) is not split.
+    The body is a transformers model's ``base_model``; the head, the first of :func:`_head_candidates`
+    whose logits equal those of the model's own forward on the first row of ``inputs`` (at most 64
+    positions, in eval mode: dropout off, under the caller's autocast), so a model that does something to
+    its logits that the split does not know falls back to its forward instead of being scored wrong.
+
+    A model sharded over the ranks (FSDP, ``--shard-model``) is split too, with body and head called
+    inside a forward of its root (:meth:`OutputHead.within`): the check, then every loss. Every rank
+    decides on the same row (the probe's, the first forward of a fit) and runs the same collectives: the
+    check computes every candidate's logits in one forward, and a head that holds an FSDP unit of its own
+    (one all-gather per call, so per chunk: a different number on each rank) is not split.
     """
     fsdp = sys.modules.get("torch.distributed.fsdp")
-    if fsdp is not None and isinstance(model, fsdp.FSDPModule):
-        # A sharded model gathers its root's parameters (embeddings, output layer) in its own forward only.
-        return None, "the model is sharded over the ranks (--shard-model), and only its forward gathers its head"
-    get_head = getattr(model, "get_output_embeddings", None)
+    sharded = fsdp is not None and isinstance(model, fsdp.FSDPModule)
     body = getattr(model, "base_model", None)
-    head = get_head() if callable(get_head) else None
-    if not isinstance(head, nn.Module) or not isinstance(body, nn.Module) or body is model:
-        return None, "the model has no separate body (base_model) and output layer (get_output_embeddings)"
-    split = OutputHead(body, head, getattr(model, "config", None))
+    if not isinstance(body, nn.Module) or body is model:
+        return None, "the model has no separate body (base_model)"
+    candidates = _head_candidates(model, body)
+    if sharded:
+        candidates = [c for c in candidates if not any(isinstance(m, fsdp.FSDPModule) for m in c.head.modules())]
+        if not candidates:
+            return None, "its head is an FSDP unit of its own (--shard-model), gathered at every call"
+        _forward_method(model)
+        for split in candidates:
+            split.sharded = model
+    if not candidates:
+        return None, "the model has no output layer or head besides its body (base_model)"
     ids = inputs.get("input_ids")
     length = ids.shape[1] if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
     sample = {k: v[:1, :_CHECK_POSITIONS] if length is not None and v.dim() >= 2 and v.shape[1] == length else v[:1]
@@ -349,16 +434,33 @@ def output_head(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[Outp
     model.eval()
     try:
         own = output_tensor(call_model(model, sample)).float()  # a model that rejects the inputs: the caller's error
-        try:
-            mine = split.logits(split.hidden(sample)).float()
-        except Exception as exc:  # a body that takes other inputs than the model, an output without hidden states
-            return None, f"its body and head cannot be called on their own ({type(exc).__name__}: {exc})"
+        tries = candidates[0].within(lambda: _try_heads(candidates, sample))  # one forward for all of them
     finally:
         model.train(was_training)
     tolerance = 1e-3 * float(own.abs().max().clamp_min(1.0))
-    if own.shape != mine.shape or not torch.allclose(mine, own, rtol=1e-3, atol=tolerance):
-        return None, "its head applied to the body's hidden states does not give the logits of its forward"
-    return split, ""
+    why = "its head applied to the body's hidden states does not give the logits of its forward"
+    for split, mine in zip(candidates, tries):
+        if isinstance(mine, str):
+            why = mine
+        elif own.shape == mine.shape and torch.allclose(mine, own, rtol=1e-3, atol=tolerance):
+            split.width = int(own.shape[-1])
+            return split, ""
+    return None, why
+
+
+def _try_heads(candidates: list[OutputHead], sample: dict[str, torch.Tensor]) -> list[torch.Tensor | str]:
+    """Each candidate's float32 logits on ``sample`` (one body, shared), or why they cannot be computed."""
+    try:
+        hidden = candidates[0].hidden(sample)
+    except Exception as exc:  # a body that takes other inputs than the model, an output without hidden states
+        return [f"its body cannot be called on its own ({type(exc).__name__}: {exc})"] * len(candidates)
+    found: list[torch.Tensor | str] = []
+    for split in candidates:
+        try:
+            found.append(split.logits(hidden).float())
+        except Exception as exc:  # a head that takes more than the hidden states
+            found.append(f"its head cannot be called on the hidden states ({type(exc).__name__}: {exc})")
+    return found
 
 
 class ModelKeys:

@@ -20,6 +20,12 @@ the greedy soup, ``--init best`` and ``--fail-if-worse``.
     masked-lm             masked tokens (!=-100)   cross-entropy                perplexity (lower)
     regression            rows                     mean squared error per row   loss (lower)
     entropy (--loss)      rows or tokens           prediction entropy           entropy (lower)
+
+The token-level tasks never hold ``[batch, tokens, outputs]`` logits when the model splits into body and
+head (``models.output_head``, checked once per model against its forward): ``forward`` returns the
+body's hidden states and the loss sends the scored positions through the head a chunk at a time
+(:func:`chunked_sum`), for causal-lm, token-classification, masked-lm and entropy over them. A
+``--loss module:fn`` receives the model's own output, full logits included.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .data import IGNORE_INDEX  # the one definition; ``tasks.IGNORE_INDEX`` is the same constant
 from .errors import DataError, ModelError
-from .models import HiddenStates, OutputHead, call_model, load_factory, output_head, output_tensor
+from .models import HiddenStates, OutputHead, call_model, current_autocast, load_factory, output_head, output_tensor
 
 if TYPE_CHECKING:
     from torch import nn
@@ -120,6 +126,33 @@ def _renumber_class_label(column: LabelColumn) -> torch.Tensor:
         return values
     table = torch.tensor([mapping[n] for n in names], dtype=torch.long)
     return torch.where(values >= 0, table[values.clamp_min(0)], values)
+
+
+class _Splits:
+    """The split of each model a task calls (``models.output_head``), decided once per model: its body's hidden
+    states (:class:`~twamerge.models.HiddenStates`) when it splits, else its forward's output, with a log line."""
+
+    def __init__(self) -> None:
+        self._heads: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @staticmethod
+    def of(task: Task) -> _Splits:
+        """The task's own record, made at its first forward (a subclass's ``__init__`` need not call ours)."""
+        return task.__dict__.setdefault("_splits", _Splits())
+
+    def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor], what: str) -> Any:
+        if model not in self._heads:
+            head, why = output_head(model, inputs)
+            if head is None:
+                log.info("%s: the loss takes the logits of the model's forward ([batch, tokens, %s] at once): %s",
+                         type(model).__name__, what, why)
+            self._heads[model] = head
+        head = self._heads[model]
+        if head is None:
+            return call_model(model, inputs)
+        if head.sharded is not None:  # computed where the loss is, inside a forward of the FSDP root
+            return HiddenStates(None, head, inputs, current_autocast(inputs))
+        return HiddenStates(head.hidden(inputs), head)
 
 
 class Task:
@@ -261,10 +294,46 @@ class Classification(Task):
 
 
 class TokenClassification(Classification):
-    """Per-token classification (NER-style): labels ``[B, T]`` padded with -100, accuracy over labelled tokens."""
+    """Per-token classification (NER-style): labels ``[B, T]`` padded with -100, accuracy over labelled tokens.
+
+    As for a causal LM, a model that splits into body and head (``models.output_head``: a token
+    classifier's ``dropout, classifier``, a masked LM's prediction head) is scored from its body's hidden
+    states: only the labelled positions go through the head, a chunk of them at a time.
+    """
 
     name = "token-classification"
     token_level = True
+
+    def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+        """The body's hidden states when the model splits into body and head (checked once per model against
+        its forward), else its own output."""
+        return _Splits.of(self).forward(model, inputs, "outputs")
+
+    def _chunked(self, output: HiddenStates, batch: Batch, fn: Callable[..., torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """``chunked_sum`` of ``fn`` over the labelled positions, and their number."""
+        label = batch.target.long()
+        _labels_in_range(label, output.head.n_outputs, "outputs")
+        keep = label != IGNORE_INDEX
+
+        def on(states: torch.Tensor) -> torch.Tensor:
+            if tuple(states.shape[:-1]) != tuple(label.shape):
+                raise ModelError(f"the model's hidden states are {tuple(states.shape)} but the labels are "
+                                 f"{tuple(label.shape)}; expected one label per position")
+            here = keep.to(states.device)
+            return chunked_sum(states[here], output.head, fn, label.to(states.device)[here])
+
+        return output.apply(on), int(keep.sum())
+
+    def loss(self, output: Any, batch: Batch) -> tuple[torch.Tensor, int]:
+        if not isinstance(output, HiddenStates):
+            return super().loss(output, batch)
+        return self._chunked(output, batch, _cross_entropy)
+
+    def sums(self, output: Any, batch: Batch) -> tuple[float, float, int]:
+        if not isinstance(output, HiddenStates):
+            return super().sums(output, batch)
+        (total, correct), n = self._chunked(output, batch, _nll_and_correct)
+        return float(total), float(correct), n
 
 
 class CausalLM(Task):
@@ -296,35 +365,25 @@ class CausalLM(Task):
         mask = batch.inputs.get("attention_mask")
         return ids if mask is None else ids.masked_fill(mask == 0, IGNORE_INDEX)
 
-    def __init__(self) -> None:
-        # The split of each model this task has called (None: it calls the model's forward), decided once.
-        self._heads: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
     def count(self, batch: Batch) -> int:
         return int((self.labels(batch)[:, 1:] != IGNORE_INDEX).sum())
 
     def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
         """The final hidden states (:class:`~twamerge.models.HiddenStates`) when the model splits into body and
         head (``models.output_head``, checked once per model against its forward), else its own output."""
-        if model not in self._heads:
-            head, why = output_head(model, inputs)
-            if head is None:
-                log.info("%s: the loss takes the logits of the model's forward ([batch, tokens, vocabulary] at "
-                         "once): %s", type(model).__name__, why)
-            self._heads[model] = head
-        head = self._heads[model]
-        if head is None:
-            return call_model(model, inputs)
-        return HiddenStates(head.hidden(inputs), head)
+        return _Splits.of(self).forward(model, inputs, "vocabulary")
 
     def loss(self, output: Any, batch: Batch) -> tuple[torch.Tensor, int]:
         if isinstance(output, HiddenStates):
-            states = output.states
-            labels = self.labels(batch).to(states.device)[:, 1:]
-            keep = labels != IGNORE_INDEX
-            # Only the scored positions reach the head: padding and prompts cost no logits.
-            total = chunked_cross_entropy(states[:, :-1][keep], labels[keep], output.head)
-            return total, int(keep.sum())
+            labels = self.labels(batch)[:, 1:]
+
+            def on(states: torch.Tensor) -> torch.Tensor:
+                # Only the scored positions reach the head: padding and prompts cost no logits.
+                shifted = labels.to(states.device)
+                keep = shifted != IGNORE_INDEX
+                return chunked_cross_entropy(states[:, :-1][keep], shifted[keep], output.head)
+
+            return output.apply(on), int((labels != IGNORE_INDEX).sum())
         logits = output_tensor(output)  # [B, T, V]
         labels = self.labels(batch).to(logits.device)
         shifted = labels[:, 1:].reshape(-1)
@@ -350,28 +409,52 @@ def chunk_positions(n_outputs: int) -> int:
     return max(1, CHUNK_LOGIT_BYTES // (4 * max(n_outputs, 1)))
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: OutputHead,
-                          chunk: int | None = None) -> torch.Tensor:
-    """Sum of the cross-entropy of ``head.logits(hidden)`` ``[N, V]`` against ``labels`` ``[N]``, a chunk of
-    positions at a time: the logits of one chunk exist at once, never ``[N, V]``.
+def chunked_sum(hidden: torch.Tensor, head: OutputHead, fn: Callable[..., torch.Tensor], *per_position: torch.Tensor,
+                chunk: int | None = None) -> torch.Tensor:
+    """The sum over chunks of positions of ``fn(head.logits(h).float(), *rows)``: the logits of one chunk of
+    ``hidden`` ``[N, H]`` exist at once, never ``[N, outputs]``; ``per_position`` are ``[N, ...]`` tensors
+    cut into the same chunks (the labels).
 
-    With gradients, each chunk is recomputed in the backward pass (``torch.utils.checkpoint``), so the
-    forward keeps no logits either; the head's weights (tied to the embeddings or not) receive their
-    gradient through the head as usual. The logits are taken in float32, as transformers' own loss does.
+    With gradients, each chunk is recomputed in the backward pass (``torch.utils.checkpoint``, which
+    replays a dropout in the head with the same random draw), so the forward keeps no logits either;
+    the head's weights (tied to the embeddings or not) receive their gradient through the head as usual.
+    The logits are taken in float32, as transformers' own loss does.
     """
     chunk = chunk or chunk_positions(head.n_outputs)
 
-    def part(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(head.logits(h).float(), y, reduction="sum")
+    def part(h: torch.Tensor, *rows: torch.Tensor) -> torch.Tensor:
+        return fn(head.logits(h).float(), *rows)
 
     total = hidden.float().sum() * 0  # 0, joined to the graph even when no position is scored
     for start in range(0, hidden.shape[0], chunk):
-        h, y = hidden[start:start + chunk], labels[start:start + chunk]
+        pieces = [t[start:start + chunk] for t in (hidden, *per_position)]
         if torch.is_grad_enabled():
-            total = total + checkpoint(part, h, y, use_reentrant=False)
+            total = total + checkpoint(part, *pieces, use_reentrant=False)
         else:
-            total = total + part(h, y)
+            total = total + part(*pieces)
     return total
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def _nll_and_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[cross-entropy sum, correct predictions]`` of a chunk (scoring: no gradient)."""
+    correct = (logits.argmax(-1) == labels).sum().to(logits.dtype)
+    return torch.stack([F.cross_entropy(logits, labels, reduction="sum"), correct])
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = logits.log_softmax(-1)
+    return -(logp.exp() * logp).sum()
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: OutputHead,
+                          chunk: int | None = None) -> torch.Tensor:
+    """Sum of the cross-entropy of ``head.logits(hidden)`` ``[N, V]`` against ``labels`` ``[N]``, a chunk of
+    positions at a time (:func:`chunked_sum`)."""
+    return chunked_sum(hidden, head, _cross_entropy, labels, chunk=chunk)
 
 
 class MaskedLM(TokenClassification):
@@ -419,7 +502,8 @@ class Regression(Task):
 class Entropy(Task):
     """AdaMerging's unsupervised objective: the mean entropy of the predictions; no labels needed.
 
-    Items are rows, or for a token-level ``base`` task the positions where ``attention_mask`` is 1.
+    Items are rows, or for a token-level ``base`` task the positions where ``attention_mask`` is 1 (taken a
+    chunk of positions at a time through the head where ``base.forward`` returns hidden states).
     """
 
     name = "entropy"
@@ -445,7 +529,16 @@ class Entropy(Task):
         mask = self._mask(batch)
         return batch.rows if mask is None else int(mask.sum())
 
+    def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+        """The ``base`` task's output: a language model's or token classifier's hidden states where it splits."""
+        return self.base.forward(model, inputs)
+
     def loss(self, output: Any, batch: Batch) -> tuple[torch.Tensor, int]:
+        mask = self._mask(batch)
+        if isinstance(output, HiddenStates) and mask is not None:
+            # The entropy of every attended position, a chunk of positions through the head at a time.
+            total = output.apply(lambda states: chunked_sum(states[mask.to(states.device) != 0], output.head, _entropy))
+            return total, int(mask.sum())
         logits = output_tensor(output).float()
         logp = logits.log_softmax(-1)
         ent = -(logp.exp() * logp).sum(-1)  # [B] or [B, T]
@@ -460,10 +553,21 @@ class CustomLoss(Task):
     """``--loss module:fn``: ``fn(output, label)`` returns a scalar mean over the rows of the batch.
 
     The metric stays the ``base`` task's accuracy for one label per row (the sums are exact), else the loss.
+    ``fn`` receives the model's own output: for a language model, its full ``[batch, tokens, vocabulary]``
+    logits (said once in a log line; the token budgets bound them).
     """
+
+    def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+        if self.base.token_level and model not in self._told:
+            self._told.add(model)
+            log.info("%s: --loss %s receives the model's output, with its full [batch, tokens, outputs] logits "
+                     "(the built-in losses take them a chunk of tokens at a time)", type(model).__name__,
+                     getattr(self.fn, "__name__", "module:fn"))
+        return call_model(model, inputs)
 
     def __init__(self, fn: Callable[[Any, torch.Tensor], torch.Tensor], base: Task):
         self.fn, self.base = fn, base
+        self._told = weakref.WeakSet()  # the models the log line was written for
         self.name = base.name
         self.label_dtype = base.label_dtype  # regression targets stay floats for fn
         self.accuracy = isinstance(base, Classification) and not base.token_level
