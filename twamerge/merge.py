@@ -107,26 +107,19 @@ def _merge_keys(
     for key in keys:
         w = fixed if fixed is not None else check_weights(weights(key), k, key)  # type: ignore[operator]
         if not cs.is_float(key):
-            first = cs.get(0, key)
-            # Compared with the candidates this merge uses: a greedy-soup trial reads nothing of the others.
-            if any(not torch.equal(first, cs.get(i, key)) for i in range(1, k) if w[i] != 0.0):
-                if key not in cs.int_mismatch_warned:
-                    cs.int_mismatch_warned.add(key)
-                    log.warning("integer tensor %r differs across checkpoints; keeping the first checkpoint's value",
-                                key)
-                if on_int_mismatch is not None:
-                    on_int_mismatch(key)
-            out[key] = first
+            out[key], differs = first_candidate(cs, key, w)
+            if differs and on_int_mismatch is not None:
+                on_int_mismatch(key)
             continue
         dtype = out_dtype or cs.dtype(key)
         dest = into(key) if into is not None else None
         if dest is not None and dest.dtype == dtype and dest.shape == cs.shape(key):
             if dest.is_contiguous():
-                out[key] = _weighted_sum(cs, key, w, dest)
+                out[key] = weighted_sum(cs, key, w, dest)
             else:
-                out[key] = dest.copy_(_weighted_sum(cs, key, w, torch.empty(dest.shape, dtype=dtype)))
+                out[key] = dest.copy_(weighted_sum(cs, key, w, torch.empty(dest.shape, dtype=dtype)))
         else:
-            out[key] = _weighted_sum(cs, key, w, torch.empty(cs.shape(key), dtype=dtype))
+            out[key] = weighted_sum(cs, key, w, torch.empty(cs.shape(key), dtype=dtype))
     return out
 
 
@@ -138,47 +131,64 @@ BLOCK = 1 << 17
 WINDOW_BYTES = 64 << 20
 
 
-def _weighted_sum(cs: CheckpointSet, key: str, w: Sequence[float], result: torch.Tensor) -> torch.Tensor:
-    """``sum_k w_k c_k`` of the floating ``key`` into the contiguous ``result``, block by block (see ``BLOCK``).
+def weighted_sum(cs: CheckpointSet, key: str, w: Sequence[float], out: torch.Tensor, lo: int = 0,
+                 hi: int | None = None) -> torch.Tensor:
+    """``sum_k w_k c_k`` over elements ``[lo, hi)`` of the flattened floating ``key`` (default: all of it)
+    into the contiguous ``out`` (``hi - lo`` elements), block by block (see ``BLOCK``). A sharded fit
+    merges its ranks' rows with it (``sharding``).
 
     Each block is summed in float64, in candidate order, and cast once: the same numbers as one
-    float64 accumulator over the whole tensor.
+    float64 accumulator over the whole tensor. Candidates are read a window of ``WINDOW_BYTES`` at a time
+    where the format reads ranges, else each candidate's tensor once.
 
     Raises:
-        NonFiniteError: a candidate of nonzero weight holds NaN/Inf (unless the set allows it).
+        NonFiniteError: a candidate of nonzero weight holds NaN/Inf there (unless the set allows it).
     """
     used = [(i, wi) for i, wi in enumerate(w) if wi != 0.0]
     n = cs.numel(key)
-    flat = result.view(-1)
-    window = n
+    hi = n if hi is None else hi
+    flat = out.view(-1)
+    window = hi - lo
     if used and cs.reads_ranges(key):
         per_candidate = WINDOW_BYTES // (len(used) * cs.dtype(key).itemsize)
         window = max(BLOCK, per_candidate // BLOCK * BLOCK)
-    block = torch.empty(min(BLOCK, n), dtype=torch.float64)
+    block = torch.empty(min(BLOCK, max(hi - lo, 1)), dtype=torch.float64)
     total = 0.0
-    for lo in range(0, n, window):
-        hi = min(n, lo + window)
-        if (lo, hi) == (0, n):
+    for a in range(lo, hi, max(window, 1)):
+        z = min(hi, a + window)
+        if (a, z) == (0, n):
             parts = [(cs.get(i, key, check=False).reshape(-1), wi) for i, wi in used]
         else:
-            parts = [(cs.get_slice(i, key, lo, hi, check=False), wi) for i, wi in used]
-        for a in range(lo, hi, BLOCK):
-            b = min(hi, a + BLOCK)
-            acc = block[: b - a].zero_()
+            parts = [(cs.get_slice(i, key, a, z, check=False), wi) for i, wi in used]
+        for c in range(a, z, BLOCK):
+            d = min(z, c + BLOCK)
+            acc = block[: d - c].zero_()
             for part, wi in parts:
                 # In-place add promotes the candidate to float64 element by element: no float64 copy.
                 # torch defines no promotion for float8, so those (1-byte) pieces are converted first.
-                x = part[a - lo:b - lo]
+                x = part[c - a: d - a]
                 acc.add_(x if x.dtype.itemsize > 1 else x.double(), alpha=wi)
             # A float64 sum of finite float32/16 values cannot overflow, so a non-finite total means a
             # non-finite input: one reduction of the block in cache instead of a scan of every candidate.
             total += float(acc.sum())
-            flat[a:b].copy_(acc)  # the same rounding as .to(dtype)
+            flat[c - lo: d - lo].copy_(acc)  # the same rounding as .to(dtype)
         del parts  # this window's pages leave the process before the next is mapped
     if not cs.allow_nonfinite and not math.isfinite(total):
-        for i, _ in used:
-            cs.get(i, key)  # raises NonFiniteError naming the file and key
-    return result
+        for i, _ in used:  # raises NonFiniteError naming the file and key
+            cs.get(i, key) if (lo, hi) == (0, n) else cs.get_slice(i, key, lo, hi)
+    return out
+
+
+def first_candidate(cs: CheckpointSet, key: str, w: Sequence[float]) -> tuple[torch.Tensor, bool]:
+    """An integer or bool ``key`` as a merge writes it: the first candidate's, and whether a candidate of
+    nonzero weight differs (warned once per key). Compared with the candidates the merge uses only: a
+    greedy-soup trial reads nothing of the others."""
+    first = cs.get(0, key)
+    differs = any(not torch.equal(first, cs.get(i, key)) for i in range(1, len(w)) if w[i] != 0.0)
+    if differs and key not in cs.int_mismatch_warned:
+        cs.int_mismatch_warned.add(key)
+        log.warning("integer tensor %r differs across checkpoints; keeping the first checkpoint's value", key)
+    return first, differs
 
 
 def build_metadata(method: str, sources: list[dict[str, str]], **extra: Any) -> dict[str, str]:

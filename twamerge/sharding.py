@@ -41,7 +41,7 @@ import os
 import socket
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -50,13 +50,11 @@ from torch import nn
 
 from .distributed import TIMEOUT, Comm
 from .errors import TwamergeError
+from .merge import first_candidate, weighted_sum
 from .subspace import Columns, FlatLayout, Subspace
 
 log = logging.getLogger(__name__)
 
-#: elements of one key summed at a time in float64, and candidate bytes a key holds at a time (as merge.py)
-BLOCK = 1 << 17
-WINDOW_BYTES = 64 << 20
 
 # The rows of a parameter this rank holds, recorded on the parameter (see copy_into).
 _ROWS = "_twamerge_rows"
@@ -524,7 +522,7 @@ class ShardedBinding:
         for key in keys:
             w = fixed if fixed is not None else check_weights(weights(key), k, key)
             if not cs.is_float(key):
-                out[key] = _first_of(cs, key, w)
+                out[key] = first_candidate(cs, key, w)[0]
                 continue
             dtype = out_dtype or cs.dtype(key)
             piece = self.rows_of(key)
@@ -532,10 +530,10 @@ class ShardedBinding:
             into = piece is not None and piece.key == key and piece.data.dtype == dtype
             if piece is None or piece.replicated:
                 result = piece.data if into else torch.empty(cs.shape(key), dtype=dtype)
-                out[key] = weighted_sum(cs, key, w, 0, cs.numel(key), result.view(-1)).view(cs.shape(key))
+                out[key] = weighted_sum(cs, key, w, result)
                 continue
             out[key] = piece.data if into else torch.empty((piece.r1 - piece.r0, *cs.shape(key)[1:]), dtype=dtype)
-            weighted_sum(cs, key, w, piece.r0 * piece.inner, piece.r1 * piece.inner, out[key].view(-1))
+            weighted_sum(cs, key, w, out[key], piece.r0 * piece.inner, piece.r1 * piece.inner)
         close = getattr(keys, "close", None)
         if close is not None:
             close()
@@ -566,51 +564,6 @@ class ShardedBinding:
             error = exc
         gap2, moved2 = comm.sum(sq, error).tolist()
         return math.sqrt(gap2) / math.sqrt(moved2) if moved2 > 0 else 0.0
-
-
-def _first_of(cs, key: str, w: Sequence[float]) -> torch.Tensor:
-    """An integer or bool tensor: the first candidate's, compared with those of nonzero weight (as linear_merge)."""
-    first = cs.get(0, key)
-    if any(not torch.equal(first, cs.get(i, key)) for i in range(1, len(cs)) if w[i] != 0.0):
-        if key not in cs.int_mismatch_warned:
-            cs.int_mismatch_warned.add(key)
-            log.warning("integer tensor %r differs across checkpoints; keeping the first checkpoint's value", key)
-    return first
-
-
-def weighted_sum(cs, key: str, w: Sequence[float], lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
-    """``sum_k w_k c_k`` over elements ``[lo, hi)`` of the flattened floating ``key``, into the 1-D ``out``.
-
-    Each block of ``BLOCK`` elements is summed in float64 in candidate order and cast once: the numbers
-    ``merge.linear_merge`` writes. Candidates are read by range (``CheckpointSet.get_slice``), a window of
-    ``WINDOW_BYTES`` at a time where the format reads ranges, else each candidate's tensor once.
-
-    Raises:
-        NonFiniteError: a candidate of nonzero weight holds NaN/Inf there (unless the set allows it).
-    """
-    used = [(i, wi) for i, wi in enumerate(w) if wi != 0.0]
-    n = hi - lo
-    window = n
-    if used and cs.reads_ranges(key):
-        window = max(BLOCK, WINDOW_BYTES // (len(used) * cs.dtype(key).itemsize) // BLOCK * BLOCK)
-    block = torch.empty(min(BLOCK, max(n, 1)), dtype=torch.float64)
-    total = 0.0
-    for a in range(lo, hi, max(window, 1)):
-        z = min(hi, a + window)
-        parts = [(cs.get_slice(i, key, a, z, check=False), wi) for i, wi in used]
-        for c in range(a, z, BLOCK):
-            d = min(z, c + BLOCK)
-            acc = block[: d - c].zero_()
-            for part, wi in parts:
-                x = part[c - a: d - a]
-                acc.add_(x if x.dtype.itemsize > 1 else x.double(), alpha=wi)
-            total += float(acc.sum())
-            out[c - lo: d - lo].copy_(acc)
-        del parts
-    if not cs.allow_nonfinite and not math.isfinite(total):
-        for i, _ in used:
-            cs.get_slice(i, key, lo, hi)  # raises NonFiniteError naming the file and key
-    return out
 
 
 # -- loading and scoring --------------------------------------------------------------------------------
