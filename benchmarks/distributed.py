@@ -111,7 +111,7 @@ def measure(d: float, worlds: list[tuple[str, int, str]], args: argparse.Namespa
     root = Path(tempfile.mkdtemp(dir=args.tmp, prefix=f"dist{int(d)}-"))
     try:
         paths, val, n_params = scale._write_candidates(root, width, args.depth, args.k)
-        scale._raw_read(paths)  # into the page cache
+        scale.raw_read(paths)  # into the page cache
         out = {"D": n_params, "width": width}
         for name, n, shard in worlds:
             report = root / "fit.json"

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _raw_read import raw_read
 
 
 def _state_dict(mb: int, seed: int) -> dict[str, torch.Tensor]:
@@ -54,14 +55,6 @@ def _state_dict(mb: int, seed: int) -> dict[str, torch.Tensor]:
         sd[p + "norm.bias"] = torch.zeros(d)
         layer += 1
     return sd
-
-
-def _readinto(paths: list[Path]) -> None:
-    buf = memoryview(bytearray(16 << 20))
-    for p in paths:
-        with open(p, "rb", buffering=0) as fh:
-            while fh.readinto(buf):
-                pass
 
 
 def _safe_open(paths: list[Path]) -> None:
@@ -149,10 +142,10 @@ def main() -> None:
             pt.append(Path(tmp) / f"c{i}.pt")
             torch.save(sd, pt[-1])
         n_tensors = len(sd)
-        _readinto(st + pt)  # into the page cache
+        raw_read(st + pt)  # into the page cache
         _check_same_tensors(st, pt)
         best = _best_interleaved({
-            "readinto (bytes only)": lambda: _readinto(st),
+            "readinto (bytes only)": lambda: raw_read(st),
             "safe_open get_tensor": lambda: _safe_open(st),
             "twamerge safetensors": lambda: _twamerge(st),
             "torch.load mmap": lambda: _torch_load(pt),

@@ -53,6 +53,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from _raw_read import raw_read
+
 HERE = Path(__file__).resolve().parent
 MODEL = HERE / "_scale_model.py"
 _ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -217,14 +219,6 @@ def _write_candidates(root: Path, width: int, depth: int, k: int) -> tuple[list[
     return paths, str(val), sum(p.numel() for p in base.parameters())
 
 
-def _raw_read(paths: list[str]) -> None:
-    buf = memoryview(bytearray(16 << 20))
-    for p in paths:
-        with open(p, "rb", buffering=0) as fh:
-            while fh.readinto(buf):
-                pass
-
-
 def _build_read(paths: list[str]) -> None:
     """Every tensor of every candidate, stacked as the subspace build reads it (into one reused buffer)."""
     import torch
@@ -272,12 +266,12 @@ def measure(d: float, args: argparse.Namespace, tmp: Path) -> dict:
                     str(root / "fit.json"), "--no-greedy", "--no-candidates", "--holdout", "0", "--epochs", "1",
                     "--min-steps", "0"]
         step = _fwd_bwd(width, args.depth, args.batch)
-        _raw_read(paths)  # into the page cache
+        raw_read(paths)  # into the page cache
         rounds: dict[str, list[float]] = {name: [] for name in (
             "raw_s", "raw_cpu", "build_read_s", "build_s", "build_cpu", "step_s", "fwd_bwd_s", "rss")}
         for _ in range(args.rounds):
-            rounds["raw_s"].append(_timed(lambda: _raw_read(paths)))
-            rounds["raw_cpu"].append(_timed(lambda: _raw_read(paths), time.thread_time))
+            rounds["raw_s"].append(_timed(lambda: raw_read(paths)))
+            rounds["raw_cpu"].append(_timed(lambda: raw_read(paths), time.thread_time))
             rounds["build_read_s"].append(_timed(lambda: _build_read(paths)))
             r = _run(_FIT, *fit_args)
             rep = json.loads((root / "fit.json").read_text())
@@ -301,7 +295,7 @@ def greedy_trials(d: float, args: argparse.Namespace, tmp: Path) -> dict:
     root = Path(tempfile.mkdtemp(dir=tmp, prefix=f"trials{int(d)}-"))
     try:
         paths, val, n_params = _write_candidates(root, width, args.depth, args.k)
-        _raw_read(paths)
+        raw_read(paths)
         r = _run(_TRIALS, "fit", *paths, "--val", val, "--model", f"{MODEL}:build", "--model-arg", f"width={width}",
                  "--model-arg", f"depth={args.depth}", "--bits", str(args.bits), "--batch-size", str(args.batch),
                  "--device", "cpu", "--force", "-q", "-o", str(root / "m.safetensors"), "--epochs", "0")

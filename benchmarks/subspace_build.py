@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from _raw_read import raw_read
 from safetensors.torch import save_file
 
 import twamerge
@@ -56,14 +57,6 @@ def write_candidates(folder: Path, k: int, shapes, dtype: torch.dtype, seed: int
         paths.append(path)
         del sd
     return paths
-
-
-def raw_read(paths) -> None:
-    buf = memoryview(bytearray(16 << 20))
-    for p in paths:
-        with open(p, "rb", buffering=0) as fh:
-            while fh.readinto(buf):
-                pass
 
 
 def read_once(paths) -> None:
